@@ -1,0 +1,31 @@
+"""The torch backend: the reference lowering of the IR and the CPU fallback."""
+
+from __future__ import annotations
+
+from polylm.backend import Availability, Backend, Runtime
+from polylm.hookspecs import hookimpl
+from polylm.ir import ModelIR
+from polylm.weights import Weights
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    priority = 0
+    install_hint = "pip install torch"
+
+    def availability(self) -> Availability:
+        try:
+            import torch
+        except ImportError as exc:
+            return Availability(False, f"torch does not import ({exc})")
+        return Availability(True, f"torch {torch.__version__} on CPU")
+
+    def lower(self, ir: ModelIR, weights: Weights, dtype: str) -> Runtime:
+        from .runtime import TorchRuntime
+
+        return TorchRuntime(ir, weights, dtype)
+
+
+@hookimpl
+def polylm_backends() -> list[Backend]:
+    return [TorchBackend()]

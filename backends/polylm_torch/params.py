@@ -1,0 +1,107 @@
+"""Reading canonical tensors from safetensors into torch, in the layout the runtime computes with.
+
+The q/k/v projections become one [q; k; v] matrix (BLOOM's per-head interleaving undone) and a gated MLP's
+gate and up one [gate; up] matrix, so each is a single matmul. Norm weights carry their offset already.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from safetensors import safe_open
+
+from polylm.errors import WeightsError
+from polylm.ir import Block, ModelIR, Norm
+from polylm.weights import Weights
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class NormParams:
+    spec: Norm
+    weight: torch.Tensor  # float32 for RMSNorm (computed in float32), compute dtype for LayerNorm
+    bias: torch.Tensor | None
+
+
+@dataclass
+class LayerParams:
+    attn_norm: NormParams
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    out: torch.Tensor
+    out_bias: torch.Tensor | None
+    mlp_norm: NormParams
+    up: torch.Tensor  # [gate; up] when gated
+    up_bias: torch.Tensor | None
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
+
+
+@dataclass
+class ModelParams:
+    embed: torch.Tensor
+    embed_norm: NormParams | None
+    layers: list[LayerParams]
+    final_norm: NormParams
+    head: torch.Tensor
+    head_bias: torch.Tensor | None
+
+
+def read_tensors(weights: Weights, dtype: torch.dtype, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Every canonical tensor, converted to `dtype` on `device`."""
+    tensors: dict[str, torch.Tensor] = {}
+    for path, names in weights.by_file().items():
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                for name, key in names.items():
+                    tensors[name] = handle.get_tensor(key).to(device=device, dtype=dtype)
+        except WeightsError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            raise WeightsError(f"{path}: cannot read tensor data ({exc})") from None
+    return tensors
+
+
+def build_params(ir: ModelIR, tensors: dict[str, torch.Tensor]) -> ModelParams:
+    """Group canonical tensors into the runtime's layout (consumes `tensors`)."""
+    embed = tensors.pop("embed.weight")
+    embed_norm = _norm(ir.embedding.norm, tensors, "embed.norm", embed.dtype) if ir.embedding.norm else None
+    layers = [_layer(ir.block, tensors, f"layers.{i}", embed.dtype) for i in range(ir.num_layers)]
+    final_norm = _norm(ir.final_norm, tensors, "final_norm", embed.dtype)
+    head = embed if ir.head.tied_to_embedding else tensors.pop("head.weight")
+    return ModelParams(embed, embed_norm, layers, final_norm, head, tensors.pop("head.bias", None))
+
+
+def _norm(spec: Norm, tensors: dict[str, torch.Tensor], prefix: str, dtype: torch.dtype) -> NormParams:
+    weight = tensors.pop(f"{prefix}.weight").float() + spec.weight_offset
+    if spec.kind == "layer":
+        weight = weight.to(dtype)
+    return NormParams(spec, weight, tensors.pop(f"{prefix}.bias", None))
+
+
+def _layer(block: Block, tensors: dict[str, torch.Tensor], prefix: str, dtype: torch.dtype) -> LayerParams:
+    attn, mlp = block.attention, block.mlp
+    p = f"{prefix}.attn"
+    if attn.qkv_layout == "separate":
+        qkv = torch.cat([tensors.pop(f"{p}.{n}.weight") for n in "qkv"])
+        qkv_bias = torch.cat([tensors.pop(f"{p}.{n}.bias") for n in "qkv"]) if attn.qkv_bias else None
+    else:
+        qkv = deinterleave_qkv(tensors.pop(f"{p}.qkv.weight"), attn.num_heads)
+        qkv_bias = deinterleave_qkv(tensors.pop(f"{p}.qkv.bias"), attn.num_heads) if attn.qkv_bias else None
+    m = f"{prefix}.mlp"
+    names = ("gate", "up") if mlp.gated else ("up",)
+    up = torch.cat([tensors.pop(f"{m}.{n}.weight") for n in names])
+    up_bias = torch.cat([tensors.pop(f"{m}.{n}.bias") for n in names]) if mlp.bias else None
+    attn_norm = _norm(block.attn_norm, tensors, f"{prefix}.attn_norm", dtype)
+    mlp_norm = _norm(block.mlp_norm, tensors, f"{prefix}.mlp_norm", dtype)
+    return LayerParams(attn_norm, qkv.contiguous(), qkv_bias, tensors.pop(f"{p}.o.weight"),
+                       tensors.pop(f"{p}.o.bias", None), mlp_norm, up.contiguous(), up_bias,
+                       tensors.pop(f"{m}.down.weight"), tensors.pop(f"{m}.down.bias", None))
+
+
+def deinterleave_qkv(fused: torch.Tensor, heads: int) -> torch.Tensor:
+    """[heads, 3, head_dim, …] rows (BLOOM) → [3, heads, head_dim, …] rows, i.e. [q; k; v]."""
+    rest = fused.shape[1:]
+    return fused.reshape(heads, 3, -1, *rest).transpose(0, 1).reshape(fused.shape[0], *rest).contiguous()

@@ -1,0 +1,93 @@
+"""What a backend plugin supplies (`Backend`) and the runtime contract it lowers a model to (`Runtime`).
+
+Core computes positions and masks; a runtime only obeys them, so every backend agrees on padding and
+caching by construction:
+
+- `Step.input_ids` [batch, new] are the new tokens; `Step.positions` and `Step.mask` [batch, past + new]
+  give each cache slot's position in its own sequence and whether it holds a real token. A query at slot s
+  sees key slots ≤ s whose mask is set.
+- `Step.gather` [batch], when given, keeps one slot of `input_ids` per row before the head (the last token
+  for generation, the last non-pad token for sequence classification).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .ir import ModelIR
+from .weights import Weights
+
+API_VERSION = 1
+DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether a backend runs here; `auto` says whether `backend="auto"` may pick it."""
+
+    available: bool
+    reason: str
+    auto: bool = True
+
+
+@dataclass(frozen=True)
+class Step:
+    """One forward pass over new tokens; see the module docstring."""
+
+    input_ids: np.ndarray
+    positions: np.ndarray
+    mask: np.ndarray
+    gather: np.ndarray | None = None
+
+
+class Cache(ABC):
+    """A backend's key/value cache for one batch; `length` slots are filled out of `capacity`."""
+
+    batch: int
+    capacity: int
+    length: int
+
+
+class Runtime(ABC):
+    """A lowered model: one forward over new tokens, reading and extending a cache."""
+
+    ir: ModelIR
+    dtype: str
+
+    @abstractmethod
+    def new_cache(self, batch: int, capacity: int) -> Cache:
+        """An empty cache for `batch` rows and up to `capacity` slots."""
+
+    @abstractmethod
+    def forward(self, step: Step, cache: Cache | None = None) -> np.ndarray:
+        """Head outputs as float32: [batch, new, out], or [batch, out] when `step.gather` is set.
+
+        With a cache, the new keys/values are appended at slot `cache.length` and `length` advances.
+        """
+
+
+class Backend(ABC):
+    """A backend plugin: its name, auto-selection priority, availability, and the lowering."""
+
+    name: str
+    priority: int = 0
+    dtypes: tuple[str, ...] = DTYPES
+    install_hint: str = ""
+    api_version: int = API_VERSION
+
+    @abstractmethod
+    def availability(self) -> Availability:
+        """Whether this backend can run here, and why (not)."""
+
+    @abstractmethod
+    def lower(self, ir: ModelIR, weights: Weights, dtype: str) -> Runtime:
+        """Build a runtime for `ir` with `weights`, computing in `dtype` (one of `self.dtypes`)."""
+
+    def describe(self) -> dict[str, Any]:
+        state = self.availability()
+        return {"name": self.name, "priority": self.priority, "available": state.available,
+                "auto": state.auto, "reason": state.reason, "dtypes": self.dtypes}

@@ -1,0 +1,297 @@
+"""The intermediate representation: a backend-agnostic description of a decoder model as frozen data.
+
+A family plugin maps a checkpoint's config.json to a `ModelIR`; a backend lowers a `ModelIR` plus weights into
+something that runs. No tensors and no framework imports live here. Building any node validates it and raises
+`IRError` naming the config key (`source`) the bad value came from when the family passed one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Union
+
+from .errors import IRError
+
+NormKind = Literal["rms", "layer"]
+Activation = Literal["silu", "gelu_tanh", "gelu", "relu", "relu2"]
+RopeScalingKind = Literal["linear", "dynamic", "yarn", "llama3"]
+QKVLayout = Literal["separate", "fused_interleaved_per_head"]
+Task = Literal["causal-lm", "sequence-classification", "token-classification", "question-answering"]
+
+ACTIVATIONS: tuple[str, ...] = ("silu", "gelu_tanh", "gelu", "relu", "relu2")
+TASKS: tuple[str, ...] = ("causal-lm", "sequence-classification", "token-classification", "question-answering")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise IRError(message)
+
+
+def _positive_int(value: object, what: str) -> None:
+    _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+             f"{what} must be a positive integer, got {value!r}")
+
+
+def _positive_float(value: object, what: str) -> None:
+    _require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0,
+             f"{what} must be a positive number, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Norm:
+    """RMSNorm or LayerNorm. `weight_offset` is added to the stored weight (Gemma `1 + w`, LayerNorm1P)."""
+
+    kind: NormKind
+    eps: float
+    weight_offset: float = 0.0
+    bias: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.kind in ("rms", "layer"), f"norm kind must be 'rms' or 'layer', got {self.kind!r}")
+        _positive_float(self.eps, "norm epsilon")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling, with the parameters of transformers' `rope_parameters` of the same name."""
+
+    kind: RopeScalingKind
+    factor: float = 1.0
+    original_max_positions: int | None = None
+    # llama3
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    # yarn
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.kind in ("linear", "dynamic", "yarn", "llama3"),
+                 f"rope scaling type must be one of linear, dynamic, yarn, llama3; got {self.kind!r}")
+        _positive_float(self.factor, "rope scaling factor")
+        if self.kind in ("llama3",):
+            _require(self.original_max_positions is not None,
+                     "rope scaling 'llama3' needs original_max_position_embeddings")
+            _require(self.high_freq_factor != self.low_freq_factor,
+                     "rope scaling 'llama3' needs high_freq_factor != low_freq_factor")
+        if self.original_max_positions is not None:
+            _positive_int(self.original_max_positions, "original_max_position_embeddings")
+
+
+@dataclass(frozen=True)
+class RoPE:
+    """Rotary position embedding.
+
+    `interleaved` rotates pairs (x0, x1), (x2, x3)…; otherwise the two halves of the rotary dims are paired.
+    Only the first `rotary_fraction` of each head's dims rotate; the rest pass through.
+    `max_positions` is the config's max_position_embeddings (dynamic and YaRN scaling read it).
+    """
+
+    theta: float
+    max_positions: int
+    rotary_fraction: float = 1.0
+    interleaved: bool = False
+    scaling: RopeScaling | None = None
+
+    def __post_init__(self) -> None:
+        _positive_float(self.theta, "rope theta")
+        _positive_int(self.max_positions, "max_position_embeddings")
+        _require(isinstance(self.rotary_fraction, (int, float)) and 0 < self.rotary_fraction <= 1,
+                 f"partial_rotary_factor must be in (0, 1], got {self.rotary_fraction!r}")
+
+
+@dataclass(frozen=True)
+class ALiBi:
+    """Attention with linear biases: per-head slope × (key position − query position), no rotary."""
+
+    max_bias: float = 8.0
+
+
+Position = Union[RoPE, ALiBi]
+
+
+@dataclass(frozen=True)
+class Attention:
+    """Multi-head / grouped-query attention.
+
+    `qkv_layout` says how the checkpoint stores the projections: separately (q, k, v) or as one tensor
+    interleaved per head ([heads, 3, head_dim] rows, BLOOM). `scale` defaults to head_dim ** -0.5.
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    position: Position
+    qkv_bias: bool = False
+    out_bias: bool = False
+    qkv_layout: QKVLayout = "separate"
+    scale: float | None = None
+
+    def __post_init__(self) -> None:
+        _positive_int(self.num_heads, "num_attention_heads")
+        _positive_int(self.num_kv_heads, "num_key_value_heads")
+        _positive_int(self.head_dim, "head_dim")
+        _require(self.num_heads % self.num_kv_heads == 0,
+                 f"num_attention_heads ({self.num_heads}) must be divisible by num_key_value_heads "
+                 f"({self.num_kv_heads})")
+        _require(self.qkv_layout in ("separate", "fused_interleaved_per_head"),
+                 f"unknown qkv layout {self.qkv_layout!r}")
+        _require(self.qkv_layout == "separate" or self.num_kv_heads == self.num_heads,
+                 "a fused per-head QKV layout needs num_key_value_heads == num_attention_heads")
+        if isinstance(self.position, RoPE):
+            _require(self.rotary_dim >= 2 and self.rotary_dim % 2 == 0,
+                     f"rotary dims (head_dim {self.head_dim} × partial_rotary_factor "
+                     f"{self.position.rotary_fraction}) must be even and ≥ 2, got {self.rotary_dim}")
+
+    @property
+    def rotary_dim(self) -> int:
+        """Number of dims per head that rotate (0 without RoPE)."""
+        if not isinstance(self.position, RoPE):
+            return 0
+        return int(self.head_dim * self.position.rotary_fraction)
+
+    @property
+    def softmax_scale(self) -> float:
+        return self.scale if self.scale is not None else self.head_dim ** -0.5
+
+
+@dataclass(frozen=True)
+class MLP:
+    """Feed-forward: `down(act(gate(x)) * up(x))` when gated, else `down(act(up(x)))`."""
+
+    intermediate_size: int
+    activation: Activation
+    gated: bool
+    bias: bool = False
+
+    def __post_init__(self) -> None:
+        _positive_int(self.intermediate_size, "intermediate_size")
+        _require(self.activation in ACTIVATIONS,
+                 f"unknown activation {self.activation!r}; supported: {', '.join(ACTIVATIONS)}")
+
+
+@dataclass(frozen=True)
+class Block:
+    """One pre-norm decoder layer.
+
+    With `residual_from_normed` (BLOOM's apply_residual_connection_post_layernorm) each residual branch
+    starts from the normed input instead of the block input.
+    """
+
+    attn_norm: Norm
+    attention: Attention
+    mlp_norm: Norm
+    mlp: MLP
+    residual_from_normed: bool = False
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """Token embedding, multiplied by `scale` in the compute dtype, then optionally normed."""
+
+    vocab_size: int
+    hidden_size: int
+    scale: float = 1.0
+    norm: Norm | None = None
+
+    def __post_init__(self) -> None:
+        _positive_int(self.vocab_size, "vocab_size")
+        _positive_int(self.hidden_size, "hidden_size")
+        _positive_float(self.scale, "embedding scale")
+
+
+@dataclass(frozen=True)
+class Head:
+    """The task head: one linear map of the final hidden states (tied to the embedding or its own tensor).
+
+    What the outputs mean (vocabulary logits, labels, span start/end) is the task's; a backend only sees
+    the linear map. `labels` names the outputs of classification heads.
+    """
+
+    task: Task
+    out_features: int
+    bias: bool = False
+    tied_to_embedding: bool = False
+    labels: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _require(self.task in TASKS, f"unknown task {self.task!r}; supported: {', '.join(TASKS)}")
+        _positive_int(self.out_features, "head size (vocab_size or num_labels)")
+        _require(not (self.tied_to_embedding and self.bias), "a head tied to the embedding has no bias")
+        _require(not self.labels or len(self.labels) == self.out_features,
+                 f"{len(self.labels)} labels for a head of {self.out_features} outputs")
+
+
+@dataclass(frozen=True)
+class ModelIR:
+    """A whole decoder: embedding, `num_layers` identical blocks, final norm, task head."""
+
+    family: str
+    embedding: Embedding
+    block: Block
+    num_layers: int
+    final_norm: Norm
+    head: Head
+    max_positions: int
+
+    def __post_init__(self) -> None:
+        _positive_int(self.num_layers, "num_hidden_layers")
+        _positive_int(self.max_positions, "max_position_embeddings")
+        _require(not self.head.tied_to_embedding or self.head.out_features == self.embedding.vocab_size,
+                 "a head tied to the embedding must have vocab_size outputs")
+
+    @property
+    def hidden_size(self) -> int:
+        return self.embedding.hidden_size
+
+    @property
+    def attention(self) -> Attention:
+        return self.block.attention
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor this model reads, by canonical name, with its shape."""
+        hidden, attn, mlp = self.hidden_size, self.block.attention, self.block.mlp
+        shapes: dict[str, tuple[int, ...]] = {"embed.weight": (self.embedding.vocab_size, hidden)}
+        if self.embedding.norm is not None:
+            shapes.update(_norm_shapes("embed.norm", self.embedding.norm, hidden))
+        q_rows, kv_rows = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
+        for i in range(self.num_layers):
+            p = f"layers.{i}"
+            shapes.update(_norm_shapes(f"{p}.attn_norm", self.block.attn_norm, hidden))
+            if attn.qkv_layout == "separate":
+                for name, rows in (("q", q_rows), ("k", kv_rows), ("v", kv_rows)):
+                    shapes[f"{p}.attn.{name}.weight"] = (rows, hidden)
+                    if attn.qkv_bias:
+                        shapes[f"{p}.attn.{name}.bias"] = (rows,)
+            else:
+                shapes[f"{p}.attn.qkv.weight"] = (q_rows + 2 * kv_rows, hidden)
+                if attn.qkv_bias:
+                    shapes[f"{p}.attn.qkv.bias"] = (q_rows + 2 * kv_rows,)
+            shapes[f"{p}.attn.o.weight"] = (hidden, q_rows)
+            if attn.out_bias:
+                shapes[f"{p}.attn.o.bias"] = (hidden,)
+            shapes.update(_norm_shapes(f"{p}.mlp_norm", self.block.mlp_norm, hidden))
+            projections = (("gate", (mlp.intermediate_size, hidden)),) if mlp.gated else ()
+            projections += (("up", (mlp.intermediate_size, hidden)), ("down", (hidden, mlp.intermediate_size)))
+            for name, shape in projections:
+                shapes[f"{p}.mlp.{name}.weight"] = shape
+                if mlp.bias:
+                    shapes[f"{p}.mlp.{name}.bias"] = shape[:1]
+        shapes.update(_norm_shapes("final_norm", self.final_norm, hidden))
+        if not self.head.tied_to_embedding:
+            shapes["head.weight"] = (self.head.out_features, hidden)
+        if self.head.bias:
+            shapes["head.bias"] = (self.head.out_features,)
+        return shapes
+
+
+def _norm_shapes(prefix: str, norm: Norm, hidden: int) -> dict[str, tuple[int, ...]]:
+    shapes = {f"{prefix}.weight": (hidden,)}
+    if norm.bias:
+        shapes[f"{prefix}.bias"] = (hidden,)
+    return shapes

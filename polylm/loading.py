@@ -1,0 +1,65 @@
+"""`polylm.load`: model directory → family → IR → weights → backend runtime → `Model`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .backend import DTYPES
+from .config import ConfigView
+from .errors import BackendError, ConfigError, TaskError
+from .ir import TASKS
+from .model import Model
+from .registry import registry
+from .tokenizer import Tokenizer
+from .weights import Checkpoint, resolve
+
+_ARCHITECTURE_SUFFIXES = {
+    "ForCausalLM": "causal-lm",
+    "LMHeadModel": "causal-lm",
+    "ForSequenceClassification": "sequence-classification",
+    "ForTokenClassification": "token-classification",
+    "ForQuestionAnswering": "question-answering",
+}
+
+
+def load(path: str | Path, *, backend: str = "auto", task: str | None = None, dtype: str | None = None) -> Model:
+    """Load a Hugging Face–format checkpoint directory.
+
+    `task` defaults to what the checkpoint's `architectures` entry says (causal LM when it says nothing);
+    `dtype=None` keeps the checkpoint's dtype. Nothing in the directory is written.
+    """
+    directory = Path(path)
+    if not directory.is_dir():
+        raise ConfigError(f"{directory}: model directory not found")
+    config = ConfigView.from_dir(directory)
+    plugins = registry()
+    family = plugins.family(config.get("model_type", kind=str), str(config.path))
+    task = task or infer_task(config)
+    if task not in family.tasks:
+        raise TaskError(f"task {task!r} is not supported by family {family.name!r}; supported: "
+                        f"{', '.join(family.tasks)}")
+    if dtype is not None and dtype not in DTYPES:
+        raise BackendError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    chosen = plugins.backend(backend)
+    ir = family.to_ir(config, task)
+    checkpoint = Checkpoint(directory)
+    others = {t: m for t, m in family.head_names.items() if t != task and m != family.head_names[task]}
+    weights = resolve(checkpoint, ir.tensor_shapes(), family.module_names, family.head_names[task],
+                      family.base_prefixes, family.ignored_tensors, others)
+    dtype = dtype or weights["embed.weight"].dtype
+    if dtype not in chosen.dtypes:
+        raise BackendError(f"backend {chosen.name!r} cannot compute in {dtype}; it supports "
+                           f"{', '.join(chosen.dtypes)}")
+    runtime = chosen.lower(ir, weights, dtype)
+    tokenizer = Tokenizer(directory, config) if (directory / "tokenizer.json").exists() else None
+    return Model(ir, runtime, tokenizer, backend=chosen.name, path=directory)
+
+
+def infer_task(config: ConfigView) -> str:
+    """The task named by config.json's `architectures` (causal LM when absent)."""
+    architectures = config.get("architectures", kind=list, default=[])
+    for name in architectures:
+        for suffix, task in _ARCHITECTURE_SUFFIXES.items():
+            if isinstance(name, str) and name.endswith(suffix):
+                return task
+    return TASKS[0]

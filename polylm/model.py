@@ -1,0 +1,168 @@
+"""`Model`: a loaded checkpoint on a backend, with forward passes and generation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from .backend import Runtime, Step
+from .errors import InputError, TaskError, TokenizerError
+from .generation import Sampling, TextStream, decode_batch
+from .ir import ModelIR
+from .tokenizer import Tokenizer
+
+
+class Model:
+    """A model ready to run. `forward` gives raw head outputs; `generate` produces text or token ids."""
+
+    def __init__(self, ir: ModelIR, runtime: Runtime, tokenizer: Tokenizer | None, *, backend: str,
+                 path: Path) -> None:
+        self.ir = ir
+        self.runtime = runtime
+        self.tokenizer = tokenizer
+        self.backend = backend
+        self.path = path
+
+    @property
+    def task(self) -> str:
+        return self.ir.head.task
+
+    @property
+    def dtype(self) -> str:
+        return self.runtime.dtype
+
+    def __repr__(self) -> str:
+        return (f"Model({self.ir.family}, task={self.task}, backend={self.backend}, dtype={self.dtype}, "
+                f"path={str(self.path)!r})")
+
+    # -- forward ---------------------------------------------------------------------------------------------
+
+    def forward(self, input_ids: Any, attention_mask: Any = None) -> np.ndarray | dict[str, np.ndarray]:
+        """Head outputs for a batch [batch, seq] of token ids, as float32 numpy.
+
+        causal-lm → [batch, seq, vocab]; token-classification → [batch, seq, labels];
+        sequence-classification → [batch, labels] (from each row's last non-padding token);
+        question-answering → {"start_logits", "end_logits"}, each [batch, seq].
+        """
+        ids, mask = self._check_batch(input_ids, attention_mask)
+        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+        gather = None
+        if self.task == "sequence-classification":
+            if not mask.any(axis=1).all():
+                raise InputError("attention_mask: every row needs at least one real token to classify")
+            gather = mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)
+        out = self.runtime.forward(Step(ids, positions, mask, gather=gather))
+        if self.task == "question-answering":
+            return {"start_logits": np.ascontiguousarray(out[..., 0]), "end_logits": np.ascontiguousarray(out[..., 1])}
+        return out
+
+    def _check_batch(self, input_ids: Any, attention_mask: Any) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            ids = np.asarray(input_ids)
+        except ValueError:
+            raise InputError("input_ids must be a rectangular [batch, seq] array of token ids") from None
+        if ids.ndim == 1:
+            ids = ids[None, :]
+        if ids.ndim != 2 or ids.shape[1] == 0 or ids.shape[0] == 0:
+            raise InputError(f"input_ids must have shape [batch, seq] with seq ≥ 1, got {list(ids.shape)}")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise InputError(f"input_ids must be integers, got {ids.dtype}")
+        vocab = self.ir.embedding.vocab_size
+        if ids.min() < 0 or ids.max() >= vocab:
+            bad = int(ids.max()) if ids.max() >= vocab else int(ids.min())
+            raise InputError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+        if ids.shape[1] > self.ir.max_positions:
+            raise InputError(f"sequence of {ids.shape[1]} tokens exceeds the model's context of "
+                             f"{self.ir.max_positions} (max_position_embeddings)")
+        if attention_mask is None:
+            mask = np.ones(ids.shape, dtype=bool)
+        else:
+            mask = np.asarray(attention_mask)
+            if mask.ndim == 1:
+                mask = mask[None, :]
+            if mask.shape != ids.shape:
+                raise InputError(f"attention_mask shape {list(mask.shape)} differs from input_ids "
+                                 f"shape {list(ids.shape)}")
+            if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == bool) or not np.isin(mask, (0, 1)).all():
+                raise InputError("attention_mask must hold only 0 and 1")
+            mask = mask.astype(bool)
+        return ids.astype(np.int64), mask
+
+    # -- generation ------------------------------------------------------------------------------------------
+
+    def generate(self, prompt: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]], *,
+                 max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, stop: str | Sequence[str] | None = None,
+                 stream: bool = False) -> Any:
+        """Continue a prompt.
+
+        A string gives the new text; a list of token ids gives the new ids; a list of either runs them as one
+        batch and gives one result per prompt. `stream=True` (single prompt) yields pieces as they are made.
+        Generation stops at eos, at a stop string (not included) or after `max_new_tokens`.
+        """
+        sampling = Sampling(max_new_tokens, temperature, top_k, top_p, seed)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if self.task != "causal-lm":
+            raise TaskError(f"{self.path} holds a {self.task} model; generation needs a causal-lm checkpoint")
+        batch = isinstance(prompt, (list, tuple)) and len(prompt) > 0 and not isinstance(prompt[0], (int, np.integer))
+        prompts = list(prompt) if batch else [prompt]
+        if batch and stream:
+            raise InputError("stream=True takes a single prompt")
+        as_text = [isinstance(p, str) for p in prompts]
+        encoded = [self._encode_prompt(p) for p in prompts]
+        streams = [TextStream(self._need_tokenizer(), stops) if t else None for t in as_text]
+        events = self._decode(encoded, sampling, streams)
+        if stream:
+            return (piece for _, piece in events)
+        results: list[Any] = ["" if t else [] for t in as_text]
+        for row, piece in events:
+            results[row] += piece
+        return results if batch else results[0]
+
+    def _decode(self, prompts: list[list[int]], sampling: Sampling,
+                streams: list[TextStream | None]) -> Iterator[tuple[int, Any]]:
+        eos = self.tokenizer.eos_ids if self.tokenizer else ()
+        finished = [False] * len(prompts)
+        for tokens in decode_batch(self.runtime, prompts, sampling, eos, self.ir.max_positions):
+            for row, token in enumerate(tokens):
+                if finished[row]:
+                    continue
+                if token is None:
+                    finished[row] = True
+                    continue
+                text = streams[row]
+                if text is None:
+                    yield row, [token]
+                    continue
+                piece = text.push(token)
+                if piece:
+                    yield row, piece
+                finished[row] = text.stopped
+            if all(finished):
+                break
+        for row, text in enumerate(streams):
+            if text is not None:
+                rest = text.finish()
+                if rest:
+                    yield row, rest
+
+    def _encode_prompt(self, prompt: Any) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InputError("prompt is empty")
+            ids = self._need_tokenizer().encode(prompt)
+        else:
+            ids = [int(t) for t in prompt] if all(isinstance(t, (int, np.integer)) for t in prompt) else None
+            if ids is None:
+                raise InputError("a prompt must be a string or a list of integer token ids")
+        if not ids:
+            raise InputError("prompt is empty (it encodes to no tokens)")
+        self._check_batch([ids], None)
+        return ids
+
+    def _need_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise TokenizerError(f"{self.path}: no tokenizer.json, so text prompts cannot be encoded; pass token ids")
+        return self.tokenizer

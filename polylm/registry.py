@@ -1,0 +1,153 @@
+"""Finds family and backend plugins through the `polylm` entry-point group, each loaded in isolation.
+
+Built-in families and backends are found exactly like third-party ones. A plugin that fails to import,
+raises from a hook, or returns records of another API version is recorded in `failures` and skipped.
+
+Two families claiming one `model_type`: a plugin from another distribution wins over polylm's built-ins
+(so a third party can replace a built-in family); otherwise the entry point whose name sorts first wins.
+Either way a warning names both.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as metadata
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Iterable
+
+import pluggy
+
+from . import backend as backend_api
+from . import family as family_api
+from . import hookspecs
+from .backend import Backend
+from .errors import BackendError, ConfigError, PluginError
+from .family import Family
+
+GROUP = "polylm"
+BUILTIN_DISTRIBUTION = "polylm"
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """Which entry point and distribution registered something."""
+
+    entry_point: str
+    distribution: str
+    version: str
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A plugin that could not be used, and why."""
+
+    entry_point: str
+    distribution: str
+    error: str
+
+
+class Registry:
+    """The families and backends installed here."""
+
+    def __init__(self, entry_points: Iterable[metadata.EntryPoint] | None = None) -> None:
+        self.manager = pluggy.PluginManager(hookspecs.PROJECT)
+        self.manager.add_hookspecs(hookspecs)
+        self.families: dict[str, tuple[Family, PluginInfo]] = {}
+        self.backends: dict[str, tuple[Backend, PluginInfo]] = {}
+        self.failures: list[Failure] = []
+        self.conflicts: list[str] = []
+        points = metadata.entry_points(group=GROUP) if entry_points is None else entry_points
+        for point in sorted(points, key=lambda p: p.name):
+            self._load(point)
+
+    def _load(self, point: metadata.EntryPoint) -> None:
+        dist = point.dist.metadata["Name"] if point.dist is not None else "?"
+        info = PluginInfo(point.name, dist, point.dist.version if point.dist is not None else "?")
+        try:
+            module = point.load()
+            self.manager.register(module, name=f"{dist}:{point.name}")
+            self.manager.check_pending()
+        except Exception as exc:  # noqa: BLE001 - any plugin failure is isolated and reported
+            self._fail(point, dist, exc)
+            return
+        for hook, adder in ((self.manager.hook.polylm_families, self._add_family),
+                            (self.manager.hook.polylm_backends, self._add_backend)):
+            for impl in hook.get_hookimpls():
+                if impl.plugin_name != f"{dist}:{point.name}":
+                    continue
+                try:
+                    for record in impl.function() or ():
+                        adder(record, info)
+                except Exception as exc:  # noqa: BLE001
+                    self._fail(point, dist, exc)
+
+    def _fail(self, point: metadata.EntryPoint, dist: str, exc: Exception) -> None:
+        self.failures.append(Failure(point.name, dist, f"{type(exc).__name__}: {exc}"))
+
+    def _add_family(self, family: Family, info: PluginInfo) -> None:
+        _check_version(family, family_api.API_VERSION, "family", info)
+        for model_type in family.model_types:
+            current = self.families.get(model_type)
+            if current is not None:
+                keep_new = (current[1].distribution == BUILTIN_DISTRIBUTION
+                            and info.distribution != BUILTIN_DISTRIBUTION)
+                winner, loser = (info, current[1]) if keep_new else (current[1], info)
+                message = (f"model_type {model_type!r} is claimed by {loser.entry_point} ({loser.distribution}) "
+                           f"and {winner.entry_point} ({winner.distribution}); using {winner.entry_point}")
+                self.conflicts.append(message)
+                warnings.warn(message, stacklevel=2)
+                if not keep_new:
+                    continue
+            self.families[model_type] = (family, info)
+
+    def _add_backend(self, backend: Backend, info: PluginInfo) -> None:
+        _check_version(backend, backend_api.API_VERSION, "backend", info)
+        if backend.name in self.backends:
+            message = f"backend {backend.name!r} registered twice; keeping {self.backends[backend.name][1].entry_point}"
+            self.conflicts.append(message)
+            warnings.warn(message, stacklevel=2)
+            return
+        self.backends[backend.name] = (backend, info)
+
+    def family(self, model_type: str, where: str = "config.json") -> Family:
+        """The family for `model_type`, or a `ConfigError` listing the installed ones."""
+        if model_type not in self.families:
+            known = ", ".join(sorted(self.families)) or "none"
+            raise ConfigError(f"{where}: unknown model_type {model_type!r}; installed families handle: {known}")
+        return self.families[model_type][0]
+
+    def ranked_backends(self) -> list[Backend]:
+        """Backends by decreasing priority (the order `auto` tries them in)."""
+        return sorted((b for b, _ in self.backends.values()), key=lambda b: (-b.priority, b.name))
+
+    def backend(self, name: str) -> Backend:
+        """The named backend if it is available here, or the best available one for `auto`."""
+        if name == "auto":
+            for candidate in self.ranked_backends():
+                state = candidate.availability()
+                if state.available and state.auto:
+                    return candidate
+            raise BackendError("no backend is available; install torch (pip install torch) for the CPU backend")
+        if name not in self.backends:
+            known = ", ".join(sorted(self.backends)) or "none"
+            raise BackendError(f"unknown backend {name!r}; installed backends: {known}")
+        chosen = self.backends[name][0]
+        state = chosen.availability()
+        if not state.available:
+            hint = f"; install with: {chosen.install_hint}" if chosen.install_hint else ""
+            raise BackendError(f"backend {name!r} is not available here: {state.reason}{hint}")
+        return chosen
+
+
+def _check_version(record: object, expected: int, kind: str, info: PluginInfo) -> None:
+    found = getattr(record, "api_version", None)
+    if found != expected:
+        raise PluginError(f"{kind} record {getattr(record, 'name', record)!r} from {info.distribution} targets "
+                          f"polylm plugin API {found}, this polylm speaks API {expected}; upgrade the plugin")
+
+
+@lru_cache(maxsize=1)
+def registry() -> Registry:
+    """The process-wide registry (built on first use)."""
+    return Registry()

@@ -1,0 +1,229 @@
+"""Safetensors checkpoints: header validation, sharded indexes and canonical tensor names.
+
+Headers are parsed and checked here, without reading tensor data and without any framework; backends read
+the data with the safetensors library into their own arrays through `Weights.refs`. Files are only read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping
+
+from .config import read_json
+from .errors import WeightsError
+
+#: safetensors dtype → (polylm dtype name, bytes per element). Only float weights are model weights.
+FLOAT_DTYPES = {"F32": ("float32", 4), "BF16": ("bfloat16", 2), "F16": ("float16", 2)}
+_OTHER_DTYPES = {"F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "U16": 2, "U32": 4,
+                 "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one checkpoint tensor lives and what it is."""
+
+    file: Path
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def read_header(path: Path) -> dict[str, TensorRef]:
+    """Validate a safetensors file's header (length, JSON, dtypes, offsets) and list its tensors."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            prefix = fh.read(8)
+            if len(prefix) < 8:
+                raise WeightsError(f"{path}: truncated safetensors file ({size} bytes; no header length)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > size - 8:
+                raise WeightsError(f"{path}: header length {header_len} runs past the end of the file "
+                                   f"({size} bytes); the file is truncated or not safetensors")
+            if header_len > MAX_HEADER_BYTES:
+                raise WeightsError(f"{path}: header of {header_len} bytes exceeds the {MAX_HEADER_BYTES} limit")
+            raw = fh.read(header_len)
+    except OSError as exc:
+        raise WeightsError(f"{path}: cannot read ({exc})") from None
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise WeightsError(f"{path}: safetensors header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: safetensors header must be a JSON object")
+    data_size = size - 8 - header_len
+    refs: dict[str, TensorRef] = {}
+    spans = []
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        ref, span = _check_entry(path, key, entry, data_size)
+        refs[key] = ref
+        spans.append((span, key))
+    spans.sort()
+    for ((_, end), key), ((begin, _), other) in zip(spans, spans[1:]):
+        if begin < end:
+            raise WeightsError(f"{path}: tensors {key!r} and {other!r} overlap in the data section")
+    return refs
+
+
+def _check_entry(path: Path, key: str, entry: object, data_size: int) -> tuple[TensorRef, tuple[int, int]]:
+    where = f"{path}: tensor {key!r}"
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise WeightsError(f"{where}: header entry must have dtype, shape and data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype in FLOAT_DTYPES:
+        name, itemsize = FLOAT_DTYPES[dtype]
+    elif dtype in _OTHER_DTYPES:
+        name, itemsize = dtype, _OTHER_DTYPES[dtype]
+    else:
+        raise WeightsError(f"{where}: unknown dtype {dtype!r}")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                            for d in shape)):
+        raise WeightsError(f"{where}: shape must be a list of non-negative integers, found {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and not isinstance(o, bool)
+                                                                    for o in offsets)):
+        raise WeightsError(f"{where}: data_offsets must be [begin, end], found {offsets!r}")
+    begin, end = offsets
+    numel = 1
+    for d in shape:
+        numel *= d
+    if not 0 <= begin <= end <= data_size:
+        raise WeightsError(f"{where}: data_offsets {offsets} lie outside the data section ({data_size} bytes)")
+    if end - begin != numel * itemsize:
+        raise WeightsError(f"{where}: data_offsets span {end - begin} bytes but shape {shape} of {dtype} "
+                           f"needs {numel * itemsize}")
+    return TensorRef(path, key, name, tuple(shape)), (begin, end)
+
+
+def checkpoint_files(directory: Path) -> list[Path]:
+    """The safetensors files of a model directory (sharded through the index, or the single file)."""
+    index = directory / INDEX_FILE
+    if index.exists():
+        data = read_json(index)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise WeightsError(f"{index}: expected an object with a 'weight_map' of tensor name → file name")
+        files = []
+        for name in dict.fromkeys(weight_map.values()):
+            files.append(_shard_path(directory, index, name))
+        return files
+    single = directory / SINGLE_FILE
+    if single.exists():
+        return [single]
+    found = sorted(directory.glob("*.safetensors"))
+    if found:
+        return found
+    pickled = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")] + \
+        [p.name for p in directory.glob("*.pth")]
+    if pickled:
+        raise WeightsError(
+            f"{directory}: only pickled weights found ({', '.join(sorted(pickled))}); polylm never unpickles files "
+            "from a model directory. Convert them once with transformers in a trusted environment: "
+            "AutoModel.from_pretrained(DIR).save_pretrained(NEW_DIR, safe_serialization=True)")
+    raise WeightsError(f"{directory}: no {SINGLE_FILE}, {INDEX_FILE} or *.safetensors file found")
+
+
+def _shard_path(directory: Path, index: Path, name: str) -> Path:
+    if os.path.isabs(name) or Path(name).drive:
+        raise WeightsError(f"{index}: shard path {name!r} is absolute; shards must lie inside the model directory")
+    path = (directory / name).resolve()
+    if directory.resolve() not in path.parents:
+        raise WeightsError(f"{index}: shard path {name!r} points outside the model directory")
+    if not path.is_file():
+        raise WeightsError(f"{index}: names shard {name!r}, which does not exist in {directory}")
+    return path
+
+
+class Checkpoint:
+    """All tensors of a model directory by checkpoint name, validated, with no data read."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.tensors: dict[str, TensorRef] = {}
+        for path in checkpoint_files(directory):
+            for key, ref in read_header(path).items():
+                if key in self.tensors:
+                    raise WeightsError(f"{path}: tensor {key!r} also appears in {self.tensors[key].file}")
+                self.tensors[key] = ref
+
+
+class Weights(Mapping[str, TensorRef]):
+    """The tensors a model reads, by canonical name (see `ModelIR.tensor_shapes`)."""
+
+    def __init__(self, refs: dict[str, TensorRef]) -> None:
+        self.refs = refs
+
+    def __getitem__(self, name: str) -> TensorRef:
+        return self.refs[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.refs)
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def by_file(self) -> dict[Path, dict[str, str]]:
+        """Canonical name → checkpoint key, grouped by file, so each file is opened once."""
+        grouped: dict[Path, dict[str, str]] = {}
+        for name, ref in self.refs.items():
+            grouped.setdefault(ref.file, {})[name] = ref.key
+        return grouped
+
+
+def resolve(checkpoint: Checkpoint, shapes: Mapping[str, tuple[int, ...]], module_names: Mapping[str, str],
+            head_name: str, base_prefixes: tuple[str, ...], ignored: tuple[str, ...],
+            other_heads: Mapping[str, str]) -> Weights:
+    """Match every canonical tensor to its checkpoint tensor, checking presence, shape, dtype and leftovers."""
+    prefix = _detect_prefix(checkpoint, module_names, base_prefixes)
+    refs: dict[str, TensorRef] = {}
+    for name, shape in shapes.items():
+        key = _checkpoint_key(name, module_names, head_name, prefix)
+        ref = checkpoint.tensors.get(key)
+        if ref is None:
+            raise WeightsError(f"{checkpoint.directory}: missing tensor {key!r} (for {name}, expected shape "
+                               f"{list(shape)})")
+        if ref.shape != tuple(shape):
+            raise WeightsError(f"{ref.file}: tensor {key!r} has shape {list(ref.shape)}, expected {list(shape)}")
+        if ref.dtype not in ("float32", "bfloat16", "float16"):
+            raise WeightsError(f"{ref.file}: tensor {key!r} has dtype {ref.dtype}; expected F32, BF16 or F16")
+        refs[name] = ref
+    used = {ref.key for ref in refs.values()}
+    patterns = [re.compile(p) for p in ignored]
+    tied_copy = f"{head_name}.weight" if "head.weight" not in shapes else None
+    for key in checkpoint.tensors:
+        if key in used or key == tied_copy or any(p.search(key) for p in patterns):
+            continue
+        hint = ""
+        for task, module in other_heads.items():
+            if key.startswith(module + "."):
+                hint = f"; it belongs to a {task} head — load with task={task!r}"
+        raise WeightsError(f"{checkpoint.tensors[key].file}: unexpected tensor {key!r}{hint}")
+    return Weights(refs)
+
+
+def _checkpoint_key(name: str, module_names: Mapping[str, str], head_name: str, prefix: str) -> str:
+    module, _, param = name.rpartition(".")
+    if module == "head":
+        return f"{head_name}.{param}"
+    match = re.match(r"layers\.(\d+)\.(.*)$", module)
+    if match:
+        pattern = module_names[f"layers.{{i}}.{match.group(2)}"]
+        return f"{prefix}{pattern.format(i=match.group(1))}.{param}"
+    return f"{prefix}{module_names[module]}.{param}"
+
+
+def _detect_prefix(checkpoint: Checkpoint, module_names: Mapping[str, str], base_prefixes: tuple[str, ...]) -> str:
+    embed = module_names["embed"] + ".weight"
+    for prefix in (*base_prefixes, "transformer.", "model.", ""):
+        if prefix + embed in checkpoint.tensors:
+            return prefix
+    return base_prefixes[0] if base_prefixes else ""
