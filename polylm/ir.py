@@ -250,6 +250,14 @@ class ModelIR:
         return self.embedding.hidden_size
 
     @property
+    def context_length(self) -> int:
+        """The longest sequence this model accepts (dynamic RoPE scaling stretches max_position_embeddings)."""
+        position = self.block.attention.position
+        if isinstance(position, RoPE) and position.scaling is not None and position.scaling.kind == "dynamic":
+            return int(self.max_positions * position.scaling.factor)
+        return self.max_positions
+
+    @property
     def attention(self) -> Attention:
         return self.block.attention
 

@@ -73,9 +73,9 @@ class Model:
         if ids.min() < 0 or ids.max() >= vocab:
             bad = int(ids.max()) if ids.max() >= vocab else int(ids.min())
             raise InputError(f"token id {bad} is outside the vocabulary [0, {vocab})")
-        if ids.shape[1] > self.ir.max_positions:
+        if ids.shape[1] > self.ir.context_length:
             raise InputError(f"sequence of {ids.shape[1]} tokens exceeds the model's context of "
-                             f"{self.ir.max_positions} (max_position_embeddings)")
+                             f"{self.ir.context_length} tokens")
         if attention_mask is None:
             mask = np.ones(ids.shape, dtype=bool)
         else:
@@ -125,7 +125,7 @@ class Model:
                 streams: list[TextStream | None]) -> Iterator[tuple[int, Any]]:
         eos = self.tokenizer.eos_ids if self.tokenizer else ()
         finished = [False] * len(prompts)
-        for tokens in decode_batch(self.runtime, prompts, sampling, eos, self.ir.max_positions):
+        for tokens in decode_batch(self.runtime, prompts, sampling, eos, self.ir.context_length):
             for row, token in enumerate(tokens):
                 if finished[row]:
                     continue

@@ -37,6 +37,19 @@ def rope_frequencies(attention: Attention, seq_len: int) -> tuple[np.ndarray, fl
     return _yarn(rope, dim, exponents)
 
 
+def rope_frequencies_per_row(attention: Attention, positions: np.ndarray) -> tuple[np.ndarray, float]:
+    """Inverse frequencies [batch or 1, rotary_dim // 2] for the query `positions` [batch, new] of a pass.
+
+    Only dynamic NTK scaling differs per row: each row is scaled by its own length, as if run alone.
+    """
+    rope = attention.position
+    if rope.scaling is None or rope.scaling.kind != "dynamic":
+        inv_freq, factor = rope_frequencies(attention, 0)
+        return inv_freq[None, :], factor
+    rows = [rope_frequencies(attention, int(row.max()) + 1)[0] for row in positions]
+    return np.stack(rows), 1.0
+
+
 def _llama3(inv_freq: np.ndarray, scaling) -> np.ndarray:
     factor, old_context = scaling.factor, scaling.original_max_positions
     low_freq_wavelen = old_context / scaling.low_freq_factor

@@ -9,6 +9,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import checkpoints  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # The Triton backend is tested through Triton's CPU interpreter, which is read when kernels are defined.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -10,7 +10,7 @@ import torch
 from polylm.backend import Cache, Runtime, Step
 from polylm.errors import InputError
 from polylm.ir import ALiBi, ModelIR
-from polylm.positions import alibi_slopes, rope_frequencies
+from polylm.positions import alibi_slopes, rope_frequencies_per_row
 from polylm.weights import Weights
 
 from .ops import TorchOps
@@ -62,7 +62,7 @@ class TorchRuntime(Runtime):
         positions = torch.from_numpy(step.positions).to(self.device)
         mask = torch.from_numpy(step.mask).to(self.device)
         bias = self._attention_bias(positions, mask, past, new)
-        rotary = self._rotary(positions[:, past:]) if self.alibi is None else None
+        rotary = self._rotary(step.positions[:, past:]) if self.alibi is None else None
 
         x = self.params.embed[torch.from_numpy(step.input_ids).to(self.device)]
         if self.ir.embedding.scale != 1.0:
@@ -121,9 +121,10 @@ class TorchRuntime(Runtime):
         floor = torch.finfo(self.torch_dtype).min
         return torch.where(visible, bias, floor).to(self.torch_dtype)
 
-    def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin [batch, 1, new, rotary_dim / 2] in the compute dtype."""
-        inv_freq, factor = rope_frequencies(self.ir.attention, int(positions.max()) + 1)
-        angles = positions.float()[..., None] * torch.from_numpy(inv_freq).to(self.device)
+    def _rotary(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [batch, 1, new, rotary_dim / 2] in the compute dtype for query `positions`."""
+        inv_freq, factor = rope_frequencies_per_row(self.ir.attention, positions)
+        angles = (torch.from_numpy(positions).to(self.device).float()[..., None]
+                  * torch.from_numpy(inv_freq).to(self.device)[:, None, :])
         cos, sin = angles.cos() * factor, angles.sin() * factor
         return cos.to(self.torch_dtype)[:, None], sin.to(self.torch_dtype)[:, None]

@@ -1,0 +1,62 @@
+"""The command line: exit codes, one-line errors, streaming output."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from polylm.cli import main
+
+
+def run_cli(*args):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "polylm", *args], capture_output=True, text=True, env=env,
+                          timeout=120)
+
+
+def test_run_streams_greedy_text(make_ckpt):
+    import polylm
+
+    directory = make_ckpt("gemma")
+    result = run_cli("run", "--model", str(directory), "--max-new-tokens", "8", "--backend", "torch", "Once upon")
+    assert result.returncode == 0, result.stderr
+    expected = polylm.load(directory, backend="torch").generate("Once upon", max_new_tokens=8)
+    assert result.stdout == expected + "\n"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["run", "--model", "/no/such/dir", "hi"], "model directory not found"),
+    (["run", "--model", "{ckpt}", "--backend", "quantum", "hi"], "unknown backend 'quantum'"),
+    (["run", "--model", "{ckpt}", "--top-p", "1.5", "hi"], "top_p must be in (0, 1]"),
+    (["run", "--model", "{ckpt}", "--max-new-tokens", "-1", "hi"], "max_new_tokens must be an integer"),
+    (["run", "--model", "{ckpt}", "--dtype", "int3", "hi"], "unknown dtype 'int3'"),
+    (["run", "--model", "{ckpt}", "--max-new-tokens", "many", "hi"], "invalid int value"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_user_errors_exit_2_with_one_line(make_ckpt, capsys, args, message):
+    directory = make_ckpt("helium")
+    capsys.readouterr()
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in directory.iterdir())
+    code = main([a.replace("{ckpt}", str(directory)) for a in args])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("polylm: error: ") and message in err
+    assert "Traceback" not in err
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in directory.iterdir()) == before
+
+
+def test_listing_commands():
+    result = run_cli("backends")
+    assert result.returncode == 0 and "torch" in result.stdout and "available" in result.stdout
+    result = run_cli("families")
+    assert result.returncode == 0 and "gemma" in result.stdout and "polylm" in result.stdout
+
+
+def test_version_and_help():
+    import polylm
+
+    result = run_cli("--version")
+    assert result.returncode == 0 and polylm.__version__ in result.stdout
+    result = run_cli("run", "--help")
+    assert result.returncode == 0 and "example:" in result.stdout
