@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 from typing import Sequence
 
@@ -42,6 +44,32 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=None, metavar="S")
     run.set_defaults(handler=_run)
 
+    classify = commands.add_parser("classify", help="label texts with a sequence-classification checkpoint",
+                                   formatter_class=_formatter,
+                                   epilog='example:\n  polylm classify --model ./sentiment "great film" "dull plot"')
+    _add_model_options(classify)
+    classify.add_argument("texts", nargs="+", metavar="TEXT")
+    classify.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    classify.set_defaults(handler=_classify)
+
+    tag = commands.add_parser("tag", help="label each token with a token-classification checkpoint",
+                              formatter_class=_formatter,
+                              epilog='example:\n  polylm tag --model ./ner "Ada Lovelace lived in London"')
+    _add_model_options(tag)
+    tag.add_argument("text", metavar="TEXT")
+    tag.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    tag.set_defaults(handler=_tag)
+
+    answer = commands.add_parser("answer", help="extract an answer span with a question-answering checkpoint",
+                                 formatter_class=_formatter,
+                                 epilog='example:\n  polylm answer --model ./qa --question "Where?" '
+                                        '--context "Ada lived in London."')
+    _add_model_options(answer)
+    answer.add_argument("--question", required=True, metavar="Q")
+    answer.add_argument("--context", required=True, metavar="C")
+    answer.add_argument("--json", action="store_true", help="print JSON instead of text")
+    answer.set_defaults(handler=_answer)
+
     families = commands.add_parser("families", help="list installed model families", formatter_class=_formatter,
                                    epilog="example:\n  polylm families")
     families.set_defaults(handler=_families)
@@ -58,15 +86,48 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from .loading import load
-
-    model = load(args.model, backend=args.backend, dtype=args.dtype)
+    model = _load(args)
     pieces = model.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed, stream=True)
     for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+def _load(args: argparse.Namespace):
+    from .loading import load
+
+    return load(args.model, backend=args.backend, dtype=args.dtype)
+
+
+def _print_records(records: list, as_json: bool, line) -> None:
+    if as_json:
+        print(json.dumps([dataclasses.asdict(r) for r in records], ensure_ascii=False))
+    else:
+        for record in records:
+            print(line(record))
+
+
+def _classify(args: argparse.Namespace) -> None:
+    labels = _load(args).classify(args.texts)
+    if args.json:
+        _print_records(labels, True, None)
+        return
+    for text, label in zip(args.texts, labels):
+        print(f"{label.label}\t{label.score:.4f}\t{text}")
+
+
+def _tag(args: argparse.Namespace) -> None:
+    _print_records(_load(args).tag(args.text), args.json, lambda t: f"{t.text!r}\t{t.label}\t{t.score:.4f}")
+
+
+def _answer(args: argparse.Namespace) -> None:
+    result = _load(args).answer(args.question, args.context)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(result), ensure_ascii=False))
+    else:
+        print(f"{result.answer}\t(score {result.score:.4f}, characters {result.start}-{result.end})")
 
 
 def _families(args: argparse.Namespace) -> None:

@@ -90,6 +90,26 @@ class Model:
             mask = mask.astype(bool)
         return ids.astype(np.int64), mask
 
+    # -- task pipelines (see polylm.tasks) ------------------------------------------------------------------
+
+    def classify(self, texts: str | Sequence[str]) -> list:
+        """The best label and its score for each text (sequence-classification checkpoints)."""
+        from .tasks import classify
+
+        return classify(self, texts)
+
+    def tag(self, text: str) -> list:
+        """(token text, label, score, start, end) per token of `text` (token-classification checkpoints)."""
+        from .tasks import tag
+
+        return tag(self, text)
+
+    def answer(self, question: str, context: str, **options: Any):
+        """The best answer span of `context` for `question` (question-answering checkpoints)."""
+        from .tasks import answer
+
+        return answer(self, question, context, **options)
+
     # -- generation ------------------------------------------------------------------------------------------
 
     def generate(self, prompt: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]], *,
