@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from .backend import DTYPES
 from .config import ConfigView
-from .errors import BackendError, ConfigError, TaskError
-from .ir import TASKS
+from .errors import BackendError, ConfigError, TaskError, WeightsError
+from .ir import TASKS, ModelIR
 from .model import Model
 from .registry import registry
 from .tokenizer import Tokenizer
@@ -35,6 +36,8 @@ def load(path: str | Path, *, backend: str = "auto", task: str | None = None, dt
     plugins = registry()
     family = plugins.family(config.get("model_type", kind=str), str(config.path))
     task = task or infer_task(config)
+    if task not in TASKS:
+        raise TaskError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     if task not in family.tasks:
         raise TaskError(f"task {task!r} is not supported by family {family.name!r}; supported: "
                         f"{', '.join(family.tasks)}")
@@ -43,6 +46,7 @@ def load(path: str | Path, *, backend: str = "auto", task: str | None = None, dt
     chosen = plugins.backend(backend)
     ir = family.to_ir(config, task)
     checkpoint = Checkpoint(directory)
+    _check_layer_count(ir, checkpoint, config)
     others = {t: m for t, m in family.head_names.items() if t != task and m != family.head_names[task]}
     weights = resolve(checkpoint, ir.tensor_shapes(), family.module_names, family.head_names[task],
                       family.base_prefixes, family.ignored_tensors, others)
@@ -53,6 +57,15 @@ def load(path: str | Path, *, backend: str = "auto", task: str | None = None, dt
     runtime = chosen.lower(ir, weights, dtype)
     tokenizer = Tokenizer(directory, config) if (directory / "tokenizer.json").exists() else None
     return Model(ir, runtime, tokenizer, backend=chosen.name, path=directory)
+
+
+def _check_layer_count(ir: ModelIR, checkpoint: Checkpoint, config: ConfigView) -> None:
+    """Refuse a config declaring more layers than the checkpoint could hold, before enumerating them."""
+    one, two = (len(replace(ir, num_layers=n).tensor_shapes()) for n in (1, 2))
+    expected = one + (ir.num_layers - 1) * (two - one)
+    if expected - len(checkpoint.tensors) >= two - one:  # at least a whole layer's tensors are absent
+        raise WeightsError(f"{config.path}: declares {ir.num_layers} layers, which need {expected} tensors, but "
+                           f"the checkpoint in {checkpoint.directory} holds {len(checkpoint.tensors)}")
 
 
 def infer_task(config: ConfigView) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterator, Mapping
 
 from .config import read_json
-from .errors import WeightsError
+from .errors import TaskError, WeightsError
 
 #: safetensors dtype → (polylm dtype name, bytes per element). Only float weights are model weights.
 FLOAT_DTYPES = {"F32": ("float32", 4), "BF16": ("bfloat16", 2), "F16": ("float16", 2)}
@@ -80,6 +80,8 @@ def _check_entry(path: Path, key: str, entry: object, data_size: int) -> tuple[T
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
         raise WeightsError(f"{where}: header entry must have dtype, shape and data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str):
+        raise WeightsError(f"{where}: dtype must be a string, found {dtype!r}")
     if dtype in FLOAT_DTYPES:
         name, itemsize = FLOAT_DTYPES[dtype]
     elif dtype in _OTHER_DTYPES:
@@ -188,6 +190,10 @@ def resolve(checkpoint: Checkpoint, shapes: Mapping[str, tuple[int, ...]], modul
     for name, shape in shapes.items():
         key = _checkpoint_key(name, module_names, head_name, prefix)
         ref = checkpoint.tensors.get(key)
+        if ref is None and name.startswith("head."):
+            held = [task for task, module in other_heads.items() if f"{module}.weight" in checkpoint.tensors]
+            found = f"; it holds a {held[0]} head — load it with task={held[0]!r}" if held else ""
+            raise TaskError(f"{checkpoint.directory}: no {head_name!r} head tensor {key!r} for this task{found}")
         if ref is None:
             raise WeightsError(f"{checkpoint.directory}: missing tensor {key!r} (for {name}, expected shape "
                                f"{list(shape)})")
