@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from .errors import InputError, PolylmError
@@ -31,17 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="polylm", description="Run decoder language models on MLX, Triton or torch.",
                      formatter_class=_formatter)
     parser.add_argument("--version", action="version", version=f"polylm {__version__}")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = commands.add_parser("run", help="continue a prompt and stream the text", formatter_class=_formatter,
                               epilog='example:\n  polylm run --model ./gemma-2b --max-new-tokens 32 "Once upon a time"')
     _add_model_options(run)
     run.add_argument("prompt", help="the text to continue")
-    run.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
-    run.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 (default) is greedy")
-    run.add_argument("--top-k", type=int, default=None, metavar="K")
-    run.add_argument("--top-p", type=float, default=None, metavar="P")
-    run.add_argument("--seed", type=int, default=None, metavar="S")
+    _add_sampling_options(run, max_new_tokens=64)
     run.set_defaults(handler=_run)
 
     classify = commands.add_parser("classify", help="label texts with a sequence-classification checkpoint",
@@ -70,6 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
     answer.add_argument("--json", action="store_true", help="print JSON instead of text")
     answer.set_defaults(handler=_answer)
 
+    chat = commands.add_parser("chat", help="chat through the checkpoint's chat template",
+                               formatter_class=_formatter,
+                               epilog="example:\n  polylm chat --model ./gemma-2b-it\n"
+                                      "  echo 'Tell me a joke' | polylm chat --model ./gemma-2b-it")
+    _add_model_options(chat)
+    _add_sampling_options(chat, max_new_tokens=256)
+    chat.add_argument("--system", default=None, metavar="TEXT", help="a system message to start with")
+    chat.add_argument("--chat-template", default=None, metavar="FILE", help="a Jinja chat template to use")
+    chat.set_defaults(handler=_chat)
+
+    plugins = commands.add_parser("plugins", help="list plugins: families, backends, and failures",
+                                  formatter_class=_formatter, epilog="example:\n  polylm plugins")
+    plugins.set_defaults(handler=_plugins)
+
     families = commands.add_parser("families", help="list installed model families", formatter_class=_formatter,
                                    epilog="example:\n  polylm families")
     families.set_defaults(handler=_families)
@@ -77,6 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
                                    formatter_class=_formatter, epilog="example:\n  polylm backends")
     backends.set_defaults(handler=_backends)
     return parser
+
+
+def _add_sampling_options(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N")
+    parser.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 (default) is greedy")
+    parser.add_argument("--top-k", type=int, default=None, metavar="K")
+    parser.add_argument("--top-p", type=float, default=None, metavar="P")
+    parser.add_argument("--seed", type=int, default=None, metavar="S")
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+            "top_p": args.top_p, "seed": args.seed}
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -87,12 +113,63 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace) -> None:
     model = _load(args)
-    pieces = model.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_k=args.top_k, top_p=args.top_p, seed=args.seed, stream=True)
+    _write_stream(model.generate(args.prompt, stream=True, **_sampling(args)))
+
+
+def _write_stream(pieces) -> str:
+    text = ""
     for piece in pieces:
+        text += piece
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    return text
+
+
+def _chat(args: argparse.Namespace) -> None:
+    template = None
+    if args.chat_template:
+        try:
+            template = Path(args.chat_template).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise InputError(f"{args.chat_template}: cannot read chat template ({exc.strerror})") from None
+    model = _load(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    if not sys.stdin.isatty():
+        messages.append({"role": "user", "content": sys.stdin.read()})
+        _write_stream(model.chat(messages, template=template, stream=True, **_sampling(args)))
+        return
+    model.chat_prompt(messages + [{"role": "user", "content": "hi"}], template=template)  # fail early
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            sys.stdout.write("\n")
+            return
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        sys.stdout.write("assistant> ")
+        reply = _write_stream(model.chat(messages, template=template, stream=True, **_sampling(args)))
+        messages.append({"role": "assistant", "content": reply})
+
+
+def _plugins(args: argparse.Namespace) -> None:
+    from .registry import registry
+
+    plugins = registry()
+    print("families:")
+    for model_type, (family, info) in sorted(plugins.families.items()):
+        print(f"  {model_type:<12} {info.distribution} {info.version} (entry point {info.entry_point})")
+    print("backends:")
+    for name, (_, info) in sorted(plugins.backends.items()):
+        print(f"  {name:<12} {info.distribution} {info.version} (entry point {info.entry_point})")
+    if plugins.failures:
+        print("failed to load:")
+        for failure in plugins.failures:
+            print(f"  {failure.entry_point:<12} {failure.distribution}: {failure.error}")
+    for conflict in plugins.conflicts:
+        print(f"conflict: {conflict}")
 
 
 def _load(args: argparse.Namespace):
@@ -150,6 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `polylm` console script; returns the exit status."""
     try:
         args = build_parser().parse_args(argv)
+        if args.quiet:
+            os.environ["POLYLM_QUIET"] = "1"
         args.handler(args)
     except PolylmError as exc:
         print(f"polylm: error: {exc}", file=sys.stderr)

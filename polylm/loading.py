@@ -7,7 +7,8 @@ from pathlib import Path
 
 from .backend import DTYPES
 from .config import ConfigView
-from .errors import BackendError, ConfigError, TaskError, WeightsError
+from .hub import resolve_model
+from .errors import BackendError, TaskError, WeightsError
 from .ir import TASKS, ModelIR
 from .model import Model
 from .registry import registry
@@ -24,14 +25,12 @@ _ARCHITECTURE_SUFFIXES = {
 
 
 def load(path: str | Path, *, backend: str = "auto", task: str | None = None, dtype: str | None = None) -> Model:
-    """Load a Hugging Face–format checkpoint directory.
+    """Load a Hugging Face–format checkpoint: a directory, or a Hub repo id in the local HF cache.
 
     `task` defaults to what the checkpoint's `architectures` entry says (causal LM when it says nothing);
     `dtype=None` keeps the checkpoint's dtype. Nothing in the directory is written.
     """
-    directory = Path(path)
-    if not directory.is_dir():
-        raise ConfigError(f"{directory}: model directory not found")
+    directory = resolve_model(path)
     config = ConfigView.from_dir(directory)
     plugins = registry()
     family = plugins.family(config.get("model_type", kind=str), str(config.path))

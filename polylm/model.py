@@ -110,6 +110,26 @@ class Model:
 
         return answer(self, question, context, **options)
 
+    # -- chat ------------------------------------------------------------------------------------------------
+
+    def chat_prompt(self, messages: Sequence[dict], *, template: str | None = None) -> list[int]:
+        """Token ids of `messages` rendered through the checkpoint's chat template (or `template`)."""
+        from .chat import find_template, render
+
+        tokenizer = self._need_tokenizer()
+        template = template or find_template(self.path, tokenizer.settings)
+        if template is None:
+            raise TokenizerError(f"{self.path}: the checkpoint has no chat template (tokenizer_config.json "
+                                 "'chat_template' or chat_template.jinja); pass one with --chat-template FILE")
+        return tokenizer.encode(render(template, messages, tokenizer.settings), add_special_tokens=False)
+
+    def chat(self, messages: Sequence[dict], *, template: str | None = None, **sampling: Any) -> Any:
+        """The assistant's reply to `messages` (a list of {"role", "content"}); `stream=True` yields pieces."""
+        ids = self.chat_prompt(messages, template=template)
+        stream = sampling.pop("stream", False)
+        pieces = self._generate_text(ids, stream=True, text_output=True, **sampling)
+        return pieces if stream else "".join(pieces)
+
     # -- generation ------------------------------------------------------------------------------------------
 
     def generate(self, prompt: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]], *,
@@ -122,6 +142,14 @@ class Model:
         batch and gives one result per prompt. `stream=True` (single prompt) yields pieces as they are made.
         Generation stops at eos, at a stop string (not included) or after `max_new_tokens`.
         """
+        return self._generate_text(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                   top_p=top_p, seed=seed, stop=stop, stream=stream)
+
+    def _generate_text(self, prompt: Any, *, max_new_tokens: int = 64, temperature: float = 0.0,
+                       top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                       stop: str | Sequence[str] | None = None, stream: bool = False,
+                       text_output: bool = False) -> Any:
+        """`generate`, with `text_output` giving text even for token-id prompts."""
         sampling = Sampling(max_new_tokens, temperature, top_k, top_p, seed)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if self.task != "causal-lm":
@@ -130,7 +158,7 @@ class Model:
         prompts = list(prompt) if batch else [prompt]
         if batch and stream:
             raise InputError("stream=True takes a single prompt")
-        as_text = [isinstance(p, str) for p in prompts]
+        as_text = [text_output or isinstance(p, str) for p in prompts]
         encoded = [self._encode_prompt(p) for p in prompts]
         streams = [TextStream(self._need_tokenizer(), stops) if t else None for t in as_text]
         events = self._decode(encoded, sampling, streams)

@@ -12,10 +12,11 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Iterable, Iterator, Mapping
 
 from .config import read_json
 from .errors import TaskError, WeightsError
+from .progress import progress
 
 #: safetensors dtype → (polylm dtype name, bytes per element). Only float weights are model weights.
 FLOAT_DTYPES = {"F32": ("float32", 4), "BF16": ("bfloat16", 2), "F16": ("float16", 2)}
@@ -137,9 +138,10 @@ def checkpoint_files(directory: Path) -> list[Path]:
 def _shard_path(directory: Path, index: Path, name: str) -> Path:
     if os.path.isabs(name) or Path(name).drive:
         raise WeightsError(f"{index}: shard path {name!r} is absolute; shards must lie inside the model directory")
-    path = (directory / name).resolve()
-    if directory.resolve() not in path.parents:
+    # Checked on the name, not on what it links to: the HF cache links every file into its blob store.
+    if ".." in Path(name).parts:
         raise WeightsError(f"{index}: shard path {name!r} points outside the model directory")
+    path = directory / name
     if not path.is_file():
         raise WeightsError(f"{index}: names shard {name!r}, which does not exist in {directory}")
     return path
@@ -173,12 +175,13 @@ class Weights(Mapping[str, TensorRef]):
     def __len__(self) -> int:
         return len(self.refs)
 
-    def by_file(self) -> dict[Path, dict[str, str]]:
-        """Canonical name → checkpoint key, grouped by file, so each file is opened once."""
+    def by_file(self) -> Iterable[tuple[Path, dict[str, str]]]:
+        """(file, canonical name → checkpoint key) per file, so each file is opened once; shows a progress
+        bar over the shards of a sharded checkpoint."""
         grouped: dict[Path, dict[str, str]] = {}
         for name, ref in self.refs.items():
             grouped.setdefault(ref.file, {})[name] = ref.key
-        return grouped
+        return progress(grouped.items(), total=len(grouped), desc="loading shards", unit="shard")
 
 
 def resolve(checkpoint: Checkpoint, shapes: Mapping[str, tuple[int, ...]], module_names: Mapping[str, str],

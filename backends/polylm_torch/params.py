@@ -52,7 +52,7 @@ class ModelParams:
 def read_tensors(weights: Weights, dtype: torch.dtype, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Every canonical tensor, converted to `dtype` on `device`."""
     tensors: dict[str, torch.Tensor] = {}
-    for path, names in weights.by_file().items():
+    for path, names in weights.by_file():
         try:
             with safe_open(str(path), framework="pt", device="cpu") as handle:
                 for name, key in names.items():
