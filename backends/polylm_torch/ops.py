@@ -1,10 +1,14 @@
 """The torch backend's primitive operations, one per IR feature, written once.
 
 The Triton backend subclasses `TorchOps` and replaces these with fused kernels; the runtime only calls
-through an ops object, so both share the same model code.
+through an ops object, so both share the same model code. `StepTensors` is what an op may know about the
+forward pass it serves.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +16,41 @@ import torch.nn.functional as F
 from polylm.ir import Attention, MLP
 
 from .params import NormParams
+
+
+@dataclass
+class StepTensors:
+    """One forward pass's inputs on the device (see `polylm.backend.Step`), as the ops read them.
+
+    `past` is a host integer for ops that slice with it (these reference ops do). Ops that a CUDA graph may
+    capture read tensors only — `slots` says where the new tokens go, `mask` and `positions` may be longer
+    than `past + new` — because a replayed graph sees new tensor contents but the host values of its capture.
+    """
+
+    input_ids: torch.Tensor  # [batch, new]
+    positions: torch.Tensor  # [batch, keys] position of the token in every cache slot
+    new_positions: torch.Tensor  # [batch, new] positions of the new tokens
+    mask: torch.Tensor  # [batch, keys] bool: the slot holds a real token
+    slots: torch.Tensor  # [new] int32: cache slot of each new token (past, past + 1, …)
+    gather: torch.Tensor | None  # [batch]: the one new token per row that reaches the head
+    inv_freq: torch.Tensor | None  # [batch or 1, rotary_dim / 2] float32 RoPE inverse frequencies
+    rope_factor: float  # multiplier of cos and sin (YaRN attention factor)
+    alibi: torch.Tensor | None  # [heads] ALiBi slopes
+    past: int
+    dtype: torch.dtype
+
+    @cached_property
+    def attention_bias(self) -> torch.Tensor:
+        """Additive bias [batch, 1|heads, new, keys]: ALiBi on visible keys, the dtype's minimum elsewhere."""
+        device, keys, new = self.mask.device, self.mask.shape[1], self.input_ids.shape[1]
+        causal = torch.arange(keys, device=device)[None, :] <= (self.past + torch.arange(new, device=device))[:, None]
+        visible = (self.mask[:, None, :] & causal[None]).unsqueeze(1)
+        if self.alibi is None:
+            bias = torch.zeros((), dtype=torch.float32, device=device)
+        else:
+            distance = (self.positions[:, None, :] - self.new_positions[:, :, None]).float()
+            bias = self.alibi[None, :, None, None] * distance[:, None]
+        return torch.where(visible, bias, torch.finfo(self.dtype).min).to(self.dtype)
 
 
 class TorchOps:
@@ -25,6 +64,19 @@ class TorchOps:
         if p.bias is not None:
             h = h + p.bias.float()
         return h.to(x.dtype)
+
+    def add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, p: NormParams) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual sum `x + delta` (just `x` without a delta) and its norm."""
+        if delta is not None:
+            x = x + delta
+        return x, self.norm(x, p)
+
+    def embed(self, ids: torch.Tensor, table: torch.Tensor, scale: float, norm: NormParams | None) -> torch.Tensor:
+        """Rows of `table` for `ids`, times `scale` (a value of the compute dtype), then normed if asked."""
+        x = table[ids]
+        if scale != 1.0:
+            x = x * scale
+        return self.norm(x, norm) if norm is not None else x
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return F.linear(x, weight, bias)
@@ -41,11 +93,34 @@ class TorchOps:
             rotated = torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
         return torch.cat((rotated, x_pass), dim=-1) if x_pass.shape[-1] else rotated
 
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+    def rope_and_cache(self, qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                       rotary: tuple[torch.Tensor, torch.Tensor] | None, step: StepTensors,
+                       attn: Attention) -> torch.Tensor:
+        """Split the fused projection qkv [batch, new, (heads + 2·kv_heads)·head_dim] into heads, rotate q and k
+        (cos/sin [batch, new, rotary_dim / 2], float32; None without RoPE), write k and v into the layer's
+        cache [batch, kv_heads, capacity, head_dim] at the step's slots, and return q [batch, heads, new, head_dim]."""
+        batch, new, _ = qkv.shape
+        q_size, kv_size = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
+        q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
+        q = q.view(batch, new, attn.num_heads, attn.head_dim).transpose(1, 2)
+        k = k.view(batch, new, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+        v = v.view(batch, new, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+        if rotary is not None:
+            cos, sin = (t.to(qkv.dtype)[:, None] for t in rotary)
+            q, k = self.rope(q, cos, sin, attn), self.rope(k, cos, sin, attn)
+        keys[:, :, step.past:step.past + new] = k
+        values[:, :, step.past:step.past + new] = v
+        return q
+
+    def attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, step: StepTensors,
                   attn: Attention) -> torch.Tensor:
-        """q [batch, heads, new, d]; k/v [batch, kv_heads, keys, d]; bias [batch, 1|heads, new, keys]."""
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.softmax_scale,
-                                              enable_gqa=attn.num_heads != attn.num_kv_heads)
+        """q [batch, heads, new, d] attends to the cache's keys/values [batch, kv_heads, capacity, d] in the slots
+        the step's mask covers; returns [batch, new, heads·d]."""
+        batch, _, new, _ = q.shape
+        end = step.mask.shape[1]
+        out = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=step.attention_bias,
+                                             scale=attn.softmax_scale, enable_gqa=attn.num_heads != attn.num_kv_heads)
+        return out.transpose(1, 2).reshape(batch, new, -1)
 
     def activation(self, h: torch.Tensor, mlp: MLP) -> torch.Tensor:
         """The MLP's activation, applied to [gate; up] halves when gated."""
@@ -53,6 +128,10 @@ class TorchOps:
             gate, up = h.chunk(2, dim=-1)
             return _ACTIVATIONS[mlp.activation](gate) * up
         return _ACTIVATIONS[mlp.activation](h)
+
+    def gather(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """One row per batch entry: x [batch, new, hidden] at new-index `index` [batch] → [batch, hidden]."""
+        return x[torch.arange(x.shape[0], device=x.device), index]
 
 
 def _relu2(x: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from polylm.ir import ALiBi, ModelIR
 from polylm.positions import alibi_slopes, rope_frequencies_per_row
 from polylm.weights import Weights
 
-from .ops import TorchOps
+from .ops import StepTensors, TorchOps
 from .params import TORCH_DTYPES, LayerParams, build_params, read_tensors
 
 
@@ -40,7 +40,9 @@ class TorchRuntime(Runtime):
         attn = ir.attention
         self.alibi = (torch.from_numpy(alibi_slopes(attn)).to(self.device)
                       if isinstance(attn.position, ALiBi) else None)
-        self.embed_scale = torch.tensor(ir.embedding.scale, dtype=self.torch_dtype, device=self.device)
+        # the embedding scale as a value of the compute dtype (Gemma multiplies by √hidden rounded to it)
+        self.embed_scale = float(torch.tensor(ir.embedding.scale, dtype=self.torch_dtype))
+        self._frequencies: tuple[bytes, torch.Tensor] | None = None  # the last upload, reused while unchanged
 
     def new_cache(self, batch: int, capacity: int) -> TorchCache:
         attn = self.ir.attention
@@ -59,72 +61,73 @@ class TorchRuntime(Runtime):
         if step.mask.shape[1] != past + new or past + new > cache.capacity:
             raise InputError(f"step covers {step.mask.shape[1]} slots, cache holds {past} of {cache.capacity} "
                              f"and {new} are new")
-        positions = torch.from_numpy(step.positions).to(self.device)
-        mask = torch.from_numpy(step.mask).to(self.device)
-        bias = self._attention_bias(positions, mask, past, new)
-        rotary = self._rotary(step.positions[:, past:]) if self.alibi is None else None
-
-        x = self.params.embed[torch.from_numpy(step.input_ids).to(self.device)]
-        if self.ir.embedding.scale != 1.0:
-            x = x * self.embed_scale
-        if self.params.embed_norm is not None:
-            x = self.ops.norm(x, self.params.embed_norm)
-        for index, layer in enumerate(self.params.layers):
-            x = self._block(x, layer, cache, index, past, bias, rotary)
+        out = self.run(self.upload(step, past), cache)
         cache.length = past + new
-        x = self.ops.norm(x, self.params.final_norm)
-        if step.gather is not None:
-            x = x[torch.arange(batch, device=self.device), torch.from_numpy(step.gather).to(self.device)]
-        out = self.ops.linear(x, self.params.head, self.params.head_bias)
         return out.float().cpu().numpy()
 
-    def _block(self, x: torch.Tensor, layer: LayerParams, cache: TorchCache, index: int, past: int,
-               bias: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def upload(self, step: Step, past: int) -> StepTensors:
+        """A step's arrays on the device, with what the ops need besides (RoPE frequencies, ALiBi slopes)."""
+        new = step.input_ids.shape[1]
+        inv_freq, rope_factor = None, 1.0
+        if self.alibi is None:
+            inv_freq, rope_factor = self.rope_frequencies(step.positions[:, past:])
+        return StepTensors(
+            input_ids=self._put(step.input_ids), positions=self._put(step.positions),
+            new_positions=self._put(step.positions[:, past:]), mask=self._put(step.mask),
+            slots=torch.arange(past, past + new, dtype=torch.int32, device=self.device),
+            gather=self._put(step.gather) if step.gather is not None else None,
+            inv_freq=inv_freq, rope_factor=rope_factor, alibi=self.alibi, past=past, dtype=self.torch_dtype)
+
+    def rope_frequencies(self, positions: np.ndarray) -> tuple[torch.Tensor, float]:
+        """RoPE inverse frequencies [batch or 1, rotary_dim / 2] for query `positions`, kept on the device."""
+        inv_freq, factor = rope_frequencies_per_row(self.ir.attention, positions)
+        key = inv_freq.tobytes() + bytes(inv_freq.shape)
+        if self._frequencies is None or self._frequencies[0] != key:  # only dynamic NTK scaling changes them
+            self._frequencies = (key, self._put(inv_freq))
+        return self._frequencies[1], factor
+
+    def _put(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+
+    def run(self, step: StepTensors, cache: TorchCache) -> torch.Tensor:
+        """The device side of a forward pass: head outputs in the compute dtype, the cache written.
+
+        It uploads nothing and reads no host value of the step (`past`), so with ops that do neither
+        (`TritonOps`) a CUDA graph can capture it and replay it on new contents of the same step tensors.
+        """
+        rotary = self._rotary(step) if step.inv_freq is not None else None
+        x = self.ops.embed(step.input_ids, self.params.embed, self.embed_scale, self.params.embed_norm)
+        delta = None
+        for index, layer in enumerate(self.params.layers):
+            x, delta = self._block(x, delta, layer, cache, index, step, rotary)
+        _, x = self.ops.add_norm(x, delta, self.params.final_norm)
+        if step.gather is not None:
+            x = self.ops.gather(x, step.gather)
+        return self.ops.linear(x, self.params.head, self.params.head_bias)
+
+    def _block(self, x: torch.Tensor, delta: torch.Tensor | None, layer: LayerParams, cache: TorchCache, index: int,
+               step: StepTensors, rotary: tuple[torch.Tensor, torch.Tensor] | None,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer on the residual stream `x + delta`; returns the next (residual, delta) pair, so that each
+        residual add happens inside the norm that follows it."""
         block = self.ir.block
-        normed = self.ops.norm(x, layer.attn_norm)
+        x, normed = self.ops.add_norm(x, delta, layer.attn_norm)
         residual = normed if block.residual_from_normed else x
-        x = residual + self._attention(normed, layer, cache, index, past, bias, rotary)
-        normed = self.ops.norm(x, layer.mlp_norm)
+        attended = self._attention(normed, layer, cache, index, step, rotary)
+        x, normed = self.ops.add_norm(residual, attended, layer.mlp_norm)
         residual = normed if block.residual_from_normed else x
         hidden = self.ops.activation(self.ops.linear(normed, layer.up, layer.up_bias), block.mlp)
-        return residual + self.ops.linear(hidden, layer.down, layer.down_bias)
+        return residual, self.ops.linear(hidden, layer.down, layer.down_bias)
 
-    def _attention(self, x: torch.Tensor, layer: LayerParams, cache: TorchCache, index: int, past: int,
-                   bias: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def _attention(self, x: torch.Tensor, layer: LayerParams, cache: TorchCache, index: int, step: StepTensors,
+                   rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         attn = self.ir.attention
-        batch, new, _ = x.shape
-        qkv = self.ops.linear(x, layer.qkv, layer.qkv_bias)
-        q_size, kv_size = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
-        q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
-        q = q.view(batch, new, attn.num_heads, attn.head_dim).transpose(1, 2)
-        k = k.view(batch, new, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
-        v = v.view(batch, new, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
-        if rotary is not None:
-            q, k = self.ops.rope(q, *rotary, attn), self.ops.rope(k, *rotary, attn)
-        end = past + new
-        cache.keys[index][:, :, past:end] = k
-        cache.values[index][:, :, past:end] = v
-        out = self.ops.attention(q, cache.keys[index][:, :, :end], cache.values[index][:, :, :end], bias, attn)
-        out = out.transpose(1, 2).reshape(batch, new, q_size)
+        keys, values = cache.keys[index], cache.values[index]
+        q = self.ops.rope_and_cache(self.ops.linear(x, layer.qkv, layer.qkv_bias), keys, values, rotary, step, attn)
+        out = self.ops.attention(q, keys, values, step, attn)
         return self.ops.linear(out, layer.out, layer.out_bias)
 
-    def _attention_bias(self, positions: torch.Tensor, mask: torch.Tensor, past: int, new: int) -> torch.Tensor:
-        """Additive bias [batch, 1|heads, new, keys]: ALiBi on visible keys, the dtype's minimum elsewhere."""
-        keys = mask.shape[1]
-        causal = torch.arange(keys, device=self.device)[None, :] <= (past + torch.arange(new, device=self.device))[:, None]
-        visible = (mask[:, None, :] & causal[None]).unsqueeze(1)
-        if self.alibi is None:
-            bias = torch.zeros((), dtype=torch.float32, device=self.device)
-        else:
-            distance = (positions[:, None, :] - positions[:, past:, None]).float()
-            bias = self.alibi[None, :, None, None] * distance[:, None]
-        floor = torch.finfo(self.torch_dtype).min
-        return torch.where(visible, bias, floor).to(self.torch_dtype)
-
-    def _rotary(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin [batch, 1, new, rotary_dim / 2] in the compute dtype for query `positions`."""
-        inv_freq, factor = rope_frequencies_per_row(self.ir.attention, positions)
-        angles = (torch.from_numpy(positions).to(self.device).float()[..., None]
-                  * torch.from_numpy(inv_freq).to(self.device)[:, None, :])
-        cos, sin = angles.cos() * factor, angles.sin() * factor
-        return cos.to(self.torch_dtype)[:, None], sin.to(self.torch_dtype)[:, None]
+    def _rotary(self, step: StepTensors) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [batch, new, rotary_dim / 2], float32, for the new tokens' positions."""
+        angles = step.new_positions.float()[..., None] * step.inv_freq[:, None, :]
+        return angles.cos() * step.rope_factor, angles.sin() * step.rope_factor
