@@ -228,8 +228,30 @@ class Head:
 
 
 @dataclass(frozen=True)
+class Quantization:
+    """Weight-only quantization of the block and head matrices (embeddings and norms stay as they are).
+
+    Symmetric per-group scales over `group_size` consecutive input features (None: one scale per output row).
+    Activations keep the compute dtype; each backend picks its own storage layout.
+    """
+
+    bits: Literal[8, 4]
+    group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.bits in (8, 4), f"quantization bits must be 8 or 4, got {self.bits!r}")
+        _require(self.bits == 8 or self.group_size is not None, "int4 quantization needs a group size")
+        if self.group_size is not None:
+            _positive_int(self.group_size, "quantization group size")
+
+
+QUANTIZATIONS: dict[str, Quantization] = {"int8": Quantization(8), "int4": Quantization(4, group_size=32)}
+
+
+@dataclass(frozen=True)
 class ModelIR:
-    """A whole decoder: embedding, `num_layers` identical blocks, final norm, task head."""
+    """A whole decoder: embedding, `num_layers` identical blocks, final norm, task head, and how its weights
+    are quantized at load (None: kept as they are)."""
 
     family: str
     embedding: Embedding
@@ -238,6 +260,7 @@ class ModelIR:
     final_norm: Norm
     head: Head
     max_positions: int
+    quantization: Quantization | None = None
 
     def __post_init__(self) -> None:
         _positive_int(self.num_layers, "num_hidden_layers")

@@ -9,7 +9,7 @@ from .backend import DTYPES
 from .config import ConfigView
 from .hub import resolve_model
 from .errors import BackendError, TaskError, WeightsError
-from .ir import TASKS, ModelIR
+from .ir import QUANTIZATIONS, TASKS, ModelIR
 from .model import Model
 from .registry import registry
 from .tokenizer import Tokenizer
@@ -24,11 +24,13 @@ _ARCHITECTURE_SUFFIXES = {
 }
 
 
-def load(path: str | Path, *, backend: str = "auto", task: str | None = None, dtype: str | None = None) -> Model:
+def load(path: str | Path, *, backend: str = "auto", task: str | None = None, dtype: str | None = None,
+         quantize: str | None = None) -> Model:
     """Load a Hugging Face–format checkpoint: a directory, or a Hub repo id in the local HF cache.
 
     `task` defaults to what the checkpoint's `architectures` entry says (causal LM when it says nothing);
-    `dtype=None` keeps the checkpoint's dtype. Nothing in the directory is written.
+    `dtype=None` keeps the checkpoint's dtype. `quantize` ("int8" or "int4") stores the block and head
+    matrices as weight-only integers with per-group scales. Nothing in the directory is written.
     """
     directory = resolve_model(path)
     config = ConfigView.from_dir(directory)
@@ -42,8 +44,12 @@ def load(path: str | Path, *, backend: str = "auto", task: str | None = None, dt
                         f"{', '.join(family.tasks)}")
     if dtype is not None and dtype not in DTYPES:
         raise BackendError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise BackendError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZATIONS)}")
     chosen = plugins.backend(backend)
     ir = family.to_ir(config, task)
+    if quantize is not None:
+        ir = replace(ir, quantization=QUANTIZATIONS[quantize])
     checkpoint = Checkpoint(directory)
     _check_layer_count(ir, checkpoint, config)
     others = {t: m for t, m in family.head_names.items() if t != task and m != family.head_names[task]}
