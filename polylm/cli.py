@@ -79,6 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--chat-template", default=None, metavar="FILE", help="a Jinja chat template to use")
     chat.set_defaults(handler=_chat)
 
+    bench = commands.add_parser("bench", help="measure load time, time to first token, prefill/decode speed",
+                                formatter_class=_formatter,
+                                epilog="example:\n  polylm bench --model ./gemma-2b --dtype bfloat16 --quantize int8")
+    _add_model_options(bench)
+    bench.add_argument("--quantize", default=None, choices=["int8", "int4"], help="weight-only quantization")
+    bench.add_argument("--prompt-tokens", type=int, default=128, metavar="N")
+    bench.add_argument("--new-tokens", type=int, default=64, metavar="N")
+    bench.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (OMP_NUM_THREADS)")
+    bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    bench.set_defaults(handler=_bench)
+
     plugins = commands.add_parser("plugins", help="list plugins: families, backends, and failures",
                                   formatter_class=_formatter, epilog="example:\n  polylm plugins")
     plugins.set_defaults(handler=_plugins)
@@ -152,6 +163,30 @@ def _chat(args: argparse.Namespace) -> None:
         sys.stdout.write("assistant> ")
         reply = _write_stream(model.chat(messages, template=template, stream=True, **_sampling(args)))
         messages.append({"role": "assistant", "content": reply})
+
+
+def _bench(args: argparse.Namespace) -> None:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise InputError(f"--threads must be ≥ 1, got {args.threads}")
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # read by the frameworks when they start
+    for name in ("prompt_tokens", "new_tokens"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
+    from .bench import bench
+
+    result = bench(args.model, backend=args.backend, dtype=args.dtype, quantize=args.quantize,
+                   prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens)
+    if args.json:
+        print(json.dumps(result.as_dict()))
+        return
+    print(f"backend {result.backend}, {result.dtype}{', ' + args.quantize if args.quantize else ''}: "
+          f"prompt {result.prompt_tokens} tokens, {result.new_tokens} new")
+    print(f"load            {result.load_s:8.2f} s")
+    print(f"first token     {result.ttft_s * 1000:8.1f} ms")
+    print(f"prefill         {result.prefill_tok_s:8.1f} tok/s")
+    print(f"decode          {result.decode_tok_s:8.1f} tok/s")
+    print(f"peak RSS        {result.peak_rss_mb:8.0f} MB")
 
 
 def _plugins(args: argparse.Namespace) -> None:

@@ -1,0 +1,107 @@
+"""Side-by-side CPU benchmark: polylm (torch backend; bf16, int8, int4) against transformers bf16, and
+llama-cpp-python / mlx-lm when installed — same checkpoint, prompt, token counts and threads, one run.
+
+    python benchmarks/bench_cpu.py [--model gemma-bench|bloom-bench] [--threads 2] [--prompt-tokens 128]
+                                   [--new-tokens 64] [--write RESULTS.md]
+
+Each engine runs in its own process (so peak RSS and thread pools don't mix); ratios are against
+transformers bf16 in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from models import CONFIGS, build  # noqa: E402
+
+TRANSFORMERS_RUN = """
+import json, resource, sys, time
+import numpy as np, torch, transformers
+path, prompt_tokens, new_tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+start = time.perf_counter()
+model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+load_s = time.perf_counter() - start
+vocab = model.config.vocab_size
+ids = torch.tensor([np.random.default_rng(0).integers(3, vocab, prompt_tokens).tolist()])
+kwargs = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+with torch.inference_mode():
+    model.generate(ids[:, :8], max_new_tokens=4, min_new_tokens=4, **kwargs)
+    start = time.perf_counter()
+    model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
+    ttft = time.perf_counter() - start
+    start = time.perf_counter()
+    model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+    total = time.perf_counter() - start
+print(json.dumps(dict(load_s=load_s, ttft_s=ttft, prefill_tok_s=prompt_tokens / ttft,
+                      decode_tok_s=(new_tokens - 1) / (total - ttft),
+                      peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)))
+"""
+
+
+def run(command: list[str], threads: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "POLYLM_QUIET": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600)
+    if result.returncode != 0:
+        return {"error": (result.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def polylm_run(path: Path, args, quantize: str | None = None, dtype: str = "bfloat16") -> dict:
+    command = [sys.executable, "-m", "polylm", "bench", "--model", str(path), "--backend", "torch", "--dtype", dtype,
+               "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), "--json"]
+    return run(command + (["--quantize", quantize] if quantize else []), args.threads)
+
+
+def cpu_description() -> str:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")), "?")
+    isa = "AVX-512 BF16" if "avx512_bf16" in flags else "AVX-512" if "avx512f" in flags else "AVX2"
+    return f"{model} ({isa}), {os.cpu_count()} cores"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="gemma-bench", choices=sorted(CONFIGS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--write", default=None, metavar="FILE", help="append the table to this Markdown file")
+    args = parser.parse_args()
+    path = build(args.model)
+    rows = {"transformers bf16": run([sys.executable, "-c", TRANSFORMERS_RUN, str(path), str(args.prompt_tokens),
+                                      str(args.new_tokens)], args.threads)}
+    rows["polylm bf16"] = polylm_run(path, args)
+    rows["polylm fp32 compute"] = polylm_run(path, args, dtype="float32")
+    rows["polylm int8"] = polylm_run(path, args, "int8")
+    rows["polylm int4"] = polylm_run(path, args, "int4")
+    base = rows["transformers bf16"]
+    lines = [f"### {args.model}, {args.threads} threads, prompt {args.prompt_tokens}, {args.new_tokens} new tokens",
+             "", f"{cpu_description()}; {time.strftime('%Y-%m-%d')}; `python benchmarks/bench_cpu.py --model "
+             f"{args.model} --threads {args.threads}`", "",
+             "| engine | load s | TTFT ms | prefill tok/s | decode tok/s | prefill × | decode × | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, row in rows.items():
+        if "error" in row:
+            lines.append(f"| {name} | error: {row['error']} | | | | | | |")
+            continue
+        ratio = (lambda key: f"{row[key] / base[key]:.2f}") if "error" not in base else (lambda key: "?")
+        lines.append(f"| {name} | {row['load_s']:.2f} | {row['ttft_s'] * 1000:.0f} | {row['prefill_tok_s']:.0f} | "
+                     f"{row['decode_tok_s']:.1f} | {ratio('prefill_tok_s')} | {ratio('decode_tok_s')} | "
+                     f"{row['peak_rss_mb']:.0f} |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.write:
+        with open(args.write, "a", encoding="utf-8") as handle:
+            handle.write("\n" + table)
+
+
+if __name__ == "__main__":
+    main()

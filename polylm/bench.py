@@ -1,0 +1,60 @@
+"""`polylm bench`: load time, time to first token, prefill and decode speed, peak memory — on any backend."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .generation import Sampling, decode_batch
+from .loading import load
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    load_s: float
+    ttft_s: float
+    prefill_tok_s: float
+    decode_tok_s: float
+    peak_rss_mb: float
+    prompt_tokens: int
+    new_tokens: int
+    backend: str
+    dtype: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def bench(path: str, *, backend: str = "auto", dtype: str | None = None, quantize: str | None = None,
+          prompt_tokens: int = 128, new_tokens: int = 64, warmup: bool = True) -> BenchResult:
+    """Measure one greedy generation of `new_tokens` after a random `prompt_tokens`-token prompt (batch 1).
+
+    eos is ignored so every run decodes the same number of tokens. Prefill speed is prompt tokens over the
+    time to the first token; decode speed is the remaining tokens over their time.
+    """
+    start = time.perf_counter()
+    model = load(path, backend=backend, dtype=dtype, quantize=quantize)
+    load_s = time.perf_counter() - start
+    prompt = np.random.default_rng(0).integers(3, model.ir.embedding.vocab_size, prompt_tokens).tolist()
+    sampling = Sampling(max_new_tokens=new_tokens)
+    if warmup:
+        for _ in decode_batch(model.runtime, [prompt[:8]], Sampling(max_new_tokens=4), (), 16):
+            pass
+    start = time.perf_counter()
+    steps = decode_batch(model.runtime, [prompt], sampling, (), prompt_tokens + new_tokens)
+    next(steps)
+    ttft = time.perf_counter() - start
+    count = sum(1 for _ in steps)
+    decode_s = time.perf_counter() - start - ttft
+    return BenchResult(load_s, ttft, prompt_tokens / ttft, count / decode_s if count else 0.0, peak_rss_mb(),
+                       prompt_tokens, count + 1, model.backend, model.dtype)
