@@ -1,0 +1,254 @@
+"""Compiled CPU matrix-vector kernels for the decode path (batch 1 / few rows) of the torch backend.
+
+Decode at batch 1 is bound by the bytes of weight read per token. These layers repack a linear layer's
+weight once, at load, into blocks of 16 output rows that each form one contiguous stream (layout in
+``_layout.py``), and run a hand-written AVX-512 or AVX2 kernel that keeps several such streams in flight per
+thread on torch's own OpenMP pool. ``x`` with at most ``max_kernel_rows`` rows (default 4) goes through the
+kernel with fp32 accumulation; larger ``x`` (prefill) goes through a tiled path that dequantizes/unpacks about
+2 MB of the packed weight at a time into a cache-resident transposed tile and multiplies it with ``at::mm``
+(fp32, or bf16 where the CPU has AVX512-BF16 and the weight is bf16 or quantized).
+
+Memory: the packed copy *replaces* the original weight. A :class:`PackedLinear` keeps no reference to the
+tensor it was built from (drop yours and its memory is freed); the only extra storage is row padding to a
+multiple of 16 and K padding to 2 (bf16/fp16) — prefill reads the same packed bytes, so there is never a
+second full-size copy. bf16 and fp16 weights stay 2 bytes per value (fp16 is *not* rounded to bf16: it is
+converted exactly with F16C); fp32 stays fp32. :class:`Int8Linear` stores 1 byte per weight plus one fp32
+scale per row or per group; :class:`Int4Linear` stores half a byte per weight plus bf16 scale (and min) per
+group. Only when the extension is unavailable do the layers keep the original (or plainly quantized) tensors
+and use stock torch ops: ``F.linear`` for :class:`PackedLinear`, dequantize + ``F.linear`` for the others.
+
+Numerics: the float kernels accumulate in fp32 (relative error vs an fp32 reference with the same weights is
+~1e-6). The int8/int4 kernels multiply exactly in integers: on AVX-512 (VNNI) each activation row is turned
+into a 24-bit fixed-point number (three signed byte digits, one scale per row) and dotted with ``vpdpbusd``;
+on AVX2 weights are converted to fp32 in registers. Both agree with ``F.linear(x, layer.dequantize())`` to
+~1e-6 relative.
+
+Environment: ``POLYLM_GEMV_ISA`` = ``auto`` | ``avx512`` | ``avx2`` | ``none`` picks the code path of layers
+built afterwards; ``POLYLM_CACHE_DIR`` moves the build cache; ``POLYLM_GEMV_VERBOSE=1`` shows the compiler.
+The layers are for inference: they do not record autograd history.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from . import _build, _layout
+
+__all__ = ["available", "PackedLinear", "Int8Linear", "Int4Linear"]
+
+_QUANT_KIND = {"int8": 0, "int4_sym": 1, "int4_asym": 2}
+_warned = False
+
+
+def available() -> tuple[bool, str]:
+    """Whether the compiled kernels can be used here (building them on first call), and why not if not."""
+    module, isa, reason = _build.select_isa()
+    return (module is not None and isa is not None), reason
+
+
+def _warn_fallback(reason: str) -> None:
+    """One warning per process when layers fall back to stock torch ops for a reason the user did not ask for."""
+    global _warned
+    if not _warned and not reason.startswith("disabled by"):
+        _warned = True
+        warnings.warn(f"polylm cpu_gemv kernels unavailable, using stock torch ops: {reason}", stacklevel=3)
+
+
+def _check_weight(weight: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> None:
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"weight must be a 2-D [out_features, in_features] tensor, got {type(weight).__name__} "
+                         f"of shape {tuple(getattr(weight, 'shape', ()))}")
+    if weight.dtype not in dtypes:
+        raise TypeError(f"weight dtype must be one of {dtypes}, got {weight.dtype}")
+    if weight.device.type != "cpu":
+        raise ValueError(f"weight must be on the CPU, got {weight.device}")
+
+
+def _check_bias(bias: torch.Tensor | None, out_features: int) -> torch.Tensor | None:
+    if bias is None:
+        return None
+    if bias.shape != (out_features,):
+        raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+    return bias.detach().float().contiguous()
+
+
+class _KernelLinear:
+    """Shared shell: the compiled implementation (``_impl``) or a stock-torch fallback."""
+
+    in_features: int
+    out_features: int
+    isa: str  # "avx512", "avx2", or "torch" when falling back
+    _impl: object | None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T + b`` for x of shape [..., in_features]; returns x's dtype."""
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"{type(self).__name__}: input has last dimension "
+                             f"{x.shape[-1] if x.dim() else None}, expected {self.in_features}")
+        if self._impl is not None:
+            return self._impl(x)
+        return self._fallback(x)
+
+    def _fallback(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(in_features={self.in_features}, out_features={self.out_features}, "
+                f"isa={self.isa!r})")
+
+
+def _linear_fp32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear with fp32 accumulation semantics, cast back to x's dtype."""
+    with torch.no_grad():
+        if x.dtype == weight.dtype:
+            return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+        y = F.linear(x.float(), weight.float(), bias)
+        return y.to(x.dtype)
+
+
+class PackedLinear(_KernelLinear):
+    """A linear layer whose bf16/fp16/fp32 weight is repacked once for the small-M kernel.
+
+    Args:
+        weight: [out_features, in_features] bf16, fp16 or fp32 CPU tensor.
+        bias: optional [out_features] tensor (kept in fp32).
+        max_kernel_rows: inputs with at most this many rows use the kernel (in passes of up to 4 rows);
+            larger ones use the tiled unpack + matmul path.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, max_kernel_rows: int = 4) -> None:
+        _check_weight(weight, (torch.bfloat16, torch.float16, torch.float32))
+        self.out_features, self.in_features = weight.shape
+        self.dtype = weight.dtype
+        bias32 = _check_bias(bias, self.out_features)
+        module, isa, reason = _build.select_isa()
+        if module is None or isa is None:
+            self.isa, self._impl = "torch", None
+            self._weight, self._bias = weight.detach(), bias32
+            _warn_fallback(reason)
+            return
+        self.isa = isa
+        packed = _layout.pack_float(weight.detach())
+        self._impl = module.FloatGemv(packed, self.out_features, self.in_features, bias32, _build.ISA_CODES[isa],
+                                      max_kernel_rows)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The [out_features, in_features] weight in its original dtype (unpacked: a new tensor)."""
+        if self._impl is None:
+            return self._weight
+        return self._impl.unpacked().to(self.dtype)
+
+    def _fallback(self, x: torch.Tensor) -> torch.Tensor:
+        return _linear_fp32(x, self._weight, self._bias)
+
+
+class _QuantLinear(_KernelLinear):
+    """Shared construction of the weight-only quantized layers from plainly laid out quantized tensors."""
+
+    def _setup(self, kind: str, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+               group_size: int, bias: torch.Tensor | None, max_kernel_rows: int) -> None:
+        self.out_features, self.in_features = q.shape
+        self.group_size = group_size
+        bias32 = _check_bias(bias, self.out_features)
+        module, isa, reason = _build.select_isa()
+        if module is None or isa is None:
+            self.isa, self._impl = "torch", None
+            self._plain = (q, scales, mins)
+            self._bias = bias32
+            _warn_fallback(reason)
+            return
+        self.isa = isa
+        packed_q = (_layout.pack_int8 if kind == "int8" else _layout.pack_int4)(q, group_size)
+        packed_mins = None if mins is None else _layout.pack_group_params(mins)
+        self._impl = module.QuantGemv(packed_q, _layout.pack_group_params(scales), packed_mins, _QUANT_KIND[kind],
+                                      group_size, self.out_features, self.in_features, bias32,
+                                      _build.ISA_CODES[isa], max_kernel_rows)
+
+    def dequantize(self) -> torch.Tensor:
+        """The dequantized [out_features, in_features] weight in fp32 (the exact values the layer computes with)."""
+        if self._impl is not None:
+            return self._impl.unpacked()
+        return self._dequantize_plain(*self._plain)
+
+    def _dequantize_plain(self, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _fallback(self, x: torch.Tensor) -> torch.Tensor:
+        return _linear_fp32(x, self.dequantize(), self._bias)
+
+
+class Int8Linear(_QuantLinear):
+    """Weight-only int8 linear layer: ``w = q * scale``, one fp32 scale per output row or per row and group.
+
+    Args:
+        qweight: [out_features, in_features] int8 in [-127, 127] (or -128).
+        scales: [out_features, groups] fp32; groups = 1 for per-channel scales.
+        bias: optional [out_features].
+        group_size: inputs per group (a multiple of 16), or None for per-channel scales.
+        max_kernel_rows: as for :class:`PackedLinear`.
+    """
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
+                 group_size: int | None = None, *, max_kernel_rows: int = 4) -> None:
+        _check_weight(qweight, (torch.int8,))
+        group = _layout.int8_group_size(qweight.shape[1], group_size)
+        groups = -(-qweight.shape[1] // group)
+        if scales.shape != (qweight.shape[0], groups):
+            raise ValueError(f"scales must have shape {(qweight.shape[0], groups)}, got {tuple(scales.shape)}")
+        self._setup("int8", qweight.detach(), scales.detach().float().contiguous(), None, group, bias,
+                    max_kernel_rows)
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, group_size: int | None = None,
+                   *, max_kernel_rows: int = 4) -> Int8Linear:
+        """Quantize a float [out_features, in_features] weight symmetrically (absmax / 127)."""
+        _check_weight(weight, (torch.bfloat16, torch.float16, torch.float32))
+        q, scales = _layout.quantize_int8(weight.detach(), group_size)
+        return cls(q, scales, bias, group_size, max_kernel_rows=max_kernel_rows)
+
+    def _dequantize_plain(self, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None) -> torch.Tensor:
+        return _layout.dequantize_int8(q, scales, self.group_size)
+
+
+class Int4Linear(_QuantLinear):
+    """Weight-only int4 linear layer with bf16 group parameters: ``w = (q - 8) * scale`` (symmetric) or
+    ``w = q * scale + min`` (asymmetric), q in 0..15.
+
+    Args:
+        qweight: [out_features, in_features] uint8 holding values 0..15.
+        scales: [out_features, groups] (stored as bf16).
+        mins: [out_features, groups] for asymmetric quantization, None for symmetric.
+        bias: optional [out_features].
+        group_size: inputs per group, a multiple of 16 (32..128 usual).
+        max_kernel_rows: as for :class:`PackedLinear`.
+    """
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None, group_size: int = 32, *, max_kernel_rows: int = 4) -> None:
+        _check_weight(qweight, (torch.uint8,))
+        groups = -(-qweight.shape[1] // group_size)
+        for name, p in (("scales", scales), ("mins", mins)):
+            if p is not None and p.shape != (qweight.shape[0], groups):
+                raise ValueError(f"{name} must have shape {(qweight.shape[0], groups)}, got {tuple(p.shape)}")
+        if qweight.numel() and int(qweight.max()) > 15:
+            raise ValueError(f"int4 qweight values must be in 0..15, found {int(qweight.max())}")
+        _layout.check_group(group_size)
+        scales = scales.detach().to(torch.bfloat16).contiguous()
+        mins = None if mins is None else mins.detach().to(torch.bfloat16).contiguous()
+        kind = "int4_sym" if mins is None else "int4_asym"
+        self._setup(kind, qweight.detach(), scales, mins, group_size, bias, max_kernel_rows)
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, group_size: int = 32,
+                   symmetric: bool = True, *, max_kernel_rows: int = 4) -> Int4Linear:
+        """Quantize a float [out_features, in_features] weight group-wise (see :func:`_layout.quantize_int4`)."""
+        _check_weight(weight, (torch.bfloat16, torch.float16, torch.float32))
+        q, scales, mins = _layout.quantize_int4(weight.detach(), group_size, symmetric)
+        return cls(q, scales, mins, bias, group_size, max_kernel_rows=max_kernel_rows)
+
+    def _dequantize_plain(self, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None) -> torch.Tensor:
+        return _layout.dequantize_int4(q, scales, mins, self.group_size)

@@ -1,0 +1,172 @@
+"""Weight quantization and the 16-row block layout of the compiled kernels, in plain torch.
+
+A packed weight is cut into blocks of 16 output rows (rows padded with zeros to a multiple of 16). Each block
+is one contiguous run of 64-byte chunks; chunk ``c`` holds 4 bytes of every row of the block, in row order:
+
+- bf16: the pair ``(k=2c, k=2c+1)`` of each row (a 32-bit lane per row, split by shift/mask in the kernel);
+- fp16: ``k=2c`` for rows 0..15, then ``k=2c+1`` for rows 0..15 (so ``vcvtph2ps`` yields a vector of rows);
+- fp32: ``k=c`` of each row;
+- int8: ``k=4c..4c+3`` of each row, stored as ``q + 128`` (unsigned, as ``vpdpbusd`` wants it);
+- int4: ``k=8c..8c+7`` of each row, byte ``i`` = ``q[8c+i] | q[8c+4+i] << 4`` with ``q`` in 0..15.
+
+Group parameters (scales, mins) are stored ``[block, group, 16 rows]``. The functions here are the single
+definition of that layout (the C++ side only reads it) and of the quantization math, which also serves as the
+reference in the tests and as the fallback when the extension is unavailable.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ROWS_PER_BLOCK = 16
+CHUNK_BYTES = 64
+# Group sizes must be a multiple of this (the activation preparation works in 16-lane steps).
+GROUP_MULTIPLE = 16
+
+
+def round_up(value: int, multiple: int) -> int:
+    """The smallest multiple of ``multiple`` that is >= ``value``."""
+    return (value + multiple - 1) // multiple * multiple
+
+
+def _pad(t: torch.Tensor, rows: int, cols: int, value: float = 0.0) -> torch.Tensor:
+    return F.pad(t, (0, cols - t.shape[1], 0, rows - t.shape[0]), value=value)
+
+
+def _blocked(t: torch.Tensor) -> torch.Tensor:
+    """[N_pad, ...] -> [N_pad / 16, 16, ...]."""
+    return t.reshape(t.shape[0] // ROWS_PER_BLOCK, ROWS_PER_BLOCK, *t.shape[1:])
+
+
+# ---------------------------------------------------------------------------------------------- float weights
+def float_chunk_k(dtype: torch.dtype) -> int:
+    """k-values per 64-byte chunk row: 1 for fp32, 2 for bf16/fp16."""
+    return 1 if dtype == torch.float32 else 2
+
+
+def pack_float(weight: torch.Tensor) -> torch.Tensor:
+    """Repack an [N, K] bf16/fp16/fp32 weight into [N_pad/16, chunks, 64 bytes] of the same dtype."""
+    n, k = weight.shape
+    kk = float_chunk_k(weight.dtype)
+    w = _pad(weight, round_up(n, ROWS_PER_BLOCK), round_up(k, kk))
+    w = _blocked(w).reshape(-1, ROWS_PER_BLOCK, w.shape[1] // kk, kk)  # [nb, 16, chunks, kk]
+    order = (0, 2, 3, 1) if weight.dtype == torch.float16 else (0, 2, 1, 3)
+    w = w.permute(*order).contiguous()
+    return w.reshape(w.shape[0], w.shape[1], ROWS_PER_BLOCK * kk)
+
+
+def unpack_float(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Inverse of :func:`pack_float`: the [N, K] weight."""
+    kk = float_chunk_k(packed.dtype)
+    nb, chunks = packed.shape[:2]
+    if packed.dtype == torch.float16:
+        w = packed.reshape(nb, chunks, kk, ROWS_PER_BLOCK).permute(0, 3, 1, 2)
+    else:
+        w = packed.reshape(nb, chunks, ROWS_PER_BLOCK, kk).permute(0, 2, 1, 3)
+    return w.reshape(nb * ROWS_PER_BLOCK, chunks * kk)[:n, :k]
+
+
+# ------------------------------------------------------------------------------------------ quantized weights
+def _grouped(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """fp32 [N, K] -> [N, groups, group_size]; the last group is padded by repeating its last value so that
+    padding changes neither the group's range nor its scale."""
+    n, k = weight.shape
+    k_pad = round_up(k, group_size)
+    w = weight.float()
+    if k_pad != k:
+        w = F.pad(w[None], (0, k_pad - k), mode="replicate")[0]
+    return w.reshape(n, k_pad // group_size, group_size)
+
+
+def check_group(group_size: int) -> None:
+    """Raise ValueError unless group_size is a positive multiple of GROUP_MULTIPLE."""
+    if group_size <= 0 or group_size % GROUP_MULTIPLE:
+        raise ValueError(f"group_size must be a positive multiple of {GROUP_MULTIPLE}, got {group_size}")
+
+
+def int8_group_size(k: int, group_size: int | None) -> int:
+    """The group size actually used: per-output-channel (``None``) means one group of K rounded up to 16."""
+    return round_up(k, GROUP_MULTIPLE) if group_size is None else group_size
+
+
+def quantize_int8(weight: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8: ``w ~= q * scale`` with q in [-127, 127] and one fp32 scale per row (``group_size=None``)
+    or per row and group of ``group_size`` inputs. Returns ``(q [N, K] int8, scales [N, groups] fp32)``."""
+    k = weight.shape[1]
+    group = int8_group_size(k, group_size)
+    check_group(group)
+    w = _grouped(weight, group)
+    scales = w.abs().amax(dim=-1) / 127.0
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    q = torch.round(w / safe[..., None]).clamp_(-127, 127).to(torch.int8)
+    return q.reshape(q.shape[0], -1)[:, :k].contiguous(), scales
+
+
+def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """fp32 [N, K] weight of :func:`quantize_int8` output (``group_size`` as from :func:`int8_group_size`)."""
+    n, k = q.shape
+    w = _grouped(q, group_size) * scales[..., None]
+    return w.reshape(n, -1)[:, :k]
+
+
+def quantize_int4(
+    weight: torch.Tensor, group_size: int = 32, symmetric: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Group-wise int4 with bf16 group parameters. Symmetric: ``w ~= (q - 8) * scale``, scale = absmax / 7;
+    asymmetric: ``w ~= q * scale + min`` over the group's [min, max]. q in 0..15.
+    Returns ``(q [N, K] uint8, scales [N, groups] bf16, mins [N, groups] bf16 or None)``."""
+    check_group(group_size)
+    k = weight.shape[1]
+    w = _grouped(weight, group_size)
+    if symmetric:
+        scales = (w.abs().amax(dim=-1) / 7.0).to(torch.bfloat16)
+        s = scales.float()
+        safe = torch.where(s > 0, s, torch.ones_like(s))
+        q = torch.round(w / safe[..., None]).clamp_(-8, 7) + 8
+        mins = None
+    else:
+        lo, hi = w.amin(dim=-1), w.amax(dim=-1)
+        scales = ((hi - lo) / 15.0).to(torch.bfloat16)
+        mins = lo.to(torch.bfloat16)
+        s = scales.float()
+        safe = torch.where(s > 0, s, torch.ones_like(s))
+        q = torch.round((w - mins.float()[..., None]) / safe[..., None]).clamp_(0, 15)
+    q = q.to(torch.uint8).reshape(q.shape[0], -1)[:, :k].contiguous()
+    return q, scales, mins
+
+
+def dequantize_int4(
+    q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, group_size: int
+) -> torch.Tensor:
+    """fp32 [N, K] weight of :func:`quantize_int4` output."""
+    n, k = q.shape
+    w = _grouped(q, group_size)
+    if mins is None:
+        w = (w - 8.0) * scales.float()[..., None]
+    else:
+        w = w * scales.float()[..., None] + mins.float()[..., None]
+    return w.reshape(n, -1)[:, :k]
+
+
+def pack_int8(q: torch.Tensor, group_size: int) -> torch.Tensor:
+    """int8 [N, K] -> [N_pad/16, K_pad/4, 64] uint8 holding ``q + 128`` (K_pad: multiple of the group)."""
+    n, k = q.shape
+    u = (_pad(q, round_up(n, ROWS_PER_BLOCK), round_up(k, group_size)).to(torch.int16) + 128).to(torch.uint8)
+    u = _blocked(u).reshape(-1, ROWS_PER_BLOCK, u.shape[1] // 4, 4).permute(0, 2, 1, 3).contiguous()
+    return u.reshape(u.shape[0], u.shape[1], CHUNK_BYTES)
+
+
+def pack_int4(q: torch.Tensor, group_size: int) -> torch.Tensor:
+    """uint8 [N, K] in 0..15 -> [N_pad/16, K_pad/8, 64] uint8, two values per byte (see module docstring)."""
+    n, k = q.shape
+    u = _pad(q, round_up(n, ROWS_PER_BLOCK), round_up(k, group_size))
+    u = _blocked(u).reshape(-1, ROWS_PER_BLOCK, u.shape[1] // 8, 2, 4)
+    u = (u[..., 0, :] | (u[..., 1, :] << 4)).permute(0, 2, 1, 3).contiguous()
+    return u.reshape(u.shape[0], u.shape[1], CHUNK_BYTES)
+
+
+def pack_group_params(params: torch.Tensor) -> torch.Tensor:
+    """[N, groups] -> [N_pad/16, groups, 16] (padded rows get zeros)."""
+    p = _pad(params, round_up(params.shape[0], ROWS_PER_BLOCK), params.shape[1])
+    return _blocked(p).permute(0, 2, 1).contiguous()

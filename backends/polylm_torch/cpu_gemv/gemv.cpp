@@ -1,0 +1,403 @@
+// torch side of the polylm cpu_gemv extension: x preparation, threading (at::parallel_for, i.e. torch's own
+// OpenMP pool), the large-M path and the Python bindings. The SIMD kernels are in kernels.cpp.
+#include "kernels.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <algorithm>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+namespace polylm_gemv {
+
+// ----------------------------------------------------------------------------------------------------------
+// Generic driver code (baseline x86-64 target).
+// ----------------------------------------------------------------------------------------------------------
+
+// Per-thread scratch for activations and partial outputs: grows, never shrinks, 64-byte aligned.
+static uint8_t* scratch(size_t bytes) {
+  thread_local std::vector<uint8_t> buf;
+  if (buf.size() < bytes + 64) buf.resize(bytes + 64);
+  const uintptr_t p = reinterpret_cast<uintptr_t>(buf.data());
+  return reinterpret_cast<uint8_t*>((p + 63) & ~uintptr_t(63));
+}
+
+static inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// Runs one kernel pass over all blocks: each thread takes a contiguous range of blocks and walks S sub-ranges
+// of it in lockstep (S long sequential streams); the few leftover blocks go S at a time, the last repeated.
+template <class Args>
+static void run_blocks(void (*kernel)(const Args&, const int64_t*), int streams, const Args& args, int64_t nblocks,
+                       int64_t block_bytes) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t{64} << 10) / std::max<int64_t>(block_bytes, 1));
+  at::parallel_for(0, nblocks, grain, [&](int64_t begin, int64_t end) {
+    const int64_t per = (end - begin) / streams;
+    int64_t blk[kMaxStreams];
+    for (int64_t i = 0; i < per; ++i) {
+      for (int s = 0; s < streams; ++s) blk[s] = begin + s * per + i;
+      kernel(args, blk);
+    }
+    for (int64_t b = begin + streams * per; b < end; b += streams) {
+      for (int s = 0; s < streams; ++s) blk[s] = std::min(b + s, end - 1);
+      kernel(args, blk);
+    }
+  });
+}
+
+// Converts x rows [m0, m0 + rows) to fp32 (zero padded to kpad) in dst.
+static void x_to_fp32(const at::Tensor& x2, int64_t m0, int64_t rows, int64_t K, int64_t kpad, float* dst) {
+  for (int64_t m = 0; m < rows; ++m) {
+    float* d = dst + m * kpad;
+    switch (x2.scalar_type()) {
+      case at::kFloat: std::memcpy(d, x2.const_data_ptr<float>() + (m0 + m) * K, K * sizeof(float)); break;
+      case at::kBFloat16: {
+        const c10::BFloat16* s = x2.const_data_ptr<c10::BFloat16>() + (m0 + m) * K;
+        for (int64_t k = 0; k < K; ++k) d[k] = static_cast<float>(s[k]);
+        break;
+      }
+      case at::kHalf: {
+        const c10::Half* s = x2.const_data_ptr<c10::Half>() + (m0 + m) * K;
+        for (int64_t k = 0; k < K; ++k) d[k] = static_cast<float>(s[k]);
+        break;
+      }
+      default: TORCH_CHECK(false, "polylm cpu_gemv: unsupported activation dtype ", x2.scalar_type());
+    }
+    std::fill(d + K, d + kpad, 0.0f);
+  }
+}
+
+// Writes y rows (fp32, row stride ldy) into out rows [m0, m0 + rows) of an [M, N] tensor of any float dtype.
+static void store_output(const float* y, int64_t ldy, int64_t rows, at::Tensor& out, int64_t m0, int64_t N) {
+  for (int64_t m = 0; m < rows; ++m) {
+    const float* s = y + m * ldy;
+    switch (out.scalar_type()) {
+      case at::kFloat: std::memcpy(out.data_ptr<float>() + (m0 + m) * N, s, N * sizeof(float)); break;
+      case at::kBFloat16: {
+        c10::BFloat16* d = out.data_ptr<c10::BFloat16>() + (m0 + m) * N;
+        for (int64_t n = 0; n < N; ++n) d[n] = c10::BFloat16(s[n]);
+        break;
+      }
+      case at::kHalf: {
+        c10::Half* d = out.data_ptr<c10::Half>() + (m0 + m) * N;
+        for (int64_t n = 0; n < N; ++n) d[n] = c10::Half(s[n]);
+        break;
+      }
+      default: TORCH_CHECK(false, "polylm cpu_gemv: unsupported output dtype ", out.scalar_type());
+    }
+  }
+}
+
+static std::vector<int64_t> out_shape(const at::Tensor& x, int64_t N) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  return shape;
+}
+
+// Shared state and the large-M path of both weight kinds: dequantize a tile of row blocks into a transposed
+// [K, T] matrix (fp32, or bf16 where the CPU multiplies bf16 natively) and multiply it with at::mm.
+class GemvBase {
+ public:
+  GemvBase(at::Tensor packed, int64_t N, int64_t K, std::optional<at::Tensor> bias, int isa, int64_t kernel_rows)
+      : packed_(std::move(packed)), N_(N), K_(K), isa_(isa), kernel_rows_(kernel_rows) {
+    TORCH_CHECK(isa == kIsaAvx2 || isa == kIsaAvx512, "polylm cpu_gemv: unknown isa ", isa);
+    TORCH_CHECK(cpu_has(isa == kIsaAvx512 ? "avx512" : "avx2"), "polylm cpu_gemv: this CPU lacks the requested ISA");
+    TORCH_CHECK(packed_.is_contiguous() && packed_.device().is_cpu(), "polylm cpu_gemv: packed weight must be a contiguous CPU tensor");
+    n_pad_ = round_up(N, kRows);
+    nblocks_ = n_pad_ / kRows;
+    bias_ = at::empty({n_pad_}, at::TensorOptions().dtype(at::kFloat));
+    float* b = bias_.data_ptr<float>();
+    std::fill(b, b + n_pad_, 0.0f);
+    if (bias.has_value() && bias->defined()) {
+      at::Tensor bb = bias->to(at::kFloat).contiguous();
+      TORCH_CHECK(bb.numel() == N, "polylm cpu_gemv: bias has ", bb.numel(), " elements, expected ", N);
+      std::memcpy(b, bb.const_data_ptr<float>(), N * sizeof(float));
+    }
+    native_bf16_ = isa == kIsaAvx512 && cpu_has("avx512bf16");
+    kernels_ = &kernels_for(isa);
+  }
+  virtual ~GemvBase() = default;
+
+  at::Tensor forward(const at::Tensor& x) {
+    TORCH_CHECK(x.device().is_cpu(), "polylm cpu_gemv: input must be on the CPU");
+    TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K_, "polylm cpu_gemv: input has last dimension ",
+                x.dim() ? x.size(-1) : 0, ", expected ", K_);
+    TORCH_CHECK(at::isFloatingType(x.scalar_type()) && x.scalar_type() != at::kDouble,
+                "polylm cpu_gemv: input must be float32, bfloat16 or float16, got ", x.scalar_type());
+    const at::Tensor x2 = x.reshape({-1, K_}).contiguous();
+    const int64_t M = x2.size(0);
+    at::Tensor out = at::empty({M, N_}, x.options());
+    if (M > 0 && N_ > 0) {
+      if (M <= kernel_rows_) {
+        for (int64_t m0 = 0; m0 < M; m0 += kMaxM) small_m(x2, m0, std::min<int64_t>(kMaxM, M - m0), out);
+      } else {
+        large_m(x2, out);
+      }
+    }
+    return out.view(out_shape(x, N_));
+  }
+
+  // The (dequantized) weight as an [N, K] tensor: fp32, or bf16 when it is stored as bf16.
+  at::Tensor unpacked() const {
+    const bool bf16 = stored_bf16();
+    at::Tensor wt = at::empty({K_, n_pad_}, at::TensorOptions().dtype(bf16 ? at::kBFloat16 : at::kFloat));
+    unpack_range(0, nblocks_, wt, bf16);
+    return wt.narrow(1, 0, N_).t().contiguous();
+  }
+
+  int64_t in_features() const { return K_; }
+  int64_t out_features() const { return N_; }
+
+ protected:
+  virtual void small_m(const at::Tensor& x2, int64_t m0, int64_t rows, at::Tensor& out) = 0;
+  virtual UnpackArgs unpack_args() const = 0;
+  virtual UnpackFn unpacker() const = 0;
+  virtual bool stored_bf16() const { return false; }
+  virtual int64_t block_bytes() const = 0;
+
+  void unpack_range(int64_t b0, int64_t b1, at::Tensor& wt, bool bf16) const {
+    UnpackArgs ua = unpack_args();
+    ua.out = wt.data_ptr();
+    ua.ldw = wt.size(1);
+    ua.out_bf16 = bf16;
+    const UnpackFn fn = unpacker();
+    const int64_t grain = std::max<int64_t>(1, (int64_t{64} << 10) / std::max<int64_t>(block_bytes(), 1));
+    at::parallel_for(b0, b1, grain, [&](int64_t b, int64_t e) { fn(ua, b0, b, e); });
+  }
+
+  void large_m(const at::Tensor& x2, at::Tensor& out) {
+    // bf16 arithmetic only where the CPU has it and the weight is exactly representable (bf16 or quantized).
+    const bool bf16 = x2.scalar_type() == at::kBFloat16 && native_bf16_ && bf16_compute_ok();
+    const auto cdt = bf16 ? at::kBFloat16 : at::kFloat;
+    const at::Tensor xc = x2.to(cdt);
+    at::Tensor oc = out.scalar_type() == cdt ? out : at::empty(out.sizes(), out.options().dtype(cdt));
+    const int64_t esize = bf16 ? 2 : 4;
+    const int64_t tile_blocks = std::clamp<int64_t>((int64_t{2} << 20) / (K_ * esize * kRows), 1, nblocks_);
+    at::Tensor wt = at::empty({K_, tile_blocks * kRows}, at::TensorOptions().dtype(cdt));
+    const at::Tensor bias_c = bias_.to(cdt);
+    for (int64_t b0 = 0; b0 < nblocks_; b0 += tile_blocks) {
+      const int64_t b1 = std::min(nblocks_, b0 + tile_blocks);
+      const int64_t n0 = b0 * kRows, n1 = std::min(N_, b1 * kRows);
+      unpack_range(b0, b1, wt, bf16);
+      at::Tensor dst = oc.narrow(1, n0, n1 - n0);
+      at::addmm_out(dst, bias_c.narrow(0, n0, n1 - n0), xc, wt.narrow(1, 0, n1 - n0));
+    }
+    if (!oc.is_same(out)) out.copy_(oc);
+  }
+
+  virtual bool bf16_compute_ok() const = 0;
+
+  at::Tensor packed_, bias_;
+  int64_t N_, K_, n_pad_, nblocks_;
+  int isa_;
+  int64_t kernel_rows_;
+  bool native_bf16_ = false;
+  const Kernels* kernels_ = nullptr;
+};
+
+// Scratch for one kernel pass: x rows padded to the kernel's M with zero rows; y goes straight into `out`
+// when it is fp32, unpadded and every row is real, else into scratch and is converted afterwards.
+struct PassBuffers {
+  uint8_t* x;
+  float* y;
+  int64_t ldy;
+  bool direct;
+};
+
+static PassBuffers pass_buffers(size_t x_bytes, int64_t rows, int mk, at::Tensor& out, int64_t m0, int64_t N,
+                                int64_t n_pad) {
+  const bool direct = out.scalar_type() == at::kFloat && N == n_pad && mk == rows;
+  const size_t xb = static_cast<size_t>(round_up(static_cast<int64_t>(x_bytes), 64));
+  uint8_t* buf = scratch(xb + (direct ? 0 : static_cast<size_t>(mk * n_pad) * sizeof(float)));
+  std::memset(buf, 0, x_bytes);
+  if (direct) return {buf, out.data_ptr<float>() + m0 * N, N, true};
+  return {buf, reinterpret_cast<float*>(buf + xb), n_pad, false};
+}
+
+class FloatGemv : public GemvBase {
+ public:
+  // packed: [NB, nchunks, 64 bytes] of bf16 / fp16 / fp32 (see _layout.pack_float).
+  FloatGemv(at::Tensor packed, int64_t N, int64_t K, std::optional<at::Tensor> bias, int isa, int64_t kernel_rows)
+      : GemvBase(std::move(packed), N, K, std::move(bias), isa, kernel_rows) {
+    switch (packed_.scalar_type()) {
+      case at::kBFloat16: kind_ = kBF16; break;
+      case at::kHalf: kind_ = kF16; break;
+      case at::kFloat: kind_ = kF32; break;
+      default: TORCH_CHECK(false, "polylm cpu_gemv: packed weight dtype ", packed_.scalar_type(), " unsupported");
+    }
+    kpad_ = round_up(K, chunk_k(kind_));
+    nchunks_ = kpad_ / chunk_k(kind_);
+    TORCH_CHECK(packed_.numel() * packed_.element_size() == nblocks_ * nchunks_ * kChunkBytes,
+                "polylm cpu_gemv: packed weight has ", packed_.numel() * packed_.element_size(), " bytes, expected ",
+                nblocks_ * nchunks_ * kChunkBytes);
+    use_dot_ = kind_ == kBF16 && kernels_->bf16_dot_blocks[0] != nullptr;
+  }
+
+ protected:
+  void small_m(const at::Tensor& x2, int64_t m0, int64_t rows, at::Tensor& out) override {
+    const int mk = kernel_m(rows), slot = m_slot(mk);
+    // bf16 x bf16 uses vdpbf16ps on bf16 pairs; everything else multiplies in fp32.
+    const bool dot = use_dot_ && x2.scalar_type() == at::kBFloat16;
+    const size_t x_bytes = static_cast<size_t>(mk * kpad_) * (dot ? 2 : 4);
+    const PassBuffers pb = pass_buffers(x_bytes, rows, mk, out, m0, N_, n_pad_);
+    FloatArgs a{};
+    a.w = static_cast<const uint8_t*>(packed_.const_data_ptr());
+    a.nchunks = nchunks_;
+    a.bias = bias_.const_data_ptr<float>();
+    a.x = pb.x;
+    a.y = pb.y;
+    a.ldy = pb.ldy;
+    if (dot) {
+      for (int64_t m = 0; m < rows; ++m)
+        std::memcpy(pb.x + m * kpad_ * 2, x2.const_data_ptr<c10::BFloat16>() + (m0 + m) * K_, K_ * 2);
+      a.ldx = kpad_ / 2;
+      run_blocks(kernels_->bf16_dot_blocks[slot], kernels_->dot_streams[slot], a, nblocks_, block_bytes());
+    } else {
+      x_to_fp32(x2, m0, rows, K_, kpad_, reinterpret_cast<float*>(pb.x));
+      a.ldx = kpad_;
+      run_blocks(kernels_->float_blocks[kind_][slot], kernels_->float_streams[slot], a, nblocks_, block_bytes());
+    }
+    if (!pb.direct) store_output(pb.y, pb.ldy, rows, out, m0, N_);
+  }
+
+  UnpackArgs unpack_args() const override {
+    UnpackArgs ua{};
+    ua.w = static_cast<const uint8_t*>(packed_.const_data_ptr());
+    ua.nchunks = nchunks_;
+    ua.K = K_;
+    return ua;
+  }
+  UnpackFn unpacker() const override { return kernels_->float_unpack[kind_]; }
+  bool stored_bf16() const override { return kind_ == kBF16; }
+  bool bf16_compute_ok() const override { return kind_ == kBF16; }
+  int64_t block_bytes() const override { return nchunks_ * kChunkBytes; }
+
+ private:
+  int kind_ = kBF16;
+  int64_t kpad_ = 0, nchunks_ = 0;
+  bool use_dot_ = false;
+};
+
+class QuantGemv : public GemvBase {
+ public:
+  // packed: [NB, K_pad / chunk_k, 64] uint8; scales: [NB, NG, 16] fp32 (int8) or bf16 (int4);
+  // mins: [NB, NG, 16] bf16 for asymmetric int4.  group: k-values per group (K rounded up to 16 for
+  // per-channel int8).
+  QuantGemv(at::Tensor packed, at::Tensor scales, std::optional<at::Tensor> mins, int kind, int64_t group, int64_t N,
+            int64_t K, std::optional<at::Tensor> bias, int isa, int64_t kernel_rows)
+      : GemvBase(std::move(packed), N, K, std::move(bias), isa, kernel_rows),
+        scales_(std::move(scales)), kind_(kind), group_(group) {
+    TORCH_CHECK(kind >= kInt8 && kind <= kInt4Asym, "polylm cpu_gemv: unknown quantization kind ", kind);
+    TORCH_CHECK(group % 16 == 0 && group > 0, "polylm cpu_gemv: group size ", group, " is not a multiple of 16");
+    // Integer dot products per digit and group stay below 2^31: group * 255 * 128.
+    TORCH_CHECK(group <= 65536, "polylm cpu_gemv: group of ", group, " values would overflow int32 accumulators");
+    kpad_ = round_up(K, group);
+    ngroups_ = kpad_ / group;
+    TORCH_CHECK(packed_.scalar_type() == at::kByte &&
+                    packed_.numel() == nblocks_ * (kpad_ / quant_chunk_k(kind)) * kChunkBytes,
+                "polylm cpu_gemv: packed quantized weight has the wrong dtype or size");
+    TORCH_CHECK(scales_.is_contiguous() && scales_.numel() == nblocks_ * ngroups_ * kRows &&
+                    scales_.scalar_type() == (kind == kInt8 ? at::kFloat : at::kBFloat16),
+                "polylm cpu_gemv: scales have the wrong dtype or size");
+    if (kind == kInt4Asym) {
+      TORCH_CHECK(mins.has_value() && mins->is_contiguous() && mins->scalar_type() == at::kBFloat16 &&
+                      mins->numel() == scales_.numel(),
+                  "polylm cpu_gemv: asymmetric int4 needs bf16 mins shaped like the scales");
+      mins_ = *mins;
+    }
+  }
+
+ protected:
+  void small_m(const at::Tensor& x2, int64_t m0, int64_t rows, at::Tensor& out) override {
+    const int mk = kernel_m(rows), slot = m_slot(mk);
+    const bool asym = kind_ == kInt4Asym;
+    const bool digits = kernels_->prep_digits != nullptr;
+    // x: fp32 [mk][kpad] | digits [mk][3][kpad] | corrections [mk][NG][3] | xsum [mk][NG] | sx [mk]
+    const int64_t xf = round_up(mk * kpad_ * 4, 64);
+    const int64_t dg = digits ? round_up(mk * kDigits * kpad_, 64) : 0;
+    const int64_t cr = round_up(mk * ngroups_ * kDigits * 4, 64), xs = round_up(mk * ngroups_ * 4, 64);
+    const PassBuffers pb = pass_buffers(static_cast<size_t>(xf + dg + cr + xs + 64), rows, mk, out, m0, N_, n_pad_);
+    float* xfp = reinterpret_cast<float*>(pb.x);
+    float* xsum = reinterpret_cast<float*>(pb.x + xf + dg + cr);
+    x_to_fp32(x2, m0, rows, K_, kpad_, xfp);
+    QuantArgs a{};
+    a.w = packed_.const_data_ptr<uint8_t>();
+    a.chunks_per_group = group_ / quant_chunk_k(kind_);
+    a.ngroups = ngroups_;
+    a.scales = scales_.const_data_ptr();
+    a.mins = asym ? static_cast<const uint16_t*>(mins_.const_data_ptr()) : nullptr;
+    a.bias = bias_.const_data_ptr<float>();
+    a.xsum = xsum;
+    a.y = pb.y;
+    a.ldy = pb.ldy;
+    if (digits) {
+      int8_t* dig = reinterpret_cast<int8_t*>(pb.x + xf);
+      int32_t* corr = reinterpret_cast<int32_t*>(pb.x + xf + dg);
+      float* sx = reinterpret_cast<float*>(pb.x + xf + dg + cr + xs);
+      const int zero_point = kind_ == kInt8 ? 128 : kind_ == kInt4Sym ? 8 : 0;
+      for (int64_t m = 0; m < mk; ++m)
+        kernels_->prep_digits(xfp + m * kpad_, kpad_, group_, zero_point, asym, dig + m * kDigits * kpad_,
+                              corr + m * ngroups_ * kDigits, xsum + m * ngroups_, sx + m);
+      a.xdigits = reinterpret_cast<const int32_t*>(dig);
+      a.corr = corr;
+      a.sx = sx;
+      a.ldx = kpad_ / 4;
+    } else {
+      if (asym)
+        for (int64_t m = 0; m < rows; ++m)
+          for (int64_t g = 0; g < ngroups_; ++g) {
+            const float* p = xfp + m * kpad_ + g * group_;
+            float s = 0.0f;
+            for (int64_t k = 0; k < group_; ++k) s += p[k];
+            xsum[m * ngroups_ + g] = s;
+          }
+      a.x = xfp;
+      a.ldx = kpad_;
+    }
+    run_blocks(kernels_->quant_blocks[kind_][slot], kernels_->quant_streams[slot], a, nblocks_, block_bytes());
+    if (!pb.direct) store_output(pb.y, pb.ldy, rows, out, m0, N_);
+  }
+
+  UnpackArgs unpack_args() const override {
+    UnpackArgs ua{};
+    ua.w = packed_.const_data_ptr<uint8_t>();
+    ua.chunks_per_group = group_ / quant_chunk_k(kind_);
+    ua.ngroups = ngroups_;
+    ua.scales = scales_.const_data_ptr();
+    ua.mins = kind_ == kInt4Asym ? static_cast<const uint16_t*>(mins_.const_data_ptr()) : nullptr;
+    ua.K = K_;
+    return ua;
+  }
+  UnpackFn unpacker() const override { return kernels_->quant_unpack[kind_]; }
+  bool bf16_compute_ok() const override { return true; }
+  int64_t block_bytes() const override { return kpad_ / quant_chunk_k(kind_) * kChunkBytes; }
+
+ private:
+  at::Tensor scales_, mins_;
+  int kind_;
+  int64_t group_, kpad_ = 0, ngroups_ = 0;
+};
+
+}  // namespace polylm_gemv
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace g = polylm_gemv;
+  m.doc() = "polylm small-M CPU matrix-vector kernels over 16-row packed weights";
+  m.def("cpu_has", &g::cpu_has, "Whether the CPU supports 'avx2', 'avx512' (F/BW/VL/DQ/VNNI) or 'avx512bf16'.");
+  pybind11::class_<g::GemvBase>(m, "GemvBase")
+      .def("__call__", &g::GemvBase::forward, pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("unpacked", &g::GemvBase::unpacked)
+      .def_property_readonly("in_features", &g::GemvBase::in_features)
+      .def_property_readonly("out_features", &g::GemvBase::out_features);
+  pybind11::class_<g::FloatGemv, g::GemvBase>(m, "FloatGemv")
+      .def(pybind11::init<at::Tensor, int64_t, int64_t, std::optional<at::Tensor>, int, int64_t>());
+  pybind11::class_<g::QuantGemv, g::GemvBase>(m, "QuantGemv")
+      .def(pybind11::init<at::Tensor, at::Tensor, std::optional<at::Tensor>, int, int64_t, int64_t, int64_t,
+                          std::optional<at::Tensor>, int, int64_t>());
+}

@@ -1,0 +1,677 @@
+// SIMD kernels for the 16-row block layout described in kernels.h. No torch headers here: this file only
+// needs intrinsics, and compiles in parallel with the torch bindings (gemv.cpp).
+//
+// ISA code paths live in `#pragma GCC target` regions and are chosen at run time, so one build serves
+// AVX2-only and AVX-512 machines and tests can force the AVX2 path. Only functions defined inside a region
+// carry its target; the run-time selection at the end is baseline x86-64 code.
+#include "kernels.h"
+
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstring>
+#include <utility>
+
+namespace polylm_gemv {
+
+// ----------------------------------------------------------------------------------------------------------
+// AVX-512 (F, BW, VL, DQ, VNNI)
+// ----------------------------------------------------------------------------------------------------------
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
+namespace avx512 {
+
+static inline __m512 bf16x16_to_fp32(const uint16_t* p) {
+  __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+static inline __m512 load_scales(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 load_scales(const uint16_t* p) { return bf16x16_to_fp32(p); }
+
+template <int KIND>
+static inline void load_chunk(const uint8_t* p, __m512* w) {
+  if constexpr (KIND == kBF16) {
+    __m512i raw = _mm512_loadu_si512(p);
+    w[0] = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+    w[1] = _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  } else if constexpr (KIND == kF16) {
+    w[0] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    w[1] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32)));
+  } else {
+    w[0] = _mm512_loadu_ps(reinterpret_cast<const float*>(p));
+  }
+}
+
+template <int KIND, int M, int S>
+static void float_blocks(const FloatArgs& a, const int64_t* blk) {
+  constexpr int kK = chunk_k(KIND);
+  const float* x = static_cast<const float*>(a.x);
+  const int64_t nc = a.nchunks;
+  const uint8_t* wp[S];
+  __m512 acc[S][M];
+#pragma GCC unroll 8
+  for (int s = 0; s < S; ++s) {
+    wp[s] = a.w + blk[s] * nc * kChunkBytes;
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) acc[s][m] = _mm512_setzero_ps();
+  }
+  for (int64_t c = 0; c < nc; ++c) {
+    __m512 xv[M][kK];
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m)
+#pragma GCC unroll 2
+      for (int j = 0; j < kK; ++j) xv[m][j] = _mm512_set1_ps(x[m * a.ldx + c * kK + j]);
+#pragma GCC unroll 8
+    for (int s = 0; s < S; ++s) {
+      const uint8_t* p = wp[s] + c * kChunkBytes;
+      _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes), _MM_HINT_T0);
+      __m512 w[kK];
+      load_chunk<KIND>(p, w);
+#pragma GCC unroll 4
+      for (int m = 0; m < M; ++m)
+#pragma GCC unroll 2
+        for (int j = 0; j < kK; ++j) acc[s][m] = _mm512_fmadd_ps(w[j], xv[m][j], acc[s][m]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int s = 0; s < S; ++s) {
+    const __m512 b = _mm512_loadu_ps(a.bias + blk[s] * kRows);
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) _mm512_storeu_ps(a.y + m * a.ldy + blk[s] * kRows, _mm512_add_ps(acc[s][m], b));
+  }
+}
+
+// The 3-digit fixed-point activation against int8 (stored +128 as u8) or int4 (u4) weights with vpdpbusd:
+// exact integer dot products per digit, one float combination per group.
+template <int KIND, int M, int S>
+static void quant_blocks(const QuantArgs& a, const int64_t* blk) {
+  constexpr bool kInt4 = KIND != kInt8;
+  constexpr bool kAsym = KIND == kInt4Asym;
+  const int64_t cpg = a.chunks_per_group, ng = a.ngroups;
+  const int32_t* xd = a.xdigits;
+  const int64_t ldx = a.ldx;
+  const uint8_t* wp[S];
+  __m512 acc[S][M];
+#pragma GCC unroll 8
+  for (int s = 0; s < S; ++s) {
+    wp[s] = a.w + blk[s] * ng * cpg * kChunkBytes;
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) acc[s][m] = _mm512_setzero_ps();
+  }
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  for (int64_t g = 0; g < ng; ++g) {
+    __m512i P[S][M][kDigits];
+#pragma GCC unroll 8
+    for (int s = 0; s < S; ++s)
+#pragma GCC unroll 4
+      for (int m = 0; m < M; ++m)
+#pragma GCC unroll 3
+        for (int d = 0; d < kDigits; ++d) P[s][m][d] = _mm512_setzero_si512();
+    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+#pragma GCC unroll 8
+      for (int s = 0; s < S; ++s) {
+        const uint8_t* p = wp[s] + c * kChunkBytes;
+        _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes), _MM_HINT_T0);
+        const __m512i raw = _mm512_loadu_si512(p);
+        if constexpr (!kInt4) {
+#pragma GCC unroll 4
+          for (int m = 0; m < M; ++m)
+#pragma GCC unroll 3
+            for (int d = 0; d < kDigits; ++d)
+              P[s][m][d] = _mm512_dpbusd_epi32(P[s][m][d], raw, _mm512_set1_epi32(xd[(m * kDigits + d) * ldx + c]));
+        } else {
+          const __m512i lo = _mm512_and_si512(raw, nibble);
+          const __m512i hi = _mm512_and_si512(_mm512_srli_epi32(raw, 4), nibble);
+#pragma GCC unroll 4
+          for (int m = 0; m < M; ++m)
+#pragma GCC unroll 3
+            for (int d = 0; d < kDigits; ++d) {
+              const int32_t* xw = xd + (m * kDigits + d) * ldx + 2 * c;
+              P[s][m][d] = _mm512_dpbusd_epi32(P[s][m][d], lo, _mm512_set1_epi32(xw[0]));
+              P[s][m][d] = _mm512_dpbusd_epi32(P[s][m][d], hi, _mm512_set1_epi32(xw[1]));
+            }
+        }
+      }
+    }
+#pragma GCC unroll 8
+    for (int s = 0; s < S; ++s) {
+      const int64_t so = (blk[s] * ng + g) * kRows;
+      __m512 sc;
+      if constexpr (kInt4) sc = load_scales(static_cast<const uint16_t*>(a.scales) + so);
+      else sc = load_scales(static_cast<const float*>(a.scales) + so);
+#pragma GCC unroll 4
+      for (int m = 0; m < M; ++m) {
+        __m512i p0 = P[s][m][0], p1 = P[s][m][1], p2 = P[s][m][2];
+        if constexpr (!kAsym) {
+          const int32_t* cr = a.corr + (m * ng + g) * kDigits;
+          p0 = _mm512_sub_epi32(p0, _mm512_set1_epi32(cr[0]));
+          p1 = _mm512_sub_epi32(p1, _mm512_set1_epi32(cr[1]));
+          p2 = _mm512_sub_epi32(p2, _mm512_set1_epi32(cr[2]));
+        }
+        __m512 f = _mm512_cvtepi32_ps(p0);
+        f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p1), _mm512_set1_ps(256.0f), f);
+        f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p2), _mm512_set1_ps(65536.0f), f);
+        acc[s][m] = _mm512_fmadd_ps(f, sc, acc[s][m]);
+        if constexpr (kAsym)
+          acc[s][m] = _mm512_fmadd_ps(bf16x16_to_fp32(a.mins + so), _mm512_set1_ps(a.xsum[m * ng + g]), acc[s][m]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int s = 0; s < S; ++s) {
+    const __m512 b = _mm512_loadu_ps(a.bias + blk[s] * kRows);
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m)
+      _mm512_storeu_ps(a.y + m * a.ldy + blk[s] * kRows, _mm512_fmadd_ps(acc[s][m], _mm512_set1_ps(a.sx[m]), b));
+  }
+}
+
+static inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+static inline int32_t hsum(__m512i v) { return _mm512_reduce_add_epi32(v); }
+
+// Quantize one activation row (fp32, zero-padded to a multiple of 16 and of the group size) into 3 balanced
+// byte digits, the per-group digit sums times zero_point, and (asymmetric) the per-group sums of x / sx.
+static void prep_digits(const float* x, int64_t kpad, int64_t group, int zero_point, bool want_xsum,
+                        int8_t* digits /* [3][kpad] */, int32_t* corr /* [NG][3] */, float* xsum /* [NG] */,
+                        float* sx_out) {
+  __m512 vmax = _mm512_setzero_ps();
+  __mmask16 unordered = 0;
+  for (int64_t k = 0; k < kpad; k += 16) {
+    const __m512 v = _mm512_loadu_ps(x + k);
+    unordered |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
+  }
+  const float amax = _mm512_reduce_max_ps(vmax);
+  const int64_t ng = kpad / group;
+  if (amax == 0.0f || unordered || std::isinf(amax)) {
+    // All zeros: y = bias. NaN/inf: a NaN scale makes every output NaN, as the float paths would (roughly).
+    std::memset(digits, 0, static_cast<size_t>(kDigits * kpad));
+    std::memset(corr, 0, static_cast<size_t>(ng * kDigits) * sizeof(int32_t));
+    if (want_xsum) std::memset(xsum, 0, static_cast<size_t>(ng) * sizeof(float));
+    *sx_out = amax == 0.0f && !unordered ? 0.0f : std::nanf("");
+    return;
+  }
+  const float inv = kDigitMax / amax;
+  const float sx = amax / kDigitMax;
+  const __m512 vinv = _mm512_set1_ps(inv);
+  const __m512i qmax = _mm512_set1_epi32(static_cast<int32_t>(kDigitMax));
+  const __m512i qmin = _mm512_set1_epi32(-static_cast<int32_t>(kDigitMax));
+  const __m512i c128 = _mm512_set1_epi32(128), c255 = _mm512_set1_epi32(255);
+  for (int64_t g = 0; g < ng; ++g) {
+    __m512i e_sum[kDigits] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+    __m512 x_sum = _mm512_setzero_ps();
+    for (int64_t k = g * group; k < (g + 1) * group; k += 16) {
+      const __m512 v = _mm512_loadu_ps(x + k);
+      x_sum = _mm512_add_ps(x_sum, v);
+      __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v, vinv));  // round to nearest even
+      q = _mm512_min_epi32(_mm512_max_epi32(q, qmin), qmax);
+#pragma GCC unroll 3
+      for (int d = 0; d < kDigits; ++d) {
+        // e = ((q + 128) mod 256) - 128, q = (q - e) / 256: balanced digits, exact for |q| <= kDigitMax.
+        const __m512i e = _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(q, c128), c255), c128);
+        q = _mm512_srai_epi32(_mm512_sub_epi32(q, e), 8);
+        e_sum[d] = _mm512_add_epi32(e_sum[d], e);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(digits + d * kpad + k), _mm512_cvtepi32_epi8(e));
+      }
+    }
+    for (int d = 0; d < kDigits; ++d) corr[g * kDigits + d] = zero_point * hsum(e_sum[d]);
+    if (want_xsum) xsum[g] = hsum(x_sum) / sx;
+  }
+  *sx_out = sx;
+}
+
+// Transposed unpack: float kinds.
+template <int KIND>
+static void float_unpack(const UnpackArgs& a, int64_t b0, int64_t b, int64_t b_end) {
+  constexpr int kK = chunk_k(KIND);
+  for (; b < b_end; ++b) {
+    const uint8_t* base = a.w + b * a.nchunks * kChunkBytes;
+    const int64_t col = (b - b0) * kRows;
+    for (int64_t c = 0; c < a.nchunks; ++c) {
+      const uint8_t* p = base + c * kChunkBytes;
+      const int64_t k0 = c * kK;
+      if (KIND == kBF16 && a.out_bf16) {
+        const __m512i raw = _mm512_loadu_si512(p);
+        uint16_t* o = static_cast<uint16_t*>(a.out) + k0 * a.ldw + col;
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm512_cvtepi32_epi16(raw));
+        if (k0 + 1 < a.K)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + a.ldw), _mm512_cvtepi32_epi16(_mm512_srli_epi32(raw, 16)));
+      } else {
+        __m512 w[kK];
+        load_chunk<KIND>(p, w);
+        float* o = static_cast<float*>(a.out) + k0 * a.ldw + col;
+#pragma GCC unroll 2
+        for (int j = 0; j < kK; ++j)
+          if (k0 + j < a.K) _mm512_storeu_ps(o + j * a.ldw, w[j]);
+      }
+    }
+  }
+}
+
+static inline void store_row(const UnpackArgs& a, int64_t k, int64_t col, __m512 v) {
+  if (a.out_bf16) {
+    // Round to nearest even like c10::BFloat16 (inputs here are finite).
+    __m512i bits = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    bits = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(a.out) + k * a.ldw + col),
+                        _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+  } else {
+    _mm512_storeu_ps(static_cast<float*>(a.out) + k * a.ldw + col, v);
+  }
+}
+
+// Transposed dequantize: w = q * s (int8, q = stored - 128), (q - 8) * s (symmetric int4), q * s + m (asymmetric).
+template <int KIND>
+static void quant_unpack(const UnpackArgs& a, int64_t b0, int64_t b, int64_t b_end) {
+  constexpr int kK = quant_chunk_k(KIND);
+  for (; b < b_end; ++b) {
+    const uint8_t* base = a.w + b * a.ngroups * a.chunks_per_group * kChunkBytes;
+    const int64_t col = (b - b0) * kRows;
+    for (int64_t g = 0; g < a.ngroups; ++g) {
+      const int64_t so = (b * a.ngroups + g) * kRows;
+      const __m512 sc = KIND == kInt8 ? load_scales(static_cast<const float*>(a.scales) + so)
+                                      : load_scales(static_cast<const uint16_t*>(a.scales) + so);
+      const __m512 mn = KIND == kInt4Asym ? bf16x16_to_fp32(a.mins + so) : _mm512_setzero_ps();
+      for (int64_t c = g * a.chunks_per_group; c < (g + 1) * a.chunks_per_group; ++c) {
+        const __m512i raw = _mm512_loadu_si512(base + c * kChunkBytes);
+        const int64_t k0 = c * kK;
+#pragma GCC unroll 8
+        for (int j = 0; j < kK; ++j) {
+          if (k0 + j >= a.K) break;
+          __m512i q;
+          if constexpr (KIND == kInt8) {
+            q = _mm512_sub_epi32(_mm512_and_si512(_mm512_srli_epi32(raw, 8 * j), _mm512_set1_epi32(0xFF)),
+                                 _mm512_set1_epi32(128));
+          } else {
+            const int bit = j < 4 ? 8 * j : 8 * (j - 4) + 4;
+            q = _mm512_and_si512(_mm512_srli_epi32(raw, bit), _mm512_set1_epi32(0xF));
+            if constexpr (KIND == kInt4Sym) q = _mm512_sub_epi32(q, _mm512_set1_epi32(8));
+          }
+          __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(q), sc);
+          if constexpr (KIND == kInt4Asym) v = _mm512_add_ps(v, mn);
+          store_row(a, k0 + j, col, v);
+        }
+      }
+    }
+  }
+}
+
+static void fill_kernels(Kernels& k) {
+  k.float_blocks[kBF16][0] = &float_blocks<kBF16, 1, 4>;
+  k.float_blocks[kBF16][1] = &float_blocks<kBF16, 2, 2>;
+  k.float_blocks[kBF16][2] = &float_blocks<kBF16, 4, 2>;
+  k.float_blocks[kF16][0] = &float_blocks<kF16, 1, 4>;
+  k.float_blocks[kF16][1] = &float_blocks<kF16, 2, 2>;
+  k.float_blocks[kF16][2] = &float_blocks<kF16, 4, 2>;
+  k.float_blocks[kF32][0] = &float_blocks<kF32, 1, 4>;
+  k.float_blocks[kF32][1] = &float_blocks<kF32, 2, 2>;
+  k.float_blocks[kF32][2] = &float_blocks<kF32, 4, 2>;
+  k.quant_blocks[kInt8][0] = &quant_blocks<kInt8, 1, 4>;
+  k.quant_blocks[kInt8][1] = &quant_blocks<kInt8, 2, 2>;
+  k.quant_blocks[kInt8][2] = &quant_blocks<kInt8, 4, 1>;
+  k.quant_blocks[kInt4Sym][0] = &quant_blocks<kInt4Sym, 1, 4>;
+  k.quant_blocks[kInt4Sym][1] = &quant_blocks<kInt4Sym, 2, 2>;
+  k.quant_blocks[kInt4Sym][2] = &quant_blocks<kInt4Sym, 4, 1>;
+  k.quant_blocks[kInt4Asym][0] = &quant_blocks<kInt4Asym, 1, 4>;
+  k.quant_blocks[kInt4Asym][1] = &quant_blocks<kInt4Asym, 2, 2>;
+  k.quant_blocks[kInt4Asym][2] = &quant_blocks<kInt4Asym, 4, 1>;
+  const int fs[3] = {4, 2, 2}, qs[3] = {4, 2, 1};
+  for (int i = 0; i < 3; ++i) k.float_streams[i] = fs[i], k.quant_streams[i] = qs[i];
+  k.float_unpack[kBF16] = &float_unpack<kBF16>;
+  k.float_unpack[kF16] = &float_unpack<kF16>;
+  k.float_unpack[kF32] = &float_unpack<kF32>;
+  k.quant_unpack[kInt8] = &quant_unpack<kInt8>;
+  k.quant_unpack[kInt4Sym] = &quant_unpack<kInt4Sym>;
+  k.quant_unpack[kInt4Asym] = &quant_unpack<kInt4Asym>;
+  k.prep_digits = &prep_digits;
+}
+
+}  // namespace avx512
+#pragma GCC pop_options
+
+// bf16 activations x bf16 weights with vdpbf16ps: one instruction per 64-byte chunk instead of four.
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
+namespace avx512bf16 {
+
+template <int M, int S>
+static void bf16_dot_blocks(const FloatArgs& a, const int64_t* blk) {
+  const int32_t* x = static_cast<const int32_t*>(a.x);
+  const int64_t nc = a.nchunks;
+  const uint8_t* wp[S];
+  __m512 acc[S][M];
+#pragma GCC unroll 8
+  for (int s = 0; s < S; ++s) {
+    wp[s] = a.w + blk[s] * nc * kChunkBytes;
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) acc[s][m] = _mm512_setzero_ps();
+  }
+  for (int64_t c = 0; c < nc; ++c) {
+    __m512i xv[M];
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) xv[m] = _mm512_set1_epi32(x[m * a.ldx + c]);
+#pragma GCC unroll 8
+    for (int s = 0; s < S; ++s) {
+      const uint8_t* p = wp[s] + c * kChunkBytes;
+      _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes), _MM_HINT_T0);
+      const __m512i raw = _mm512_loadu_si512(p);
+#pragma GCC unroll 4
+      for (int m = 0; m < M; ++m) acc[s][m] = _mm512_dpbf16_ps(acc[s][m], (__m512bh)raw, (__m512bh)xv[m]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int s = 0; s < S; ++s) {
+    const __m512 b = _mm512_loadu_ps(a.bias + blk[s] * kRows);
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) _mm512_storeu_ps(a.y + m * a.ldy + blk[s] * kRows, _mm512_add_ps(acc[s][m], b));
+  }
+}
+
+static void fill_kernels(Kernels& k) {
+  k.bf16_dot_blocks[0] = &bf16_dot_blocks<1, 4>;
+  k.bf16_dot_blocks[1] = &bf16_dot_blocks<2, 2>;
+  k.bf16_dot_blocks[2] = &bf16_dot_blocks<4, 2>;
+  const int ds[3] = {4, 2, 2};
+  for (int i = 0; i < 3; ++i) k.dot_streams[i] = ds[i];
+}
+
+}  // namespace avx512bf16
+#pragma GCC pop_options
+
+// ----------------------------------------------------------------------------------------------------------
+// AVX2 (+FMA, F16C): a 64-byte chunk is two 8-row halves.
+// ----------------------------------------------------------------------------------------------------------
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace avx2 {
+
+static inline __m256 bf16x8_to_fp32(const uint16_t* p) {
+  __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+static inline __m256 load_scales(const float* p) { return _mm256_loadu_ps(p); }
+static inline __m256 load_scales(const uint16_t* p) { return bf16x8_to_fp32(p); }
+
+template <int KIND>
+static inline void load_half(const uint8_t* p, int h, __m256* w) {
+  if constexpr (KIND == kBF16) {
+    __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * h));
+    w[0] = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+    w[1] = _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  } else if constexpr (KIND == kF16) {
+    w[0] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * h)));
+    w[1] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32 + 16 * h)));
+  } else {
+    w[0] = _mm256_loadu_ps(reinterpret_cast<const float*>(p + 32 * h));
+  }
+}
+
+template <int KIND, int M, int S>
+static void float_blocks(const FloatArgs& a, const int64_t* blk) {
+  constexpr int kK = chunk_k(KIND);
+  const float* x = static_cast<const float*>(a.x);
+  const int64_t nc = a.nchunks;
+  const uint8_t* wp[S];
+  __m256 acc[S][M][2];
+#pragma GCC unroll 8
+  for (int s = 0; s < S; ++s) {
+    wp[s] = a.w + blk[s] * nc * kChunkBytes;
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) acc[s][m][0] = acc[s][m][1] = _mm256_setzero_ps();
+  }
+  for (int64_t c = 0; c < nc; ++c) {
+    __m256 xv[M][kK];
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m)
+#pragma GCC unroll 2
+      for (int j = 0; j < kK; ++j) xv[m][j] = _mm256_set1_ps(x[m * a.ldx + c * kK + j]);
+#pragma GCC unroll 8
+    for (int s = 0; s < S; ++s) {
+      const uint8_t* p = wp[s] + c * kChunkBytes;
+      _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes), _MM_HINT_T0);
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        __m256 w[kK];
+        load_half<KIND>(p, h, w);
+#pragma GCC unroll 4
+        for (int m = 0; m < M; ++m)
+#pragma GCC unroll 2
+          for (int j = 0; j < kK; ++j) acc[s][m][h] = _mm256_fmadd_ps(w[j], xv[m][j], acc[s][m][h]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int s = 0; s < S; ++s)
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      const __m256 b = _mm256_loadu_ps(a.bias + blk[s] * kRows + 8 * h);
+#pragma GCC unroll 4
+      for (int m = 0; m < M; ++m)
+        _mm256_storeu_ps(a.y + m * a.ldy + blk[s] * kRows + 8 * h, _mm256_add_ps(acc[s][m][h], b));
+    }
+}
+
+// Weight j of the chunk (k0 + j) for the 8 rows of a half, as exact fp32 integers.  `raw` has been xor-ed
+// so that signed values sit in place: int8 bytes ^ 0x80, symmetric int4 nibbles ^ 0x8 (two's complement).
+template <int KIND, int J>
+static inline __m256 weight_at(__m256i raw) {
+  if constexpr (KIND == kInt8) {
+    return _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(raw, 24 - 8 * J), 24));
+  } else {
+    constexpr int bit = J < 4 ? 8 * J : 8 * (J - 4) + 4;
+    if constexpr (KIND == kInt4Sym) {
+      return _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(raw, 28 - bit), 28));
+    } else {
+      return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(raw, bit), _mm256_set1_epi32(0xF)));
+    }
+  }
+}
+
+template <int KIND, int M, int S, int J>
+static inline void quant_fma(const uint8_t* const* wp, int64_t c, const float* x, int64_t ldx,
+                             __m256 (&part)[S][M][2]) {
+  constexpr int kK = quant_chunk_k(KIND);
+  __m256 xv[M];
+#pragma GCC unroll 4
+  for (int m = 0; m < M; ++m) xv[m] = _mm256_set1_ps(x[m * ldx + c * kK + J]);
+#pragma GCC unroll 8
+  for (int s = 0; s < S; ++s)
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp[s] + c * kChunkBytes + 32 * h));
+      if constexpr (KIND == kInt8) raw = _mm256_xor_si256(raw, _mm256_set1_epi32(static_cast<int>(0x80808080u)));
+      if constexpr (KIND == kInt4Sym) raw = _mm256_xor_si256(raw, _mm256_set1_epi32(static_cast<int>(0x88888888u)));
+      const __m256 w = weight_at<KIND, J>(raw);
+#pragma GCC unroll 4
+      for (int m = 0; m < M; ++m) part[s][m][h] = _mm256_fmadd_ps(w, xv[m], part[s][m][h]);
+    }
+}
+
+template <int KIND, int M, int S, int... J>
+static inline void quant_chunk(const uint8_t* const* wp, int64_t c, const float* x, int64_t ldx,
+                               __m256 (&part)[S][M][2], std::integer_sequence<int, J...>) {
+  (quant_fma<KIND, M, S, J>(wp, c, x, ldx, part), ...);
+}
+
+template <int KIND, int M, int S>
+static void quant_blocks(const QuantArgs& a, const int64_t* blk) {
+  constexpr bool kInt4 = KIND != kInt8;
+  constexpr bool kAsym = KIND == kInt4Asym;
+  const int64_t cpg = a.chunks_per_group, ng = a.ngroups;
+  const uint8_t* wp[S];
+  __m256 acc[S][M][2];
+#pragma GCC unroll 8
+  for (int s = 0; s < S; ++s) {
+    wp[s] = a.w + blk[s] * ng * cpg * kChunkBytes;
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) acc[s][m][0] = acc[s][m][1] = _mm256_setzero_ps();
+  }
+  for (int64_t g = 0; g < ng; ++g) {
+    __m256 part[S][M][2];
+#pragma GCC unroll 8
+    for (int s = 0; s < S; ++s)
+#pragma GCC unroll 4
+      for (int m = 0; m < M; ++m) part[s][m][0] = part[s][m][1] = _mm256_setzero_ps();
+    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+#pragma GCC unroll 8
+      for (int s = 0; s < S; ++s)
+        _mm_prefetch(reinterpret_cast<const char*>(wp[s] + c * kChunkBytes + kPrefetchBytes), _MM_HINT_T0);
+      quant_chunk<KIND, M, S>(wp, c, a.x, a.ldx, part, std::make_integer_sequence<int, quant_chunk_k(KIND)>{});
+    }
+#pragma GCC unroll 8
+    for (int s = 0; s < S; ++s)
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        const int64_t so = (blk[s] * ng + g) * kRows + 8 * h;
+        __m256 sc;
+        if constexpr (kInt4) sc = load_scales(static_cast<const uint16_t*>(a.scales) + so);
+        else sc = load_scales(static_cast<const float*>(a.scales) + so);
+#pragma GCC unroll 4
+        for (int m = 0; m < M; ++m) {
+          acc[s][m][h] = _mm256_fmadd_ps(part[s][m][h], sc, acc[s][m][h]);
+          if constexpr (kAsym)
+            acc[s][m][h] = _mm256_fmadd_ps(bf16x8_to_fp32(a.mins + so), _mm256_set1_ps(a.xsum[m * ng + g]), acc[s][m][h]);
+        }
+      }
+  }
+#pragma GCC unroll 8
+  for (int s = 0; s < S; ++s)
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      const __m256 b = _mm256_loadu_ps(a.bias + blk[s] * kRows + 8 * h);
+#pragma GCC unroll 4
+      for (int m = 0; m < M; ++m)
+        _mm256_storeu_ps(a.y + m * a.ldy + blk[s] * kRows + 8 * h, _mm256_add_ps(acc[s][m][h], b));
+    }
+}
+
+static inline void store_row8(const UnpackArgs& a, int64_t k, int64_t col, __m256 v) {
+  if (a.out_bf16) {
+    __m256i bits = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    bits = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(a.out) + k * a.ldw + col), packed);
+  } else {
+    _mm256_storeu_ps(static_cast<float*>(a.out) + k * a.ldw + col, v);
+  }
+}
+
+template <int KIND>
+static void float_unpack(const UnpackArgs& a, int64_t b0, int64_t b, int64_t b_end) {
+  constexpr int kK = chunk_k(KIND);
+  for (; b < b_end; ++b) {
+    const uint8_t* base = a.w + b * a.nchunks * kChunkBytes;
+    for (int64_t c = 0; c < a.nchunks; ++c) {
+      const int64_t k0 = c * kK;
+      for (int h = 0; h < 2; ++h) {
+        __m256 w[kK];
+        load_half<KIND>(base + c * kChunkBytes, h, w);
+        for (int j = 0; j < kK; ++j)
+          if (k0 + j < a.K) store_row8(a, k0 + j, (b - b0) * kRows + 8 * h, w[j]);
+      }
+    }
+  }
+}
+
+template <int KIND>
+static void quant_unpack(const UnpackArgs& a, int64_t b0, int64_t b, int64_t b_end) {
+  constexpr int kK = quant_chunk_k(KIND);
+  for (; b < b_end; ++b) {
+    const uint8_t* base = a.w + b * a.ngroups * a.chunks_per_group * kChunkBytes;
+    for (int64_t g = 0; g < a.ngroups; ++g)
+      for (int h = 0; h < 2; ++h) {
+        const int64_t so = (b * a.ngroups + g) * kRows + 8 * h;
+        const __m256 sc = KIND == kInt8 ? load_scales(static_cast<const float*>(a.scales) + so)
+                                        : load_scales(static_cast<const uint16_t*>(a.scales) + so);
+        const __m256 mn = KIND == kInt4Asym ? bf16x8_to_fp32(a.mins + so) : _mm256_setzero_ps();
+        for (int64_t c = g * a.chunks_per_group; c < (g + 1) * a.chunks_per_group; ++c) {
+          const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + c * kChunkBytes + 32 * h));
+          const int64_t k0 = c * kK;
+          for (int j = 0; j < kK; ++j) {
+            if (k0 + j >= a.K) break;
+            __m256i q;
+            if constexpr (KIND == kInt8) {
+              q = _mm256_sub_epi32(_mm256_and_si256(_mm256_srlv_epi32(raw, _mm256_set1_epi32(8 * j)),
+                                                    _mm256_set1_epi32(0xFF)),
+                                   _mm256_set1_epi32(128));
+            } else {
+              const int bit = j < 4 ? 8 * j : 8 * (j - 4) + 4;
+              q = _mm256_and_si256(_mm256_srlv_epi32(raw, _mm256_set1_epi32(bit)), _mm256_set1_epi32(0xF));
+              if constexpr (KIND == kInt4Sym) q = _mm256_sub_epi32(q, _mm256_set1_epi32(8));
+            }
+            __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(q), sc);
+            if constexpr (KIND == kInt4Asym) v = _mm256_add_ps(v, mn);
+            store_row8(a, k0 + j, (b - b0) * kRows + 8 * h, v);
+          }
+        }
+      }
+  }
+}
+
+static void fill_kernels(Kernels& k) {
+  k.float_blocks[kBF16][0] = &float_blocks<kBF16, 1, 4>;
+  k.float_blocks[kBF16][1] = &float_blocks<kBF16, 2, 2>;
+  k.float_blocks[kBF16][2] = &float_blocks<kBF16, 4, 1>;
+  k.float_blocks[kF16][0] = &float_blocks<kF16, 1, 4>;
+  k.float_blocks[kF16][1] = &float_blocks<kF16, 2, 2>;
+  k.float_blocks[kF16][2] = &float_blocks<kF16, 4, 1>;
+  k.float_blocks[kF32][0] = &float_blocks<kF32, 1, 4>;
+  k.float_blocks[kF32][1] = &float_blocks<kF32, 2, 2>;
+  k.float_blocks[kF32][2] = &float_blocks<kF32, 4, 1>;
+  k.quant_blocks[kInt8][0] = &quant_blocks<kInt8, 1, 2>;
+  k.quant_blocks[kInt8][1] = &quant_blocks<kInt8, 2, 1>;
+  k.quant_blocks[kInt8][2] = &quant_blocks<kInt8, 4, 1>;
+  k.quant_blocks[kInt4Sym][0] = &quant_blocks<kInt4Sym, 1, 2>;
+  k.quant_blocks[kInt4Sym][1] = &quant_blocks<kInt4Sym, 2, 1>;
+  k.quant_blocks[kInt4Sym][2] = &quant_blocks<kInt4Sym, 4, 1>;
+  k.quant_blocks[kInt4Asym][0] = &quant_blocks<kInt4Asym, 1, 2>;
+  k.quant_blocks[kInt4Asym][1] = &quant_blocks<kInt4Asym, 2, 1>;
+  k.quant_blocks[kInt4Asym][2] = &quant_blocks<kInt4Asym, 4, 1>;
+  const int fs[3] = {4, 2, 1}, qs[3] = {2, 1, 1};
+  for (int i = 0; i < 3; ++i) k.float_streams[i] = fs[i], k.quant_streams[i] = qs[i];
+  k.float_unpack[kBF16] = &float_unpack<kBF16>;
+  k.float_unpack[kF16] = &float_unpack<kF16>;
+  k.float_unpack[kF32] = &float_unpack<kF32>;
+  k.quant_unpack[kInt8] = &quant_unpack<kInt8>;
+  k.quant_unpack[kInt4Sym] = &quant_unpack<kInt4Sym>;
+  k.quant_unpack[kInt4Asym] = &quant_unpack<kInt4Asym>;
+  k.prep_digits = nullptr;
+}
+
+}  // namespace avx2
+#pragma GCC pop_options
+
+// ----------------------------------------------------------------------------------------------------------
+// Run-time selection (baseline x86-64).
+// ----------------------------------------------------------------------------------------------------------
+bool cpu_has(const char* feature) {
+  __builtin_cpu_init();
+  if (std::strcmp(feature, "avx2") == 0)
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (std::strcmp(feature, "avx512") == 0)
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512vnni");
+  if (std::strcmp(feature, "avx512bf16") == 0) return __builtin_cpu_supports("avx512bf16");
+  return false;
+}
+
+const Kernels& kernels_for(int isa) {
+  // Filling a table only takes addresses: safe on any CPU.
+  static const Kernels k512 = [] {
+    Kernels k{};
+    avx512::fill_kernels(k);
+    if (cpu_has("avx512bf16")) avx512bf16::fill_kernels(k);
+    return k;
+  }();
+  static const Kernels k256 = [] {
+    Kernels k{};
+    avx2::fill_kernels(k);
+    return k;
+  }();
+  return isa == kIsaAvx512 ? k512 : k256;
+}
+
+}  // namespace polylm_gemv

@@ -1,0 +1,103 @@
+// Interface between the torch-free SIMD kernels (kernels.cpp) and the torch driver (gemv.cpp).
+//
+// Layout (written by _layout.py): the weight is cut into blocks of 16 output rows; each block is one
+// contiguous run of 64-byte chunks, and chunk c holds, for each of the 16 rows, the 4 bytes of that row's next
+// k-values (bf16: a pair, fp32: one value, int8: 4 values stored +128, int4: 8 nibbles; fp16 chunks hold k0 for
+// rows 0..15 then k1 for rows 0..15 so that vcvtph2ps yields a row vector). A SIMD lane is one output row, so
+// there are no horizontal reductions and each block is one sequential stream. Group parameters (scales, mins)
+// are stored [block][group][16].
+#pragma once
+
+#include <cstdint>
+
+namespace polylm_gemv {
+
+constexpr int kRows = 16;            // output rows per block (one AVX-512 vector of fp32)
+constexpr int kChunkBytes = 64;      // bytes per block per k-chunk: 16 rows x 4 bytes
+constexpr int kPrefetchBytes = 1024; // software prefetch distance per stream (helps L3-resident weights)
+constexpr int kMaxM = 4;             // x rows per kernel pass
+constexpr int kMaxStreams = 8;
+
+enum Isa : int { kIsaNone = 0, kIsaAvx2 = 1, kIsaAvx512 = 2 };
+enum FloatKind : int { kBF16 = 0, kF16 = 1, kF32 = 2 };
+enum QuantKind : int { kInt8 = 0, kInt4Sym = 1, kInt4Asym = 2 };
+
+constexpr int chunk_k(int float_kind) { return float_kind == kF32 ? 1 : 2; }
+constexpr int quant_chunk_k(int quant_kind) { return quant_kind == kInt8 ? 4 : 8; }
+// Kernels exist for M = 1, 2 and 4 rows; 3 rows run the 4-row kernel with a zero row.
+constexpr int kernel_m(int64_t rows) { return rows == 3 ? 4 : static_cast<int>(rows); }
+constexpr int m_slot(int m) { return m == 4 ? 2 : m - 1; }
+
+// Balanced base-256 digits of the fixed-point activation of the VNNI path: x_q = e0 + 256 e1 + 65536 e2 with
+// every e in [-128, 127]; the largest magnitude representable on both sides is 127 * 65793.
+constexpr int kDigits = 3;
+constexpr float kDigitMax = 127.0f * 65793.0f;
+
+struct FloatArgs {
+  const uint8_t* w;  // packed blocks
+  int64_t nchunks;   // chunks per block
+  const void* x;     // fp32 [M][ldx] (bf16 pairs as int32 words for the dot-product path)
+  int64_t ldx;       // elements (words for the dot-product path) per x row
+  const float* bias; // [N_pad], zeros when there is no bias
+  float* y;          // [M][ldy]
+  int64_t ldy;
+};
+
+struct QuantArgs {
+  const uint8_t* w;  // packed blocks
+  int64_t chunks_per_group;
+  int64_t ngroups;
+  const void* scales;      // [NB][NG][16] fp32 (int8) or bf16 (int4)
+  const uint16_t* mins;    // [NB][NG][16] bf16 (asymmetric int4) or null
+  const int32_t* xdigits;  // AVX-512: [M][3][ldx] int32 words of 4 signed digits
+  const int32_t* corr;     // AVX-512: [M][NG][3] zero_point * sum of the digits over the group
+  const float* x;          // AVX2: [M][ldx] fp32
+  int64_t ldx;             // words per digit row (AVX-512) or floats per x row (AVX2)
+  const float* xsum;       // [M][NG] sum of x over the group (divided by sx on AVX-512); asymmetric only
+  const float* sx;         // AVX-512: [M] activation scale
+  const float* bias;
+  float* y;
+  int64_t ldy;
+};
+
+// Dequantize/unpack blocks [b, b_end) into a K x ldw row-major matrix (the transposed weight) of fp32 or bf16:
+// column (blk - b0) * 16 + r holds row r of block blk; only k < K is written.
+struct UnpackArgs {
+  const uint8_t* w;
+  int64_t nchunks;  // float kinds: chunks per block
+  int64_t chunks_per_group;
+  int64_t ngroups;
+  const void* scales;
+  const uint16_t* mins;
+  int64_t K;
+  void* out;
+  int64_t ldw;
+  bool out_bf16;
+};
+
+// A kernel computes the S blocks blk[0..S) (indices may repeat) for all M rows of x.
+using FloatFn = void (*)(const FloatArgs&, const int64_t* blk);
+using QuantFn = void (*)(const QuantArgs&, const int64_t* blk);
+using UnpackFn = void (*)(const UnpackArgs&, int64_t b0, int64_t b, int64_t b_end);
+// Turns one zero-padded fp32 activation row into digits, corrections and group sums (AVX-512 quant path).
+using PrepFn = void (*)(const float* x, int64_t kpad, int64_t group, int zero_point, bool want_xsum,
+                        int8_t* digits, int32_t* corr, float* xsum, float* sx);
+
+struct Kernels {
+  FloatFn float_blocks[3][3];   // [kind][m_slot]
+  FloatFn bf16_dot_blocks[3];   // bf16 activations x bf16 weights (AVX512-BF16); null where unsupported
+  QuantFn quant_blocks[3][3];
+  int float_streams[3];
+  int dot_streams[3];
+  int quant_streams[3];
+  UnpackFn float_unpack[3];
+  UnpackFn quant_unpack[3];
+  PrepFn prep_digits;           // null on AVX2 (weights are converted to fp32 there instead)
+};
+
+// Whether the CPU supports "avx2" (with FMA, F16C), "avx512" (F/BW/VL/DQ/VNNI) or "avx512bf16".
+bool cpu_has(const char* feature);
+// The kernel table of an ISA; only call for an ISA the CPU has.
+const Kernels& kernels_for(int isa);
+
+}  // namespace polylm_gemv
