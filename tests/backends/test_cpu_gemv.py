@@ -103,6 +103,8 @@ def test_packed_linear_empty_and_bad_input(isa):
     assert layer(torch.randn(0, 20)).shape == (0, 8)
     with pytest.raises(ValueError, match="last dimension"):
         layer(torch.randn(1, 21))
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        layer(torch.randn(1, 20, dtype=torch.float64))
 
 
 def test_results_do_not_depend_on_thread_count(isa):

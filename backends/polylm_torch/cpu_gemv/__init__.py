@@ -84,12 +84,14 @@ class _KernelLinear:
     _impl: object | None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ W.T + b`` for x of shape [..., in_features]; returns x's dtype."""
+        """``x @ W.T + b`` for x of shape [..., in_features] (fp32, bf16 or fp16); returns x's dtype."""
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Replaced per instance by the compiled layer (which checks x itself), keeping __call__ one frame deep.
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"{type(self).__name__}: input has last dimension "
                              f"{x.shape[-1] if x.dim() else None}, expected {self.in_features}")
-        if self._impl is not None:
-            return self._impl(x)
         return self._fallback(x)
 
     def _fallback(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,6 +136,7 @@ class PackedLinear(_KernelLinear):
         packed = _layout.pack_float(weight.detach())
         self._impl = module.FloatGemv(packed, self.out_features, self.in_features, bias32, _build.ISA_CODES[isa],
                                       max_kernel_rows)
+        self._forward = self._impl
 
     @property
     def weight(self) -> torch.Tensor:
@@ -167,6 +170,7 @@ class _QuantLinear(_KernelLinear):
         self._impl = module.QuantGemv(packed_q, _layout.pack_group_params(scales), packed_mins, _QUANT_KIND[kind],
                                       group_size, self.out_features, self.in_features, bias32,
                                       _build.ISA_CODES[isa], max_kernel_rows)
+        self._forward = self._impl
 
     def dequantize(self) -> torch.Tensor:
         """The dequantized [out_features, in_features] weight in fp32 (the exact values the layer computes with)."""
@@ -196,6 +200,7 @@ class Int8Linear(_QuantLinear):
                  group_size: int | None = None, *, max_kernel_rows: int = 4) -> None:
         _check_weight(qweight, (torch.int8,))
         group = _layout.int8_group_size(qweight.shape[1], group_size)
+        _layout.check_group(group)
         groups = -(-qweight.shape[1] // group)
         if scales.shape != (qweight.shape[0], groups):
             raise ValueError(f"scales must have shape {(qweight.shape[0], groups)}, got {tuple(scales.shape)}")

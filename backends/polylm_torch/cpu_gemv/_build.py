@@ -119,7 +119,10 @@ def _build() -> tuple[types.ModuleType | None, str]:
         cxx, version = _compiler()
     except (OSError, subprocess.SubprocessError) as exc:
         return None, f"no usable C++ compiler: {exc}"
-    key = build_key(f"{cxx} {version}")
+    try:
+        key = build_key(f"{cxx} {version}")
+    except OSError as exc:
+        return None, f"kernel sources missing from the installed package: {exc}"
     name = f"polylm_cpu_gemv_{key}"
     directory = cache_root() / key
     module = _import_built(name, directory)

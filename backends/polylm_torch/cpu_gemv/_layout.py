@@ -23,6 +23,8 @@ ROWS_PER_BLOCK = 16
 CHUNK_BYTES = 64
 # Group sizes must be a multiple of this (the activation preparation works in 16-lane steps).
 GROUP_MULTIPLE = 16
+# Largest group: the kernels' exact int32 dot products per group stay below 2^31 (group * 255 * 128).
+MAX_GROUP = 65536
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -80,9 +82,10 @@ def _grouped(weight: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def check_group(group_size: int) -> None:
-    """Raise ValueError unless group_size is a positive multiple of GROUP_MULTIPLE."""
-    if group_size <= 0 or group_size % GROUP_MULTIPLE:
-        raise ValueError(f"group_size must be a positive multiple of {GROUP_MULTIPLE}, got {group_size}")
+    """Raise ValueError unless group_size is a positive multiple of GROUP_MULTIPLE, at most MAX_GROUP."""
+    if group_size <= 0 or group_size % GROUP_MULTIPLE or group_size > MAX_GROUP:
+        raise ValueError(f"group_size must be a positive multiple of {GROUP_MULTIPLE} up to {MAX_GROUP} "
+                         f"(per-channel int8 uses in_features rounded up to 16), got {group_size}")
 
 
 def int8_group_size(k: int, group_size: int | None) -> int:

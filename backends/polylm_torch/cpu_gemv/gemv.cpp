@@ -11,8 +11,10 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <optional>
+#include <string>
 #include <vector>
 
 namespace polylm_gemv {
@@ -125,11 +127,16 @@ class GemvBase {
   virtual ~GemvBase() = default;
 
   at::Tensor forward(const at::Tensor& x) {
-    TORCH_CHECK(x.device().is_cpu(), "polylm cpu_gemv: input must be on the CPU");
-    TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K_, "polylm cpu_gemv: input has last dimension ",
-                x.dim() ? x.size(-1) : 0, ", expected ", K_);
-    TORCH_CHECK(at::isFloatingType(x.scalar_type()) && x.scalar_type() != at::kDouble,
-                "polylm cpu_gemv: input must be float32, bfloat16 or float16, got ", x.scalar_type());
+    // Typed errors for the Python caller (raised after the GIL is re-acquired).
+    if (!x.device().is_cpu()) throw pybind11::value_error("cpu_gemv layer: input must be on the CPU");
+    if (x.dim() == 0 || x.size(-1) != K_)
+      throw pybind11::value_error("cpu_gemv layer: input has last dimension " +
+                                  (x.dim() ? std::to_string(x.size(-1)) : std::string("None")) + ", expected " +
+                                  std::to_string(K_));
+    const auto dt = x.scalar_type();
+    if (dt != at::kFloat && dt != at::kBFloat16 && dt != at::kHalf)
+      throw pybind11::type_error(std::string("cpu_gemv layer: input must be float32, bfloat16 or float16, got ") +
+                                 c10::toString(dt));
     const at::Tensor x2 = x.reshape({-1, K_}).contiguous();
     const int64_t M = x2.size(0);
     at::Tensor out = at::empty({M, N_}, x.options());
@@ -384,11 +391,30 @@ class QuantGemv : public GemvBase {
   int64_t group_, kpad_ = 0, ngroups_ = 0;
 };
 
+// Reads all bytes of a tensor on torch's thread pool, each thread as `streams` sequential streams: the
+// same-run memory bandwidth ceiling that benchmarks compare the kernels with.
+static int64_t stream_read(const at::Tensor& t, int64_t streams) {
+  TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), "stream_read: need a contiguous CPU tensor");
+  TORCH_CHECK(streams >= 1 && streams <= kMaxStreams, "stream_read: streams must be in 1..", kMaxStreams);
+  const uint8_t* p = static_cast<const uint8_t*>(t.const_data_ptr());
+  const int64_t lines = t.numel() * t.element_size() / kChunkBytes;
+  const auto read = kernels_for(kIsaAvx2).read_streams;
+  std::atomic<uint64_t> seen{0};
+  at::parallel_for(0, lines, 1024, [&](int64_t b, int64_t e) {
+    seen.fetch_or(read(p + b * kChunkBytes, (e - b) * kChunkBytes, static_cast<int>(streams)));
+  });
+  return static_cast<int64_t>(seen.load() & 0x7FFFFFFF);
+}
+
 }  // namespace polylm_gemv
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace g = polylm_gemv;
   m.doc() = "polylm small-M CPU matrix-vector kernels over 16-row packed weights";
+  m.def("stream_read", &g::stream_read, pybind11::arg("tensor"), pybind11::arg("streams") = 4,
+        pybind11::call_guard<pybind11::gil_scoped_release>(),
+        "Read every byte of a tensor with torch's threads, each as `streams` sequential streams (a benchmark "
+        "baseline); returns a checksum.");
   m.def("cpu_has", &g::cpu_has, "Whether the CPU supports 'avx2', 'avx512' (F/BW/VL/DQ/VNNI) or 'avx512bf16'.");
   pybind11::class_<g::GemvBase>(m, "GemvBase")
       .def("__call__", &g::GemvBase::forward, pybind11::call_guard<pybind11::gil_scoped_release>())

@@ -610,6 +610,25 @@ static void quant_unpack(const UnpackArgs& a, int64_t b0, int64_t b, int64_t b_e
   }
 }
 
+// The memory-read baseline: OR of every 32-byte word, walking `streams` equal sub-ranges in lockstep.
+static uint64_t read_streams(const uint8_t* p, int64_t bytes, int streams) {
+  const int64_t per = bytes / streams / kChunkBytes * kChunkBytes;
+  __m256i acc[kMaxStreams];
+  for (int s = 0; s < streams; ++s) acc[s] = _mm256_setzero_si256();
+  for (int64_t off = 0; off < per; off += kChunkBytes)
+    for (int s = 0; s < streams; ++s) {
+      const uint8_t* q = p + s * per + off;
+      acc[s] = _mm256_or_si256(acc[s], _mm256_or_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)),
+                                                       _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32))));
+    }
+  __m256i all = _mm256_setzero_si256();
+  for (int s = 0; s < streams; ++s) all = _mm256_or_si256(all, acc[s]);
+  uint64_t out[4];
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), all);
+  for (int64_t i = per * streams; i < bytes; ++i) out[0] |= p[i];
+  return out[0] | out[1] | out[2] | out[3];
+}
+
 static void fill_kernels(Kernels& k) {
   k.float_blocks[kBF16][0] = &float_blocks<kBF16, 1, 4>;
   k.float_blocks[kBF16][1] = &float_blocks<kBF16, 2, 2>;
@@ -638,6 +657,7 @@ static void fill_kernels(Kernels& k) {
   k.quant_unpack[kInt4Sym] = &quant_unpack<kInt4Sym>;
   k.quant_unpack[kInt4Asym] = &quant_unpack<kInt4Asym>;
   k.prep_digits = nullptr;
+  k.read_streams = &read_streams;
 }
 
 }  // namespace avx2
@@ -660,15 +680,16 @@ bool cpu_has(const char* feature) {
 
 const Kernels& kernels_for(int isa) {
   // Filling a table only takes addresses: safe on any CPU.
+  static const Kernels k256 = [] {
+    Kernels k{};
+    avx2::fill_kernels(k);
+    return k;
+  }();
   static const Kernels k512 = [] {
     Kernels k{};
     avx512::fill_kernels(k);
     if (cpu_has("avx512bf16")) avx512bf16::fill_kernels(k);
-    return k;
-  }();
-  static const Kernels k256 = [] {
-    Kernels k{};
-    avx2::fill_kernels(k);
+    k.read_streams = k256.read_streams;
     return k;
   }();
   return isa == kIsaAvx512 ? k512 : k256;

@@ -93,6 +93,8 @@ struct Kernels {
   UnpackFn float_unpack[3];
   UnpackFn quant_unpack[3];
   PrepFn prep_digits;           // null on AVX2 (weights are converted to fp32 there instead)
+  // Memory-read baseline for benchmarks: reads [p, p + bytes) as `streams` lockstep streams.
+  uint64_t (*read_streams)(const uint8_t* p, int64_t bytes, int streams);
 };
 
 // Whether the CPU supports "avx2" (with FMA, F16C), "avx512" (F/BW/VL/DQ/VNNI) or "avx512bf16".
