@@ -1,0 +1,68 @@
+"""The Triton backend: the torch runtime with every primitive but the matrix multiplies as a Triton kernel.
+
+On a CUDA GPU it is available and preferred by `auto`. With `TRITON_INTERPRET=1` it runs its kernels through
+Triton's CPU interpreter — slowly, for testing — and `auto` never picks it. Importing this module does not
+import triton, so polylm installs and runs without it.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+
+from polylm.backend import DTYPES, Availability, Backend, Runtime
+from polylm.errors import BackendError
+from polylm.hookspecs import hookimpl
+from polylm.ir import ModelIR
+from polylm.weights import Weights
+
+
+def interpreting() -> bool:
+    """Whether Triton interprets kernels on the CPU (TRITON_INTERPRET, read as triton reads it)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    priority = 10
+    install_hint = 'pip install "polylm[triton]"'
+
+    @property
+    def dtypes(self) -> tuple[str, ...]:  # type: ignore[override]
+        # the interpreter cannot do bfloat16 arithmetic (it sees raw bits); float16 and float32 it can
+        return ("float32", "float16") if interpreting() else DTYPES
+
+    def availability(self) -> Availability:
+        if importlib.util.find_spec("triton") is None:
+            return Availability(False, "triton is not installed")
+        version = importlib.metadata.version("triton")
+        # the interpreter runs kernels even where a GPU exists, so it decides first
+        if interpreting():
+            return Availability(True, f"triton {version} interpreter on CPU (TRITON_INTERPRET=1), for testing",
+                                auto=False)
+        import torch
+
+        if not torch.cuda.is_available():
+            return Availability(False, "no CUDA GPU (set TRITON_INTERPRET=1 to test kernels on the CPU)")
+        return Availability(True, f"triton {version} on {torch.cuda.get_device_name()}")
+
+    def lower(self, ir: ModelIR, weights: Weights, dtype: str) -> Runtime:
+        state = self.availability()
+        if not state.available:
+            raise BackendError(f"backend 'triton' is not available here: {state.reason}")
+        if dtype not in self.dtypes:
+            raise BackendError(f"backend 'triton' cannot compute in {dtype} here; it supports {', '.join(self.dtypes)}")
+        if getattr(ir, "quantization", None) is not None:
+            raise BackendError("backend 'triton' does not run weight-only quantized models yet; load without "
+                               "quantize=, or use backend='torch'")
+        from polylm_torch.runtime import TorchRuntime
+
+        from .ops import TritonOps
+
+        return TorchRuntime(ir, weights, dtype, device="cpu" if interpreting() else "cuda", ops=TritonOps())
+
+
+@hookimpl
+def polylm_backends() -> list[Backend]:
+    return [TritonBackend()]

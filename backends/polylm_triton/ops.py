@@ -1,0 +1,48 @@
+"""`TritonOps`: the torch backend's primitives replaced by the Triton kernels of this package.
+
+Matrix multiplies stay torch (cuBLAS). Every op reads only tensors of the step — never `StepTensors.past` —
+launches with shapes fixed by the step's tensor sizes, and never synchronizes with the host, so a CUDA graph
+can capture a whole decode step (see `graph.DecodeGraph`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from polylm.ir import Attention, MLP
+from polylm_torch.ops import StepTensors, TorchOps
+from polylm_torch.params import NormParams
+
+from . import activation, attention, gather, rope
+from . import norm as norms
+
+
+class TritonOps(TorchOps):
+    """Fused Triton kernels for norms (with the residual add), the embedding, RoPE with the cache write, the
+    MLP activation with its gate, attention (prefill and split-KV decode) and the head's row gather."""
+
+    graph_safe = True
+
+    def norm(self, x: torch.Tensor, p: NormParams) -> torch.Tensor:
+        return norms.add_norm(x, None, p)[1]
+
+    def add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, p: NormParams) -> tuple[torch.Tensor, torch.Tensor]:
+        return norms.add_norm(x, delta, p)
+
+    def embed(self, ids: torch.Tensor, table: torch.Tensor, scale: float, norm: NormParams | None) -> torch.Tensor:
+        return norms.embed(ids, table, scale, norm)
+
+    def rope_and_cache(self, qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                       rotary: tuple[torch.Tensor, torch.Tensor] | None, step: StepTensors,
+                       attn: Attention) -> torch.Tensor:
+        return rope.rope_and_cache(qkv, keys, values, rotary, step.slots, attn)
+
+    def attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, step: StepTensors,
+                  attn: Attention) -> torch.Tensor:
+        return attention.attention(q, keys, values, step.mask, step.positions, step.slots, step.alibi, attn)
+
+    def activation(self, h: torch.Tensor, mlp: MLP) -> torch.Tensor:
+        return activation.activation(h, mlp)
+
+    def gather(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return gather.gather(x, index)
