@@ -99,6 +99,33 @@ def test_16_bit_logits_are_as_close_to_float32_as_the_torch_backends(make_ckpt, 
     assert triton_error.max() <= 2 * torch_error.max() + 0.01
 
 
+# IR features the parity families leave at their defaults: the RoPE scalings (dynamic NTK per row, past
+# max_position_embeddings), BLOOM's post-LN residual, projection biases, an untied head
+FEATURES = {
+    "yarn": ("arcee", dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                            "original_max_position_embeddings": 64})),
+    "linear": ("helium", dict(rope_parameters={"rope_type": "linear", "factor": 3.0, "rope_theta": 500.0})),
+    "llama3": ("gemma", dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta": 50.0,
+                                              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                              "original_max_position_embeddings": 16})),
+    "dynamic": ("nemotron", dict(max_position_embeddings=8, rope_parameters={
+        "rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0, "partial_rotary_factor": 0.5})),
+    "post-ln-residual": ("bloom", dict(apply_residual_connection_post_layernorm=True)),
+    "biases-untied": ("arcee", dict(attention_bias=True, mlp_bias=True, tie_word_embeddings=False)),
+}
+
+
+@pytest.mark.parametrize("feature", FEATURES)
+def test_ir_features_match_the_torch_backend(make_ckpt, feature):
+    family, overrides = FEATURES[feature]
+    directory = make_ckpt(family, **overrides)
+    ours, reference = (polylm.load(directory, backend=name) for name in ("triton", "torch"))
+    for side in ("left", "right"):
+        ids, mask = padded(SEQUENCES, side)
+        real = mask.astype(bool)
+        assert np.abs(ours.forward(ids, mask)[real] - reference.forward(ids, mask)[real]).max() <= 1e-4, side
+
+
 # -- the decode step a CUDA graph captures ------------------------------------------------------------------
 
 @pytest.mark.parametrize("family", ["helium", "bloom"])  # RoPE (interleaved, GQA) and ALiBi (MHA)
