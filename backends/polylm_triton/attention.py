@@ -128,9 +128,8 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: t
     batch, heads, new, head_dim = q.shape
     keys_len = mask.shape[1]
     group = heads // attn.num_kv_heads
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    block_m = min(64, max(16, triton.next_power_of_2(new * group)))
-    block_n = 64 if block_d <= 128 else 32
+    tiles = attention_tiles(head_dim, new * group, exact=q.dtype == torch.float32)
+    block_m, block_n = tiles["BLOCK_M"], tiles["BLOCK_N"]
     row_blocks = triton.cdiv(new * group, block_m)
     programs = batch * attn.num_kv_heads * row_blocks
     if num_splits is None:
@@ -150,13 +149,27 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: t
         q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), mask.stride(0), positions.stride(0),
         NUM_HEADS=heads, NUM_KV_HEADS=attn.num_kv_heads, HEAD_DIM=head_dim, HAS_ALIBI=alibi is not None,
-        SPLIT=num_splits > 1, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=8 if block_m * block_d >= 8192 else 4)
+        SPLIT=num_splits > 1, **tiles)
     if num_splits > 1:
         n_rows = batch * new * heads
         _merge_splits_kernel[(n_rows,)](partial, row_max, row_sum, out, n_rows, num_splits, HEAD_DIM=head_dim,
-                                        BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, num_warps=1)
+                                        BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=tiles["BLOCK_D"],
+                                        num_warps=1)
     return out.view(batch, new, heads * head_dim)
+
+
+def attention_tiles(head_dim: int, rows: int, exact: bool) -> dict:
+    """The pinned launch configuration for `rows` (new tokens × group heads) of `head_dim`; `exact` is float32.
+
+    Shared memory stays under the 99 KB a consumer GPU gives one block: two pipeline stages for 16-bit tiles
+    (98 KB at head_dim 256); float32 tiles, twice as large, get smaller query blocks and no pipelining
+    (float32 is the exactness path, not the fast one), and IEEE dots rather than TF32.
+    """
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_m = min(32 if exact and block_d >= 256 else 64, max(16, triton.next_power_of_2(rows)))
+    return dict(BLOCK_M=block_m, BLOCK_N=64 if block_d <= 128 else 32, BLOCK_D=block_d,
+                DOT_PRECISION="ieee" if exact else "tf32", num_warps=8 if block_m * block_d >= 8192 else 4,
+                num_stages=1 if exact else 2)
 
 
 def _splits(device: torch.device, programs: int, keys: int) -> int:

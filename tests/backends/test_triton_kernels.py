@@ -5,6 +5,10 @@ Under the interpreter (the default here, see conftest) only float32 runs; on a C
 Shapes are tiny: the interpreter executes every program in Python.
 """
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -219,3 +223,11 @@ def test_decode_attention_reads_only_filled_slots(num_splits):
     wide_positions[:, :12] = step.positions
     got = triton_attention(q, keys, values, wide_mask, wide_positions, step.slots, None, attn, num_splits=num_splits)
     close(got, expected, torch.float32)
+
+
+def test_kernels_compile_for_cuda_without_a_gpu():
+    """What the interpreter cannot check: every kernel, at the launchers' pinned configurations, compiles for
+    sm_90 (Triton to PTX, ptxas to a cubin) and fits a consumer GPU's 99 KB of shared memory."""
+    result = subprocess.run([sys.executable, "-m", "polylm_triton.aot", "--arch", "90", "--quick"],
+                            env={**os.environ, "TRITON_INTERPRET": "0"}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
