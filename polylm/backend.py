@@ -14,12 +14,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .errors import BackendError
 from .ir import ModelIR
 from .weights import Weights
+
+if TYPE_CHECKING:
+    from .parallel import Shard, ShardPlan, ShardRuntime
 
 API_VERSION = 1
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
@@ -86,6 +90,17 @@ class Backend(ABC):
     @abstractmethod
     def lower(self, ir: ModelIR, weights: Weights, dtype: str) -> Runtime:
         """Build a runtime for `ir` with `weights`, computing in `dtype` (one of `self.dtypes`)."""
+
+    def join_group(self, world_size: int, timeout_s: float) -> "Shard":
+        """This process's place in a group of `world_size` ranks of the backend's distributed engine: the group
+        already initialized, else the one the environment describes (RANK, WORLD_SIZE, MASTER_ADDR…), joined
+        within `timeout_s` seconds. Backends without tensor parallelism refuse."""
+        raise BackendError(f"backend {self.name!r} does not run tensor-parallel models")
+
+    def lower_shard(self, ir: ModelIR, weights: Weights, dtype: str, plan: "ShardPlan") -> "ShardRuntime":
+        """Like `lower`, for one rank of a tensor-parallel group that is already initialized: read only the
+        rank's slices (`plan`, see `polylm.parallel`) and sum/gather over the ranks where the plan needs it."""
+        raise BackendError(f"backend {self.name!r} does not run tensor-parallel models")
 
     def describe(self) -> dict[str, Any]:
         state = self.availability()

@@ -37,3 +37,7 @@ class TaskError(PolylmError):
 
 class InputError(PolylmError):
     """Bad input to a model call: token ids, prompts, shapes or generation settings."""
+
+
+class ParallelError(PolylmError):
+    """A model cannot be sharded over the asked number of ranks, or a rank of a tensor-parallel job failed."""

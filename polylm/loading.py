@@ -25,12 +25,16 @@ _ARCHITECTURE_SUFFIXES = {
 
 
 def load(path: str | Path, *, backend: str = "auto", task: str | None = None, dtype: str | None = None,
-         quantize: str | None = None) -> Model:
+         quantize: str | None = None, tensor_parallel: int | None = None) -> Model:
     """Load a Hugging Face–format checkpoint: a directory, or a Hub repo id in the local HF cache.
 
     `task` defaults to what the checkpoint's `architectures` entry says (causal LM when it says nothing);
     `dtype=None` keeps the checkpoint's dtype. `quantize` ("int8" or "int4") stores the block and head
     matrices as weight-only integers with per-group scales. Nothing in the directory is written.
+
+    `tensor_parallel=N` loads this rank's 1/N of the model in a group of N ranks of the backend's engine
+    (torch.distributed: already initialized, or described by torchrun's environment); every rank calls `load`,
+    rank 0 uses the model and the others call `polylm.parallel.follow(model)` (see `polylm.parallel`).
     """
     directory = resolve_model(path)
     config = ConfigView.from_dir(directory)
@@ -50,6 +54,12 @@ def load(path: str | Path, *, backend: str = "auto", task: str | None = None, dt
     ir = family.to_ir(config, task)
     if quantize is not None:
         ir = replace(ir, quantization=QUANTIZATIONS[quantize])
+    plan = None
+    if tensor_parallel is not None:  # checked before any tensor is read, and before joining the group
+        from .parallel import Shard, plan_shards, timeout_s
+
+        plan_shards(ir, Shard(0, tensor_parallel))
+        plan = plan_shards(ir, chosen.join_group(tensor_parallel, timeout_s()))
     checkpoint = Checkpoint(directory)
     _check_layer_count(ir, checkpoint, config)
     others = {t: m for t, m in family.head_names.items() if t != task and m != family.head_names[task]}
@@ -59,8 +69,14 @@ def load(path: str | Path, *, backend: str = "auto", task: str | None = None, dt
     if dtype not in chosen.dtypes:
         raise BackendError(f"backend {chosen.name!r} cannot compute in {dtype}; it supports "
                            f"{', '.join(chosen.dtypes)}")
-    runtime = chosen.lower(ir, weights, dtype)
-    tokenizer = Tokenizer(directory, config) if (directory / "tokenizer.json").exists() else None
+    if plan is None:
+        runtime = chosen.lower(ir, weights, dtype)
+    else:
+        from .parallel import wrap
+
+        runtime = wrap(chosen.lower_shard(ir, weights, dtype, plan))
+    has_tokenizer = (directory / "tokenizer.json").exists() and (plan is None or plan.shard.rank == 0)
+    tokenizer = Tokenizer(directory, config) if has_tokenizer else None
     return Model(ir, runtime, tokenizer, backend=chosen.name, path=directory)
 
 

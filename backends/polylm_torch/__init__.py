@@ -5,6 +5,7 @@ from __future__ import annotations
 from polylm.backend import Availability, Backend, Runtime
 from polylm.hookspecs import hookimpl
 from polylm.ir import ModelIR
+from polylm.parallel import Shard, ShardPlan, ShardRuntime
 from polylm.weights import Weights
 
 
@@ -24,6 +25,16 @@ class TorchBackend(Backend):
         from .runtime import TorchRuntime
 
         return TorchRuntime(ir, weights, dtype)
+
+    def join_group(self, world_size: int, timeout_s: float) -> Shard:
+        from .parallel import join_group
+
+        return join_group(world_size, timeout_s)
+
+    def lower_shard(self, ir: ModelIR, weights: Weights, dtype: str, plan: ShardPlan) -> ShardRuntime:
+        from .parallel import TorchShardRuntime
+
+        return TorchShardRuntime(ir, weights, dtype, plan)
 
 
 @hookimpl

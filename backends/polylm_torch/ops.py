@@ -56,6 +56,29 @@ class StepTensors:
 class TorchOps:
     """Reference implementations in plain torch."""
 
+    #: a tensor-parallel rank's collectives (`polylm_torch.parallel.Collectives`); None runs unsharded
+    collectives = None
+
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum over the ranks of a row-parallel output (attention output, MLP down); `x` when unsharded."""
+        return x if self.collectives is None else self.collectives.all_reduce(x)
+
+    def gather_columns(self, x: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
+        """A vocab-parallel head's outputs from every rank (`sizes` of each, in rank order), concatenated on
+        the last axis; `x` when unsharded."""
+        return x if self.collectives is None else self.collectives.all_gather(x, sizes)
+
+    def embed_rows(self, ids: torch.Tensor, table: torch.Tensor, start: int, scale: float,
+                   norm: NormParams | None) -> torch.Tensor:
+        """`embed` from a vocab-parallel table holding rows [start, start + len(table)): ids outside it give
+        zero rows here, so the sum over the ranks is every id's row; then the scale and the norm."""
+        local = ids - start
+        inside = (local >= 0) & (local < table.shape[0])
+        x = self.reduce(torch.where(inside[..., None], table[local.clamp(0, table.shape[0] - 1)], 0))
+        if scale != 1.0:
+            x = x * scale
+        return self.norm(x, norm) if norm is not None else x
+
     def norm(self, x: torch.Tensor, p: NormParams) -> torch.Tensor:
         if p.spec.kind == "layer":
             return F.layer_norm(x, x.shape[-1:], p.weight, p.bias, p.spec.eps)

@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 from polylm.errors import WeightsError
 from polylm.ir import Block, ModelIR, Norm
+from polylm.parallel import ShardPlan
 from polylm.weights import Weights
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -49,14 +50,23 @@ class ModelParams:
     head_bias: torch.Tensor | None
 
 
-def read_tensors(weights: Weights, dtype: torch.dtype, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Every canonical tensor, converted to `dtype` on `device`."""
+def read_tensors(weights: Weights, dtype: torch.dtype, device: str | torch.device = "cpu",
+                 plan: ShardPlan | None = None) -> dict[str, torch.Tensor]:
+    """Every canonical tensor, converted to `dtype` on `device`; with a tensor-parallel `plan`, only the
+    rank's slices, each read alone from the memory-mapped file."""
     tensors: dict[str, torch.Tensor] = {}
     for path, names in weights.by_file():
         try:
             with safe_open(str(path), framework="pt", device="cpu") as handle:
                 for name, key in names.items():
-                    tensors[name] = handle.get_tensor(key).to(device=device, dtype=dtype)
+                    part = plan.part(name) if plan is not None else None
+                    if plan is not None and not plan.reads(name):
+                        continue
+                    if part is None:
+                        tensor = handle.get_tensor(key)
+                    else:
+                        tensor = handle.get_slice(key)[(slice(None),) * part.dim + (slice(part.start, part.stop),)]
+                    tensors[name] = tensor.to(device=device, dtype=dtype)
         except WeightsError:
             raise
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types

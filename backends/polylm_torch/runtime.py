@@ -10,6 +10,7 @@ import torch
 from polylm.backend import Cache, Runtime, Step
 from polylm.errors import InputError
 from polylm.ir import ALiBi, ModelIR
+from polylm.parallel import ShardPlan
 from polylm.positions import alibi_slopes, rope_frequencies_per_row
 from polylm.weights import Weights
 
@@ -32,20 +33,23 @@ class TorchRuntime(Runtime):
     """Runs a `ModelIR` with torch tensors on one device."""
 
     def __init__(self, ir: ModelIR, weights: Weights, dtype: str, device: str = "cpu",
-                 ops: TorchOps | None = None) -> None:
+                 ops: TorchOps | None = None, plan: ShardPlan | None = None) -> None:
         self.ir, self.dtype, self.device = ir, dtype, torch.device(device)
         self.torch_dtype = TORCH_DTYPES[dtype]
         self.ops = ops or TorchOps()
-        self.params = build_params(ir, read_tensors(weights, self.torch_dtype, self.device))
+        # a tensor-parallel rank computes its own heads, MLP range and vocabulary rows (`polylm.parallel`)
+        self.plan, self.local = plan, plan.local_ir if plan is not None else ir
+        self.params = build_params(self.local, read_tensors(weights, self.torch_dtype, self.device, plan))
         attn = ir.attention
-        self.alibi = (torch.from_numpy(alibi_slopes(attn)).to(self.device)
+        heads = slice(plan.heads.start, plan.heads.stop) if plan is not None else slice(None)
+        self.alibi = (torch.from_numpy(alibi_slopes(attn)[heads].copy()).to(self.device)
                       if isinstance(attn.position, ALiBi) else None)
         # the embedding scale as a value of the compute dtype (Gemma multiplies by √hidden rounded to it)
         self.embed_scale = float(torch.tensor(ir.embedding.scale, dtype=self.torch_dtype))
         self._frequencies: tuple[bytes, torch.Tensor] | None = None  # the last upload, reused while unchanged
 
     def new_cache(self, batch: int, capacity: int) -> TorchCache:
-        attn = self.ir.attention
+        attn = self.local.attention
         shape = (batch, attn.num_kv_heads, capacity, attn.head_dim)
 
         def make() -> list[torch.Tensor]:
@@ -96,14 +100,21 @@ class TorchRuntime(Runtime):
         (`TritonOps`) a CUDA graph can capture it and replay it on new contents of the same step tensors.
         """
         rotary = self._rotary(step) if step.inv_freq is not None else None
-        x = self.ops.embed(step.input_ids, self.params.embed, self.embed_scale, self.params.embed_norm)
+        if self.plan is None:
+            x = self.ops.embed(step.input_ids, self.params.embed, self.embed_scale, self.params.embed_norm)
+        else:
+            x = self.ops.embed_rows(step.input_ids, self.params.embed, self.plan.vocab.start, self.embed_scale,
+                                    self.params.embed_norm)
         delta = None
         for index, layer in enumerate(self.params.layers):
             x, delta = self._block(x, delta, layer, cache, index, step, rotary)
         _, x = self.ops.add_norm(x, delta, self.params.final_norm)
         if step.gather is not None:
             x = self.ops.gather(x, step.gather)
-        return self.ops.linear(x, self.params.head, self.params.head_bias)
+        out = self.ops.linear(x, self.params.head, self.params.head_bias)
+        if self.plan is not None and self.plan.head_rows is not None:
+            out = self.ops.gather_columns(out, self.plan.head_sizes)
+        return out
 
     def _block(self, x: torch.Tensor, delta: torch.Tensor | None, layer: LayerParams, cache: TorchCache, index: int,
                step: StepTensors, rotary: tuple[torch.Tensor, torch.Tensor] | None,
@@ -117,15 +128,15 @@ class TorchRuntime(Runtime):
         x, normed = self.ops.add_norm(residual, attended, layer.mlp_norm)
         residual = normed if block.residual_from_normed else x
         hidden = self.ops.activation(self.ops.linear(normed, layer.up, layer.up_bias), block.mlp)
-        return residual, self.ops.linear(hidden, layer.down, layer.down_bias)
+        return residual, self.ops.reduce(self.ops.linear(hidden, layer.down, layer.down_bias))
 
     def _attention(self, x: torch.Tensor, layer: LayerParams, cache: TorchCache, index: int, step: StepTensors,
                    rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        attn = self.ir.attention
+        attn = self.local.attention
         keys, values = cache.keys[index], cache.values[index]
         q = self.ops.rope_and_cache(self.ops.linear(x, layer.qkv, layer.qkv_bias), keys, values, rotary, step, attn)
         out = self.ops.attention(q, keys, values, step, attn)
-        return self.ops.linear(out, layer.out, layer.out_bias)
+        return self.ops.reduce(self.ops.linear(out, layer.out, layer.out_bias))
 
     def _rotary(self, step: StepTensors) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [batch, new, rotary_dim / 2], float32, for the new tokens' positions."""
