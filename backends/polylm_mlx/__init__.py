@@ -1,0 +1,58 @@
+"""The MLX backend: the IR lowered to Apple's MLX arrays; picked automatically on Apple silicon.
+
+On Linux the `mlx[cpu]` wheel runs the same code on the CPU; there it runs only when asked for by name.
+MLX is imported only when availability is checked or a model is lowered, so polylm installs without it.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+
+from polylm.backend import Availability, Backend, Runtime
+from polylm.errors import BackendError
+from polylm.hookspecs import hookimpl
+from polylm.ir import ModelIR
+from polylm.weights import Weights
+
+
+def _apple_silicon() -> bool:
+    return sys.platform == "darwin" and platform.machine() == "arm64"
+
+
+class MLXBackend(Backend):
+    name = "mlx"
+    priority = 20
+
+    @property
+    def install_hint(self) -> str:  # type: ignore[override]
+        if sys.platform == "darwin":
+            return 'pip install "polylm[mlx]"'
+        if sys.platform.startswith("linux"):
+            return 'pip install "mlx[cpu]"'
+        return ""
+
+    def availability(self) -> Availability:
+        try:
+            import mlx.core as mx
+        except Exception as exc:  # noqa: BLE001 - a broken install must not break choosing another backend
+            where = ("" if sys.platform == "darwin" or sys.platform.startswith("linux")
+                     else f"; MLX has no build for {sys.platform}")
+            return Availability(False, f"mlx does not import ({exc}){where}", auto=False)
+        device = f"mlx {mx.__version__} on {mx.default_device().type.name.upper()}"
+        if _apple_silicon():
+            return Availability(True, device)
+        return Availability(True, f"{device}; not Apple silicon, so only when asked for by name", auto=False)
+
+    def lower(self, ir: ModelIR, weights: Weights, dtype: str) -> Runtime:
+        if ir.quantization is not None:
+            raise BackendError("backend 'mlx' does not run weight-only quantized models yet; load without "
+                               "quantize=")
+        from .runtime import MLXRuntime
+
+        return MLXRuntime(ir, weights, dtype)
+
+
+@hookimpl
+def polylm_backends() -> list[Backend]:
+    return [MLXBackend()]

@@ -1,0 +1,78 @@
+"""The MLX backend's primitive operations, one per IR feature.
+
+`mx.fast` kernels are used where their semantics are the IR's: RMSNorm on float32 input (so the weight
+multiply happens in float32, as the IR says), LayerNorm, and attention with an additive bias. RoPE is composed
+here because each row has its own positions and frequencies, which `mx.fast.rope`'s scalar offset cannot say.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from polylm.ir import MLP, Attention
+
+from .params import NormParams
+
+
+def norm(x: mx.array, p: NormParams) -> mx.array:
+    """LayerNorm in the compute dtype, or RMSNorm computed in float32 and rounded back to x's dtype."""
+    if p.spec.kind == "layer":
+        return mx.fast.layer_norm(x, p.weight, p.bias, p.spec.eps)
+    h = mx.fast.rms_norm(x.astype(mx.float32), p.weight, p.spec.eps)
+    if p.bias is not None:
+        h = h + p.bias.astype(mx.float32)
+    return h.astype(x.dtype)
+
+
+def linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
+    """x @ weight (+ bias), weight [in, out] (see `params`)."""
+    if bias is None:
+        return x @ weight
+    return mx.addmm(bias, x, weight)
+
+
+def rotary(positions: mx.array, inv_freq: mx.array, factor: float, dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
+    """cos and sin [batch, 1, new, rotary_dim / 2] in `dtype` for query `positions` [batch, new];
+    `inv_freq` is [batch or 1, rotary_dim / 2] (see `polylm.positions.rope_frequencies_per_row`)."""
+    angles = positions.astype(mx.float32)[..., None] * inv_freq[:, None, :]
+    cos, sin = mx.cos(angles), mx.sin(angles)
+    if factor != 1.0:
+        cos, sin = cos * factor, sin * factor
+    return cos.astype(dtype)[:, None], sin.astype(dtype)[:, None]
+
+
+def rope(x: mx.array, cos: mx.array, sin: mx.array, attn: Attention) -> mx.array:
+    """Rotate the first rotary dims of x [batch, heads, seq, head_dim]."""
+    rot = attn.rotary_dim
+    x_rot = x[..., :rot] if rot < attn.head_dim else x
+    if attn.position.interleaved:
+        even, odd = x_rot[..., 0::2], x_rot[..., 1::2]
+        rotated = mx.stack((even * cos - odd * sin, odd * cos + even * sin), axis=-1).reshape(x_rot.shape)
+    else:
+        first, second = x_rot[..., : rot // 2], x_rot[..., rot // 2:]
+        rotated = mx.concatenate((first * cos - second * sin, second * cos + first * sin), axis=-1)
+    return mx.concatenate((rotated, x[..., rot:]), axis=-1) if rot < attn.head_dim else rotated
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, bias: mx.array, attn: Attention) -> mx.array:
+    """q [batch, heads, new, d]; k/v [batch, kv_heads, keys, d] (GQA handled by the kernel);
+    bias [batch, 1|heads, new, keys] in the compute dtype."""
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=attn.softmax_scale, mask=bias)
+
+
+def activation(h: mx.array, mlp: MLP) -> mx.array:
+    """The MLP's activation, applied to [gate; up] halves when gated."""
+    if mlp.gated:
+        gate, up = mx.split(h, 2, axis=-1)
+        return _ACTIVATIONS[mlp.activation](gate) * up
+    return _ACTIVATIONS[mlp.activation](h)
+
+
+_ACTIVATIONS = {
+    "silu": nn.silu,
+    "gelu_tanh": nn.gelu_approx,  # 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))
+    "gelu": nn.gelu,  # exact, with erf
+    "relu": nn.relu,
+    "relu2": nn.relu2,
+}

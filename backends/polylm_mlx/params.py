@@ -1,0 +1,135 @@
+"""Reading canonical tensors from safetensors straight into MLX arrays, in the layout the runtime computes with.
+
+Each layer gets one [q; k; v] and one [gate; up] matrix (see `polylm.lowering`); norm weights carry their
+offset already. `mx.load` reads safetensors itself, so bf16 weights never pass through numpy or torch.
+
+Projection matrices are operands of `x @ w`, [in, out]. Usually that is a free transposed view of the stored
+[out, in] tensor, the layout MLX's Metal kernels and its CPU half-precision kernels are fastest with; float32 on
+the CPU goes through BLAS, which multiplies a contiguous [in, out] copy about 2× faster, so it gets one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, is_dataclass
+from typing import Iterator
+
+import mlx.core as mx
+
+from polylm.errors import WeightsError
+from polylm.ir import Block, ModelIR, Norm
+from polylm.lowering import qkv_parts, qkv_row_order, up_parts
+from polylm.weights import Weights
+
+MX_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+@dataclass
+class NormParams:
+    spec: Norm
+    weight: mx.array  # float32 for RMSNorm (computed in float32), compute dtype for LayerNorm
+    bias: mx.array | None
+
+
+@dataclass
+class LayerParams:
+    attn_norm: NormParams
+    qkv: mx.array  # [in, out], as are all matrices here
+    qkv_bias: mx.array | None
+    out: mx.array
+    out_bias: mx.array | None
+    mlp_norm: NormParams
+    up: mx.array  # [gate; up] when gated
+    up_bias: mx.array | None
+    down: mx.array
+    down_bias: mx.array | None
+
+
+@dataclass
+class ModelParams:
+    embed: mx.array
+    embed_norm: NormParams | None
+    layers: list[LayerParams]
+    final_norm: NormParams
+    head: mx.array  # [hidden, out]; a transposed view of `embed` when tied
+    head_bias: mx.array | None
+
+
+def read_tensors(weights: Weights, dtype: mx.Dtype) -> dict[str, mx.array]:
+    """Every canonical tensor as an MLX array of `dtype` (each file opened once)."""
+    tensors: dict[str, mx.array] = {}
+    for path, names in weights.by_file():
+        try:
+            stored = mx.load(str(path), format="safetensors")
+        except Exception as exc:  # noqa: BLE001 - mlx raises plain RuntimeError/ValueError
+            raise WeightsError(f"{path}: cannot read tensor data ({exc})") from None
+        for name, key in names.items():
+            tensors[name] = stored[key].astype(dtype)
+    return tensors
+
+
+def build_params(ir: ModelIR, tensors: dict[str, mx.array]) -> ModelParams:
+    """Group canonical tensors into the runtime's layout and materialize them (consumes `tensors`).
+
+    `mx.load` is lazy, so each layer is evaluated as it is built: the file is read and any layout copy made
+    one layer at a time, and peak memory stays near the model's own size.
+    """
+    embed = tensors.pop("embed.weight")
+    embed_norm = _norm(ir.embedding.norm, tensors, "embed.norm") if ir.embedding.norm else None
+    layers = []
+    for index in range(ir.num_layers):
+        layers.append(_layer(ir.block, tensors, f"layers.{index}"))
+        mx.eval(list(_arrays(layers[-1])))
+    final_norm = _norm(ir.final_norm, tensors, "final_norm")
+    head = embed.T if ir.head.tied_to_embedding else _matrix(tensors.pop("head.weight"))
+    params = ModelParams(embed, embed_norm, layers, final_norm, head, tensors.pop("head.bias", None))
+    mx.eval(list(_arrays(params)))
+    return params
+
+
+def _arrays(node: object) -> Iterator[mx.array]:
+    """Every array held by a params dataclass, recursively."""
+    if isinstance(node, mx.array):
+        yield node
+    elif isinstance(node, list):
+        for item in node:
+            yield from _arrays(item)
+    elif is_dataclass(node):
+        for field in fields(node):
+            yield from _arrays(getattr(node, field.name))
+
+
+def _norm(spec: Norm, tensors: dict[str, mx.array], prefix: str) -> NormParams:
+    stored = tensors.pop(f"{prefix}.weight")
+    weight = stored.astype(mx.float32) + spec.weight_offset
+    if spec.kind == "layer":
+        weight = weight.astype(stored.dtype)
+    return NormParams(spec, weight, tensors.pop(f"{prefix}.bias", None))
+
+
+def _matrix(stored: mx.array) -> mx.array:
+    """A stored [out, in] projection as the [in, out] operand of `x @ w` (see the module docstring)."""
+    if stored.dtype == mx.float32 and mx.default_device().type == mx.cpu:
+        return mx.contiguous(stored.T)
+    return stored.T
+
+
+def _fuse(tensors: dict[str, mx.array], names: tuple[str, ...]) -> mx.array:
+    parts = [tensors.pop(name) for name in names]
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)
+
+
+def _layer(block: Block, tensors: dict[str, mx.array], prefix: str) -> LayerParams:
+    attn, mlp = block.attention, block.mlp
+    qkv = _fuse(tensors, qkv_parts(attn, prefix, "weight"))
+    qkv_bias = _fuse(tensors, qkv_parts(attn, prefix, "bias")) if attn.qkv_bias else None
+    order = qkv_row_order(attn)
+    if order is not None:
+        rows = mx.array(order)
+        qkv = qkv[rows]
+        qkv_bias = qkv_bias[rows] if qkv_bias is not None else None
+    up = _fuse(tensors, up_parts(mlp, prefix, "weight"))
+    up_bias = _fuse(tensors, up_parts(mlp, prefix, "bias")) if mlp.bias else None
+    return LayerParams(_norm(block.attn_norm, tensors, f"{prefix}.attn_norm"), _matrix(qkv), qkv_bias,
+                       _matrix(tensors.pop(f"{prefix}.attn.o.weight")), tensors.pop(f"{prefix}.attn.o.bias", None),
+                       _norm(block.mlp_norm, tensors, f"{prefix}.mlp_norm"), _matrix(up), up_bias,
+                       _matrix(tensors.pop(f"{prefix}.mlp.down.weight")), tensors.pop(f"{prefix}.mlp.down.bias", None))
