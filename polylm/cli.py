@@ -120,6 +120,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="DIR", help="model directory (config.json, *.safetensors)")
     parser.add_argument("--backend", default="auto", metavar="NAME", help="auto (default), torch, mlx or triton")
     parser.add_argument("--dtype", default=None, metavar="D", help="float32, bfloat16 or float16 (default: as stored)")
+    parser.add_argument("--tp", type=int, default=1, metavar="N",
+                        help="tensor parallelism: shard the model over N ranks (started here, or by torchrun)")
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -166,6 +168,8 @@ def _chat(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
+    if args.tp != 1:
+        raise InputError("polylm bench runs one process; benchmarks/bench_tp.py measures tensor parallelism")
     if args.threads is not None:
         if args.threads < 1:
             raise InputError(f"--threads must be ≥ 1, got {args.threads}")
@@ -210,6 +214,10 @@ def _plugins(args: argparse.Namespace) -> None:
 def _load(args: argparse.Namespace):
     from .loading import load
 
+    if args.tp != 1:
+        from .parallel import load_ranked
+
+        return load_ranked(args.model, args.tp, args.argv, backend=args.backend, dtype=args.dtype)
     return load(args.model, backend=args.backend, dtype=args.dtype)
 
 
@@ -262,6 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `polylm` console script; returns the exit status."""
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # what ranks started by --tp run
         if args.quiet:
             os.environ["POLYLM_QUIET"] = "1"
         args.handler(args)

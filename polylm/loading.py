@@ -80,6 +80,14 @@ def load(path: str | Path, *, backend: str = "auto", task: str | None = None, dt
     return Model(ir, runtime, tokenizer, backend=chosen.name, path=directory)
 
 
+def model_ir(path: str | Path, *, task: str | None = None) -> ModelIR:
+    """The IR of a checkpoint, from its config alone (no tensor is read)."""
+    directory = resolve_model(path)
+    config = ConfigView.from_dir(directory)
+    family = registry().family(config.get("model_type", kind=str), str(config.path))
+    return family.to_ir(config, task or infer_task(config))
+
+
 def _check_layer_count(ir: ModelIR, checkpoint: Checkpoint, config: ConfigView) -> None:
     """Refuse a config declaring more layers than the checkpoint could hold, before enumerating them."""
     one, two = (len(replace(ir, num_layers=n).tensor_shapes()) for n in (1, 2))

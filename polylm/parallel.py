@@ -26,7 +26,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, replace
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -223,6 +223,8 @@ class Driver(Runtime):
         self._ids = itertools.count()
         self._freed: list[int] = []
         self._stopped = False
+        #: turns an engine error into the error to raise (a launcher names the rank that died)
+        self.explain: Callable[[BaseException], BaseException] = lambda error: error
         atexit.register(self.release)
 
     def new_cache(self, batch: int, capacity: int) -> Cache:
@@ -238,8 +240,8 @@ class Driver(Runtime):
         try:
             return self.local.forward(step, cache)
         except RuntimeError as exc:  # the engine's own error when a rank is gone
-            raise ParallelError(f"tensor-parallel forward pass failed on rank 0 of {self.local.plan.shard.world_size}"
-                                f": {exc}") from None
+            raise self.explain(ParallelError(f"tensor-parallel forward pass failed on rank 0 of "
+                                             f"{self.local.plan.shard.world_size}: {exc}")) from None
 
     def release(self) -> None:
         """Let the other ranks' `follow` return (once; also run at exit)."""
@@ -257,7 +259,7 @@ class Driver(Runtime):
         try:
             self.local.broadcast((message[0], freed, message[1:]))
         except RuntimeError as exc:
-            raise ParallelError(f"tensor-parallel rank 0 cannot reach the other ranks: {exc}") from None
+            raise self.explain(ParallelError(f"tensor-parallel rank 0 cannot reach the other ranks: {exc}")) from None
 
 
 class Follower(Runtime):
@@ -418,6 +420,30 @@ class Launch:
         for child in self.children.values():
             if child.poll() is None:
                 child.kill()
+
+
+def load_ranked(path: str, world_size: int, argv: Sequence[str], **options: Any):
+    """The command line's `--tp N`: load rank 0's model of an N-rank job and return it; on the other ranks,
+    follow rank 0 and exit when it is done. Outside torchrun (no RANK in the environment) this process starts
+    ranks 1…N-1 on this machine first — after checking that the model shards N ways."""
+    from .loading import load, model_ir
+
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ParallelError(f"--tp must be an integer ≥ 1, got {world_size!r}")
+    launch = None
+    if rank_env() is None:
+        plan_shards(model_ir(path, task=options.get("task")), Shard(0, world_size))
+        launch = Launch(argv, world_size)
+    try:
+        model = load(path, tensor_parallel=world_size, **options)
+    except (ParallelError, RuntimeError) as exc:
+        raise launch.explain(exc) if launch is not None else exc
+    if isinstance(model.runtime, Follower):
+        follow(model)
+        sys.exit(0)
+    if launch is not None:
+        model.runtime.explain = launch.explain
+    return model
 
 
 def watch_parent() -> None:
