@@ -179,7 +179,8 @@ class GemvBase {
   }
 
   void large_m(const at::Tensor& x2, at::Tensor& out) {
-    // bf16 arithmetic only where the CPU has it and the weight is exactly representable (bf16 or quantized).
+    // bf16 arithmetic only for bf16 x on CPUs with native bf16 dot products, and only for weights that a bf16
+    // model would hold anyway: bf16 (exact) or dequantized int8/int4 (rounded once). fp16/fp32 weights: fp32.
     const bool bf16 = x2.scalar_type() == at::kBFloat16 && native_bf16_ && bf16_compute_ok();
     const auto cdt = bf16 ? at::kBFloat16 : at::kFloat;
     const at::Tensor xc = x2.to(cdt);

@@ -15,7 +15,8 @@
 namespace polylm_gemv {
 
 // ----------------------------------------------------------------------------------------------------------
-// AVX-512 (F, BW, VL, DQ, VNNI)
+// AVX-512 (F, BW, VL, DQ, VNNI). Measured on Zen 4 (2 threads, weights from DRAM): no software prefetch and
+// 2 streams per thread read closest to the plain-read ceiling; 3-4 streams were equal or slightly worse.
 // ----------------------------------------------------------------------------------------------------------
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
@@ -64,7 +65,6 @@ static void float_blocks(const FloatArgs& a, const int64_t* blk) {
 #pragma GCC unroll 8
     for (int s = 0; s < S; ++s) {
       const uint8_t* p = wp[s] + c * kChunkBytes;
-      _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes), _MM_HINT_T0);
       __m512 w[kK];
       load_chunk<KIND>(p, w);
 #pragma GCC unroll 4
@@ -111,7 +111,6 @@ static void quant_blocks(const QuantArgs& a, const int64_t* blk) {
 #pragma GCC unroll 8
       for (int s = 0; s < S; ++s) {
         const uint8_t* p = wp[s] + c * kChunkBytes;
-        _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes), _MM_HINT_T0);
         const __m512i raw = _mm512_loadu_si512(p);
         if constexpr (!kInt4) {
 #pragma GCC unroll 4
@@ -298,25 +297,25 @@ static void quant_unpack(const UnpackArgs& a, int64_t b0, int64_t b, int64_t b_e
 }
 
 static void fill_kernels(Kernels& k) {
-  k.float_blocks[kBF16][0] = &float_blocks<kBF16, 1, 4>;
+  k.float_blocks[kBF16][0] = &float_blocks<kBF16, 1, 2>;
   k.float_blocks[kBF16][1] = &float_blocks<kBF16, 2, 2>;
   k.float_blocks[kBF16][2] = &float_blocks<kBF16, 4, 2>;
-  k.float_blocks[kF16][0] = &float_blocks<kF16, 1, 4>;
+  k.float_blocks[kF16][0] = &float_blocks<kF16, 1, 2>;
   k.float_blocks[kF16][1] = &float_blocks<kF16, 2, 2>;
   k.float_blocks[kF16][2] = &float_blocks<kF16, 4, 2>;
-  k.float_blocks[kF32][0] = &float_blocks<kF32, 1, 4>;
+  k.float_blocks[kF32][0] = &float_blocks<kF32, 1, 2>;
   k.float_blocks[kF32][1] = &float_blocks<kF32, 2, 2>;
   k.float_blocks[kF32][2] = &float_blocks<kF32, 4, 2>;
-  k.quant_blocks[kInt8][0] = &quant_blocks<kInt8, 1, 4>;
+  k.quant_blocks[kInt8][0] = &quant_blocks<kInt8, 1, 2>;
   k.quant_blocks[kInt8][1] = &quant_blocks<kInt8, 2, 2>;
   k.quant_blocks[kInt8][2] = &quant_blocks<kInt8, 4, 1>;
-  k.quant_blocks[kInt4Sym][0] = &quant_blocks<kInt4Sym, 1, 4>;
+  k.quant_blocks[kInt4Sym][0] = &quant_blocks<kInt4Sym, 1, 2>;
   k.quant_blocks[kInt4Sym][1] = &quant_blocks<kInt4Sym, 2, 2>;
   k.quant_blocks[kInt4Sym][2] = &quant_blocks<kInt4Sym, 4, 1>;
-  k.quant_blocks[kInt4Asym][0] = &quant_blocks<kInt4Asym, 1, 4>;
+  k.quant_blocks[kInt4Asym][0] = &quant_blocks<kInt4Asym, 1, 2>;
   k.quant_blocks[kInt4Asym][1] = &quant_blocks<kInt4Asym, 2, 2>;
   k.quant_blocks[kInt4Asym][2] = &quant_blocks<kInt4Asym, 4, 1>;
-  const int fs[3] = {4, 2, 2}, qs[3] = {4, 2, 1};
+  const int fs[3] = {2, 2, 2}, qs[3] = {2, 2, 1};
   for (int i = 0; i < 3; ++i) k.float_streams[i] = fs[i], k.quant_streams[i] = qs[i];
   k.float_unpack[kBF16] = &float_unpack<kBF16>;
   k.float_unpack[kF16] = &float_unpack<kF16>;
@@ -354,7 +353,6 @@ static void bf16_dot_blocks(const FloatArgs& a, const int64_t* blk) {
 #pragma GCC unroll 8
     for (int s = 0; s < S; ++s) {
       const uint8_t* p = wp[s] + c * kChunkBytes;
-      _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes), _MM_HINT_T0);
       const __m512i raw = _mm512_loadu_si512(p);
 #pragma GCC unroll 4
       for (int m = 0; m < M; ++m) acc[s][m] = _mm512_dpbf16_ps(acc[s][m], (__m512bh)raw, (__m512bh)xv[m]);
@@ -369,10 +367,10 @@ static void bf16_dot_blocks(const FloatArgs& a, const int64_t* blk) {
 }
 
 static void fill_kernels(Kernels& k) {
-  k.bf16_dot_blocks[0] = &bf16_dot_blocks<1, 4>;
+  k.bf16_dot_blocks[0] = &bf16_dot_blocks<1, 2>;
   k.bf16_dot_blocks[1] = &bf16_dot_blocks<2, 2>;
   k.bf16_dot_blocks[2] = &bf16_dot_blocks<4, 2>;
-  const int ds[3] = {4, 2, 2};
+  const int ds[3] = {2, 2, 2};
   for (int i = 0; i < 3; ++i) k.dot_streams[i] = ds[i];
 }
 
@@ -385,6 +383,11 @@ static void fill_kernels(Kernels& k) {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
+
+// Software prefetch distance per stream. On the Zen 3 AVX2 machine of PERF_NOTES it was neutral for weights in
+// DRAM and 2-3x faster for L3-resident ones; on the Zen 4 AVX-512 machine it cost 10-15% from DRAM and was
+// neutral from L3, so the AVX-512 kernels do without.
+constexpr int kPrefetchBytes = 1024;
 
 static inline __m256 bf16x8_to_fp32(const uint16_t* p) {
   __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));

@@ -14,7 +14,6 @@ namespace polylm_gemv {
 
 constexpr int kRows = 16;            // output rows per block (one AVX-512 vector of fp32)
 constexpr int kChunkBytes = 64;      // bytes per block per k-chunk: 16 rows x 4 bytes
-constexpr int kPrefetchBytes = 1024; // software prefetch distance per stream (helps L3-resident weights)
 constexpr int kMaxM = 4;             // x rows per kernel pass
 constexpr int kMaxStreams = 8;
 
