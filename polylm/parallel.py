@@ -361,7 +361,6 @@ class Launch:
     def __init__(self, argv: Sequence[str], world_size: int, grace_s: float = 5.0) -> None:
         self.world_size = world_size
         self.grace_s = grace_s
-        self.failed: str | None = None
         self.done = False
         port = free_port()
         base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world_size),
@@ -376,32 +375,37 @@ class Launch:
         threading.Thread(target=self._watch, name="polylm-tp-watch", daemon=True).start()
         atexit.register(self.finish)
 
+    def _dead(self) -> str | None:
+        """Which rank failed, if one did."""
+        for rank, child in self.children.items():
+            code = child.poll()
+            if code is not None and code != 0:
+                how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+                return f"tensor-parallel rank {rank} of {self.world_size} (pid {child.pid}) {how}"
+        return None
+
     def _watch(self) -> None:
         while not self.done:
-            for rank, child in self.children.items():
-                code = child.poll()
-                if code is not None and code != 0 and not self.done:
-                    how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
-                    self.failed = f"tensor-parallel rank {rank} of {self.world_size} (pid {child.pid}) {how}"
-                    deadline = time.monotonic() + self.grace_s
-                    while time.monotonic() < deadline and not self.done:  # let rank 0 fail on its own first
-                        time.sleep(0.05)
-                    if not self.done:
-                        print(f"polylm: error: {self.failed}; ending the job", file=sys.stderr, flush=True)
-                        self._kill()
-                        os._exit(1)
-                    return
+            failed = self._dead()
+            if failed is not None:
+                deadline = time.monotonic() + self.grace_s
+                while time.monotonic() < deadline and not self.done:  # let rank 0 fail on its own first
+                    time.sleep(0.05)
+                if not self.done:
+                    print(f"polylm: error: {failed}; ending the job", file=sys.stderr, flush=True)
+                    self._kill()
+                    os._exit(1)
+                return
             time.sleep(0.05)
 
-    def explain(self, error: BaseException) -> ParallelError:
-        """`error` of rank 0, with the dead rank named when the watcher saw one."""
-        for _ in range(20):  # a dead child's exit may be seen a moment after its socket closed
-            if self.failed or all(c.poll() is None for c in self.children.values()):
-                break
+    def explain(self, error: BaseException) -> BaseException:
+        """`error` of rank 0, naming the rank that died when one did."""
+        deadline = time.monotonic() + 2.0  # a killed rank's socket closes a moment before its exit is seen
+        while (failed := self._dead()) is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        if self.failed:
-            return ParallelError(f"{self.failed}; the job stopped ({error})")
-        return error if isinstance(error, ParallelError) else ParallelError(str(error))
+        if failed is not None:
+            return ParallelError(f"{failed}; the job stopped ({error})")
+        return error
 
     def finish(self, timeout_s: float = 10.0) -> None:
         """Wait (bounded) for the other ranks to leave after rank 0 released them, then stop any that did not."""
