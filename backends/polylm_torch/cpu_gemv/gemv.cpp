@@ -15,6 +15,7 @@
 #include <cstring>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace polylm_gemv {
@@ -33,39 +34,47 @@ static uint8_t* scratch(size_t bytes) {
 
 static inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
-// Runs one kernel pass over all blocks: each thread takes a contiguous range of blocks and walks S sub-ranges
-// of it in lockstep (S long sequential streams); the few leftover blocks go S at a time, the last repeated.
+// Runs the kernel over all blocks: each thread takes a contiguous range of blocks and walks S sub-ranges of it
+// in lockstep (S long sequential streams); the few leftover blocks go S at a time, the last repeated. With
+// several 4-row groups of x (one Args each), every group runs on a set of blocks before the next set is
+// loaded, so the weights come from memory once and from L1/L2 for the other groups.
 template <class Args>
-static void run_blocks(void (*kernel)(const Args&, const int64_t*), int streams, const Args& args, int64_t nblocks,
-                       int64_t block_bytes) {
+static void run_blocks(void (*kernel)(const Args&, const int64_t*), int streams, const std::vector<Args>& groups,
+                       int64_t nblocks, int64_t block_bytes) {
   const int64_t grain = std::max<int64_t>(1, (int64_t{64} << 10) / std::max<int64_t>(block_bytes, 1));
   at::parallel_for(0, nblocks, grain, [&](int64_t begin, int64_t end) {
     const int64_t per = (end - begin) / streams;
     int64_t blk[kMaxStreams];
     for (int64_t i = 0; i < per; ++i) {
       for (int s = 0; s < streams; ++s) blk[s] = begin + s * per + i;
-      kernel(args, blk);
+      for (const Args& a : groups) kernel(a, blk);
     }
     for (int64_t b = begin + streams * per; b < end; b += streams) {
       for (int s = 0; s < streams; ++s) blk[s] = std::min(b + s, end - 1);
-      kernel(args, blk);
+      for (const Args& a : groups) kernel(a, blk);
     }
   });
 }
 
-// Converts x rows [m0, m0 + rows) to fp32 (zero padded to kpad) in dst.
-static void x_to_fp32(const at::Tensor& x2, int64_t m0, int64_t rows, int64_t K, int64_t kpad, float* dst) {
+// Rows of x a kernel call handles, and the total (x padded with zero rows to a whole number of calls).
+static std::pair<int, int64_t> kernel_rows(int64_t M) {
+  if (M <= kMaxM) return {kernel_m(M), kernel_m(M)};
+  return {kMaxM, round_up(M, kMaxM)};
+}
+
+// Converts the rows of x2 [rows, K] to fp32 (zero padded to kpad) in dst.
+static void x_to_fp32(const at::Tensor& x2, int64_t rows, int64_t K, int64_t kpad, float* dst) {
   for (int64_t m = 0; m < rows; ++m) {
     float* d = dst + m * kpad;
     switch (x2.scalar_type()) {
-      case at::kFloat: std::memcpy(d, x2.const_data_ptr<float>() + (m0 + m) * K, K * sizeof(float)); break;
+      case at::kFloat: std::memcpy(d, x2.const_data_ptr<float>() + m * K, K * sizeof(float)); break;
       case at::kBFloat16: {
-        const c10::BFloat16* s = x2.const_data_ptr<c10::BFloat16>() + (m0 + m) * K;
+        const c10::BFloat16* s = x2.const_data_ptr<c10::BFloat16>() + m * K;
         for (int64_t k = 0; k < K; ++k) d[k] = static_cast<float>(s[k]);
         break;
       }
       case at::kHalf: {
-        const c10::Half* s = x2.const_data_ptr<c10::Half>() + (m0 + m) * K;
+        const c10::Half* s = x2.const_data_ptr<c10::Half>() + m * K;
         for (int64_t k = 0; k < K; ++k) d[k] = static_cast<float>(s[k]);
         break;
       }
@@ -75,19 +84,19 @@ static void x_to_fp32(const at::Tensor& x2, int64_t m0, int64_t rows, int64_t K,
   }
 }
 
-// Writes y rows (fp32, row stride ldy) into out rows [m0, m0 + rows) of an [M, N] tensor of any float dtype.
-static void store_output(const float* y, int64_t ldy, int64_t rows, at::Tensor& out, int64_t m0, int64_t N) {
+// Writes y rows (fp32, row stride ldy) into the first `rows` rows of an [M, N] tensor of any float dtype.
+static void store_output(const float* y, int64_t ldy, int64_t rows, at::Tensor& out, int64_t N) {
   for (int64_t m = 0; m < rows; ++m) {
     const float* s = y + m * ldy;
     switch (out.scalar_type()) {
-      case at::kFloat: std::memcpy(out.data_ptr<float>() + (m0 + m) * N, s, N * sizeof(float)); break;
+      case at::kFloat: std::memcpy(out.data_ptr<float>() + m * N, s, N * sizeof(float)); break;
       case at::kBFloat16: {
-        c10::BFloat16* d = out.data_ptr<c10::BFloat16>() + (m0 + m) * N;
+        c10::BFloat16* d = out.data_ptr<c10::BFloat16>() + m * N;
         for (int64_t n = 0; n < N; ++n) d[n] = c10::BFloat16(s[n]);
         break;
       }
       case at::kHalf: {
-        c10::Half* d = out.data_ptr<c10::Half>() + (m0 + m) * N;
+        c10::Half* d = out.data_ptr<c10::Half>() + m * N;
         for (int64_t n = 0; n < N; ++n) d[n] = c10::Half(s[n]);
         break;
       }
@@ -142,7 +151,7 @@ class GemvBase {
     at::Tensor out = at::empty({M, N_}, x.options());
     if (M > 0 && N_ > 0) {
       if (M <= kernel_rows_) {
-        for (int64_t m0 = 0; m0 < M; m0 += kMaxM) small_m(x2, m0, std::min<int64_t>(kMaxM, M - m0), out);
+        small_m(x2, out);
       } else {
         large_m(x2, out);
       }
@@ -162,7 +171,8 @@ class GemvBase {
   int64_t out_features() const { return N_; }
 
  protected:
-  virtual void small_m(const at::Tensor& x2, int64_t m0, int64_t rows, at::Tensor& out) = 0;
+  // The kernel path for all M rows of x2 (M <= kernel_rows_).
+  virtual void small_m(const at::Tensor& x2, at::Tensor& out) = 0;
   virtual UnpackArgs unpack_args() const = 0;
   virtual UnpackFn unpacker() const = 0;
   virtual bool stored_bf16() const { return false; }
@@ -209,8 +219,8 @@ class GemvBase {
   const Kernels* kernels_ = nullptr;
 };
 
-// Scratch for one kernel pass: x rows padded to the kernel's M with zero rows; y goes straight into `out`
-// when it is fp32, unpadded and every row is real, else into scratch and is converted afterwards.
+// Scratch for the kernel path: x rows padded to `mk` with zero rows; y goes straight into `out` when it is fp32,
+// unpadded and every row is real, else into scratch and is converted afterwards.
 struct PassBuffers {
   uint8_t* x;
   float* y;
@@ -218,13 +228,12 @@ struct PassBuffers {
   bool direct;
 };
 
-static PassBuffers pass_buffers(size_t x_bytes, int64_t rows, int mk, at::Tensor& out, int64_t m0, int64_t N,
-                                int64_t n_pad) {
-  const bool direct = out.scalar_type() == at::kFloat && N == n_pad && mk == rows;
+static PassBuffers pass_buffers(size_t x_bytes, int64_t M, int64_t mk, at::Tensor& out, int64_t N, int64_t n_pad) {
+  const bool direct = out.scalar_type() == at::kFloat && N == n_pad && mk == M;
   const size_t xb = static_cast<size_t>(round_up(static_cast<int64_t>(x_bytes), 64));
   uint8_t* buf = scratch(xb + (direct ? 0 : static_cast<size_t>(mk * n_pad) * sizeof(float)));
   std::memset(buf, 0, x_bytes);
-  if (direct) return {buf, out.data_ptr<float>() + m0 * N, N, true};
+  if (direct) return {buf, out.data_ptr<float>(), N, true};
   return {buf, reinterpret_cast<float*>(buf + xb), n_pad, false};
 }
 
@@ -248,30 +257,34 @@ class FloatGemv : public GemvBase {
   }
 
  protected:
-  void small_m(const at::Tensor& x2, int64_t m0, int64_t rows, at::Tensor& out) override {
-    const int mk = kernel_m(rows), slot = m_slot(mk);
+  void small_m(const at::Tensor& x2, at::Tensor& out) override {
+    const int64_t M = x2.size(0);
+    const auto [gm, mk] = kernel_rows(M);
+    const int slot = m_slot(gm);
     // bf16 x bf16 uses vdpbf16ps on bf16 pairs; everything else multiplies in fp32.
     const bool dot = use_dot_ && x2.scalar_type() == at::kBFloat16;
-    const size_t x_bytes = static_cast<size_t>(mk * kpad_) * (dot ? 2 : 4);
-    const PassBuffers pb = pass_buffers(x_bytes, rows, mk, out, m0, N_, n_pad_);
-    FloatArgs a{};
-    a.w = static_cast<const uint8_t*>(packed_.const_data_ptr());
-    a.nchunks = nchunks_;
-    a.bias = bias_.const_data_ptr<float>();
-    a.x = pb.x;
-    a.y = pb.y;
-    a.ldy = pb.ldy;
+    const int64_t esize = dot ? 2 : 4;
+    const PassBuffers pb = pass_buffers(static_cast<size_t>(mk * kpad_ * esize), M, mk, out, N_, n_pad_);
     if (dot) {
-      for (int64_t m = 0; m < rows; ++m)
-        std::memcpy(pb.x + m * kpad_ * 2, x2.const_data_ptr<c10::BFloat16>() + (m0 + m) * K_, K_ * 2);
-      a.ldx = kpad_ / 2;
-      run_blocks(kernels_->bf16_dot_blocks[slot], kernels_->dot_streams[slot], a, nblocks_, block_bytes());
+      for (int64_t m = 0; m < M; ++m)
+        std::memcpy(pb.x + m * kpad_ * 2, x2.const_data_ptr<c10::BFloat16>() + m * K_, K_ * 2);
     } else {
-      x_to_fp32(x2, m0, rows, K_, kpad_, reinterpret_cast<float*>(pb.x));
-      a.ldx = kpad_;
-      run_blocks(kernels_->float_blocks[kind_][slot], kernels_->float_streams[slot], a, nblocks_, block_bytes());
+      x_to_fp32(x2, M, K_, kpad_, reinterpret_cast<float*>(pb.x));
     }
-    if (!pb.direct) store_output(pb.y, pb.ldy, rows, out, m0, N_);
+    std::vector<FloatArgs> groups(mk / gm);
+    for (size_t g = 0; g < groups.size(); ++g) {
+      FloatArgs& a = groups[g];
+      a.w = static_cast<const uint8_t*>(packed_.const_data_ptr());
+      a.nchunks = nchunks_;
+      a.bias = bias_.const_data_ptr<float>();
+      a.ldx = dot ? kpad_ / 2 : kpad_;
+      a.x = pb.x + g * gm * kpad_ * esize;
+      a.y = pb.y + g * gm * pb.ldy;
+      a.ldy = pb.ldy;
+    }
+    if (dot) run_blocks(kernels_->bf16_dot_blocks[slot], kernels_->dot_streams[slot], groups, nblocks_, block_bytes());
+    else run_blocks(kernels_->float_blocks[kind_][slot], kernels_->float_streams[slot], groups, nblocks_, block_bytes());
+    if (!pb.direct) store_output(pb.y, pb.ldy, M, out, N_);
   }
 
   UnpackArgs unpack_args() const override {
@@ -322,54 +335,62 @@ class QuantGemv : public GemvBase {
   }
 
  protected:
-  void small_m(const at::Tensor& x2, int64_t m0, int64_t rows, at::Tensor& out) override {
-    const int mk = kernel_m(rows), slot = m_slot(mk);
+  void small_m(const at::Tensor& x2, at::Tensor& out) override {
+    const int64_t M = x2.size(0);
+    const auto [gm, mk] = kernel_rows(M);
+    const int slot = m_slot(gm);
     const bool asym = kind_ == kInt4Asym;
     const bool digits = kernels_->prep_digits != nullptr;
     // x: fp32 [mk][kpad] | digits [mk][3][kpad] | corrections [mk][NG][3] | xsum [mk][NG] | sx [mk]
     const int64_t xf = round_up(mk * kpad_ * 4, 64);
     const int64_t dg = digits ? round_up(mk * kDigits * kpad_, 64) : 0;
     const int64_t cr = round_up(mk * ngroups_ * kDigits * 4, 64), xs = round_up(mk * ngroups_ * 4, 64);
-    const PassBuffers pb = pass_buffers(static_cast<size_t>(xf + dg + cr + xs + 64), rows, mk, out, m0, N_, n_pad_);
+    const PassBuffers pb = pass_buffers(static_cast<size_t>(xf + dg + cr + xs + mk * 4), M, mk, out, N_, n_pad_);
     float* xfp = reinterpret_cast<float*>(pb.x);
+    int8_t* dig = reinterpret_cast<int8_t*>(pb.x + xf);
+    int32_t* corr = reinterpret_cast<int32_t*>(pb.x + xf + dg);
     float* xsum = reinterpret_cast<float*>(pb.x + xf + dg + cr);
-    x_to_fp32(x2, m0, rows, K_, kpad_, xfp);
-    QuantArgs a{};
-    a.w = packed_.const_data_ptr<uint8_t>();
-    a.chunks_per_group = group_ / quant_chunk_k(kind_);
-    a.ngroups = ngroups_;
-    a.scales = scales_.const_data_ptr();
-    a.mins = asym ? static_cast<const uint16_t*>(mins_.const_data_ptr()) : nullptr;
-    a.bias = bias_.const_data_ptr<float>();
-    a.xsum = xsum;
-    a.y = pb.y;
-    a.ldy = pb.ldy;
+    float* sx = reinterpret_cast<float*>(pb.x + xf + dg + cr + xs);
+    x_to_fp32(x2, M, K_, kpad_, xfp);
     if (digits) {
-      int8_t* dig = reinterpret_cast<int8_t*>(pb.x + xf);
-      int32_t* corr = reinterpret_cast<int32_t*>(pb.x + xf + dg);
-      float* sx = reinterpret_cast<float*>(pb.x + xf + dg + cr + xs);
       const int zero_point = kind_ == kInt8 ? 128 : kind_ == kInt4Sym ? 8 : 0;
       for (int64_t m = 0; m < mk; ++m)
         kernels_->prep_digits(xfp + m * kpad_, kpad_, group_, zero_point, asym, dig + m * kDigits * kpad_,
                               corr + m * ngroups_ * kDigits, xsum + m * ngroups_, sx + m);
-      a.xdigits = reinterpret_cast<const int32_t*>(dig);
-      a.corr = corr;
-      a.sx = sx;
-      a.ldx = kpad_ / 4;
-    } else {
-      if (asym)
-        for (int64_t m = 0; m < rows; ++m)
-          for (int64_t g = 0; g < ngroups_; ++g) {
-            const float* p = xfp + m * kpad_ + g * group_;
-            float s = 0.0f;
-            for (int64_t k = 0; k < group_; ++k) s += p[k];
-            xsum[m * ngroups_ + g] = s;
-          }
-      a.x = xfp;
-      a.ldx = kpad_;
+    } else if (asym) {
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t g = 0; g < ngroups_; ++g) {
+          const float* p = xfp + m * kpad_ + g * group_;
+          float s = 0.0f;
+          for (int64_t k = 0; k < group_; ++k) s += p[k];
+          xsum[m * ngroups_ + g] = s;
+        }
     }
-    run_blocks(kernels_->quant_blocks[kind_][slot], kernels_->quant_streams[slot], a, nblocks_, block_bytes());
-    if (!pb.direct) store_output(pb.y, pb.ldy, rows, out, m0, N_);
+    std::vector<QuantArgs> groups(mk / gm);
+    for (size_t g = 0; g < groups.size(); ++g) {
+      const int64_t m0 = static_cast<int64_t>(g) * gm;
+      QuantArgs& a = groups[g];
+      a.w = packed_.const_data_ptr<uint8_t>();
+      a.chunks_per_group = group_ / quant_chunk_k(kind_);
+      a.ngroups = ngroups_;
+      a.scales = scales_.const_data_ptr();
+      a.mins = asym ? static_cast<const uint16_t*>(mins_.const_data_ptr()) : nullptr;
+      a.bias = bias_.const_data_ptr<float>();
+      a.xsum = xsum + m0 * ngroups_;
+      a.y = pb.y + m0 * pb.ldy;
+      a.ldy = pb.ldy;
+      if (digits) {
+        a.xdigits = reinterpret_cast<const int32_t*>(dig + m0 * kDigits * kpad_);
+        a.corr = corr + m0 * ngroups_ * kDigits;
+        a.sx = sx + m0;
+        a.ldx = kpad_ / 4;
+      } else {
+        a.x = xfp + m0 * kpad_;
+        a.ldx = kpad_;
+      }
+    }
+    run_blocks(kernels_->quant_blocks[kind_][slot], kernels_->quant_streams[slot], groups, nblocks_, block_bytes());
+    if (!pb.direct) store_output(pb.y, pb.ldy, M, out, N_);
   }
 
   UnpackArgs unpack_args() const override {
