@@ -15,6 +15,7 @@ from polylm.backend import DTYPES, Availability, Backend, Runtime
 from polylm.errors import BackendError
 from polylm.hookspecs import hookimpl
 from polylm.ir import ModelIR
+from polylm.parallel import Shard, ShardPlan, ShardRuntime
 from polylm.weights import Weights
 
 
@@ -48,6 +49,33 @@ class TritonBackend(Backend):
         return Availability(True, f"triton {version} on {torch.cuda.get_device_name()}")
 
     def lower(self, ir: ModelIR, weights: Weights, dtype: str) -> Runtime:
+        self._check(ir, dtype)
+        from polylm_torch.runtime import TorchRuntime
+
+        from .ops import TritonOps
+
+        return TorchRuntime(ir, weights, dtype, device="cpu" if interpreting() else "cuda", ops=TritonOps())
+
+    def join_group(self, world_size: int, timeout_s: float) -> Shard:
+        from polylm_torch.parallel import join_group
+
+        return join_group(world_size, timeout_s, device="cpu" if interpreting() else "cuda")
+
+    def lower_shard(self, ir: ModelIR, weights: Weights, dtype: str, plan: ShardPlan) -> ShardRuntime:
+        """The torch backend's sharded runtime with these kernels; one GPU per rank (cuda:LOCAL_RANK), NCCL."""
+        self._check(ir, dtype)
+        import torch
+        from polylm_torch.parallel import TorchShardRuntime
+
+        from .ops import TritonOps
+
+        device = "cpu"
+        if not interpreting():
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', plan.shard.rank)) % torch.cuda.device_count()}"
+            torch.cuda.set_device(device)
+        return TorchShardRuntime(ir, weights, dtype, plan, device=device, ops=TritonOps())
+
+    def _check(self, ir: ModelIR, dtype: str) -> None:
         state = self.availability()
         if not state.available:
             raise BackendError(f"backend 'triton' is not available here: {state.reason}")
@@ -56,11 +84,6 @@ class TritonBackend(Backend):
         if getattr(ir, "quantization", None) is not None:
             raise BackendError("backend 'triton' does not run weight-only quantized models yet; load without "
                                "quantize=, or use backend='torch'")
-        from polylm_torch.runtime import TorchRuntime
-
-        from .ops import TritonOps
-
-        return TorchRuntime(ir, weights, dtype, device="cpu" if interpreting() else "cuda", ops=TritonOps())
 
 
 @hookimpl
