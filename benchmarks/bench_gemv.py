@@ -1,14 +1,16 @@
 """Decode-shaped matrix-vector throughput of polylm's CPU kernels against F.linear and a memory-read ceiling.
 
-Streams weights much larger than L3 (default: 48 distinct 4096 x 1024 bf16 matrices, 403 MB, used round-robin),
-with x of one row, and reports GB/s of weight bytes actually read per call:
+Streams weights much larger than L3 (default: 48 distinct 4096 x 1024 bf16 matrices, 403 MB, used round-robin in
+windows of 8 matrices = 64 MB, methods interleaved), with x of one row, and reports GB/s of weight bytes read:
 
 - ``read``: every byte of each bf16 matrix read by torch's threads as 4 sequential streams each (the same-run
-  ceiling; the machines are shared, so only ratios within one run mean much);
+  ceiling; the machines are shared, so only ratios within one run mean much: short windows are timed many
+  times, and the best ones are those that ran undisturbed);
 - ``F.linear bf16``: stock torch (oneDNN) with a bf16 weight and bf16 x;
 - ``packed bf16``: :class:`PackedLinear` with fp32 x and with bf16 x;
 - ``int8`` / ``int4``: :class:`Int8Linear` (per-channel) and :class:`Int4Linear` (group 32, symmetric), fp32 x,
-  counted in their own (smaller) bytes; ``vs F.linear`` is then the time per call ratio, i.e. the decode speedup;
+  counted in their own (smaller) bytes; the "speedup vs F.linear" column is the ratio of times per call, i.e.
+  the decode speedup per layer;
 - optionally torch's own ``_weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu`` as peers (``--peers``).
 
 Run: ``python benchmarks/bench_gemv.py`` (options: --help). Set POLYLM_GEMV_ISA=avx2 to time the AVX2 path.
