@@ -335,7 +335,10 @@ class RankEnv:
 
 
 def rank_env() -> RankEnv | None:
-    """RANK/WORLD_SIZE/LOCAL_RANK from the environment (torchrun's names), or None outside a launched job."""
+    """RANK/WORLD_SIZE/LOCAL_RANK from the environment (torchrun's names), else MLX_RANK and the ring hostfile
+    `mlx.launch` writes (MLX_HOSTFILE: one list of addresses per rank), or None outside a launched job."""
+    if ("RANK" not in os.environ or "WORLD_SIZE" not in os.environ) and "MLX_RANK" in os.environ:
+        return _mlx_rank_env()
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return None
     try:
@@ -345,6 +348,23 @@ def rank_env() -> RankEnv | None:
         raise ParallelError(f"RANK={os.environ['RANK']!r} and WORLD_SIZE={os.environ['WORLD_SIZE']!r} must be "
                             "integers") from None
     return RankEnv(rank, world, local)
+
+
+def _mlx_rank_env() -> RankEnv:
+    import json
+
+    hostfile = os.environ.get("MLX_HOSTFILE", "")
+    try:
+        rank = int(os.environ["MLX_RANK"])
+        if "MLX_WORLD_SIZE" in os.environ:
+            world = int(os.environ["MLX_WORLD_SIZE"])
+        else:  # mlx.launch leaves the hostfile empty for one rank
+            hosts = open(hostfile).read().strip() if hostfile else ""
+            world = len(json.loads(hosts)) if hosts else 1
+    except (OSError, ValueError, TypeError) as exc:
+        raise ParallelError(f"MLX_RANK={os.environ['MLX_RANK']!r} with MLX_HOSTFILE={hostfile!r}: cannot tell "
+                            f"this rank's place ({exc})") from None
+    return RankEnv(rank, world, rank)
 
 
 def free_port() -> int:

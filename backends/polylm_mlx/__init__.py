@@ -13,6 +13,7 @@ from polylm.backend import Availability, Backend, Runtime
 from polylm.errors import BackendError
 from polylm.hookspecs import hookimpl
 from polylm.ir import ModelIR
+from polylm.parallel import Shard, ShardPlan, ShardRuntime
 from polylm.weights import Weights
 
 
@@ -51,6 +52,16 @@ class MLXBackend(Backend):
         from .runtime import MLXRuntime
 
         return MLXRuntime(ir, weights, dtype)
+
+    def join_group(self, world_size: int, timeout_s: float) -> Shard:
+        from .parallel import join_group
+
+        return join_group(world_size, timeout_s)
+
+    def lower_shard(self, ir: ModelIR, weights: Weights, dtype: str, plan: ShardPlan) -> ShardRuntime:
+        from .parallel import MLXShardRuntime
+
+        return MLXShardRuntime(ir, weights, dtype, plan)
 
 
 @hookimpl

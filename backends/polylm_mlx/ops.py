@@ -76,3 +76,34 @@ _ACTIVATIONS = {
     "relu": nn.relu,
     "relu2": nn.relu2,
 }
+
+
+# Tensor parallelism (see `parallel`): with `group` None, the model runs unsharded and these do nothing extra.
+
+
+def reduce(x: mx.array, group: mx.distributed.Group | None) -> mx.array:
+    """The sum over the ranks of a row-parallel output (attention output, MLP down); `x` when unsharded."""
+    return x if group is None else mx.distributed.all_sum(x, group=group)
+
+
+def gather_columns(x: mx.array, sizes: tuple[int, ...], group: mx.distributed.Group | None) -> mx.array:
+    """A vocab-parallel head's outputs from every rank (`sizes` of each, in rank order), concatenated on the
+    last axis; `x` when unsharded. Uneven shares travel padded to the widest."""
+    if group is None:
+        return x
+    width = max(sizes)
+    if x.shape[-1] < width:
+        x = mx.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
+    parts = mx.distributed.all_gather(x[None], group=group)
+    return mx.concatenate([parts[rank][..., :size] for rank, size in enumerate(sizes)], axis=-1)
+
+
+def embed_rows(ids: mx.array, table: mx.array, start: int, group: mx.distributed.Group | None) -> mx.array:
+    """Rows of `table` for `ids`; with a vocab-parallel table holding rows [start, start + len(table)), ids
+    outside it give zero rows here, so the sum over the ranks is every id's row."""
+    if group is None:
+        return table[ids]
+    local = ids - start
+    inside = (local >= 0) & (local < table.shape[0])
+    rows = table[mx.clip(local, 0, table.shape[0] - 1)]
+    return reduce(mx.where(inside[..., None], rows, mx.zeros((), rows.dtype)), group)

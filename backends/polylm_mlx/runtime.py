@@ -16,6 +16,7 @@ from polylm.backend import Cache, Runtime, Step
 from polylm.errors import InputError
 from polylm.ir import ModelIR, RoPE
 from polylm.lowering import attention_bias
+from polylm.parallel import ShardPlan
 from polylm.positions import rope_frequencies_per_row
 from polylm.weights import Weights
 
@@ -40,20 +41,29 @@ class MLXCache(Cache):
 
 
 class MLXRuntime(Runtime):
-    """Runs a `ModelIR` with MLX arrays on MLX's default device."""
+    """Runs a `ModelIR` with MLX arrays on MLX's default device; with a tensor-parallel `plan`, one rank's part
+    of it (`parallel.MLXShardRuntime` sets `group`)."""
 
-    def __init__(self, ir: ModelIR, weights: Weights, dtype: str) -> None:
+    group = None  # the mx.distributed group a tensor-parallel rank sums and gathers over
+
+    def __init__(self, ir: ModelIR, weights: Weights, dtype: str, plan: ShardPlan | None = None) -> None:
         self.ir, self.dtype = ir, dtype
         self.mx_dtype = MX_DTYPES[dtype]
-        self.params = build_params(ir, read_tensors(weights, self.mx_dtype))
+        # a tensor-parallel rank computes its own heads, MLP range and vocabulary rows (`polylm.parallel`)
+        self.plan, self.local = plan, plan.local_ir if plan is not None else ir
+        self.params = build_params(self.local, self.read_tensors(weights))
         self.embed_scale = mx.array(ir.embedding.scale, dtype=self.mx_dtype)
         attn = ir.attention
         self.rope_factor = (rope_frequencies_per_row(attn, np.zeros((1, 1), np.int64))[1]
                             if isinstance(attn.position, RoPE) else None)
         self._compiled_graph = mx.compile(self._graph)
 
+    def read_tensors(self, weights: Weights) -> dict[str, mx.array]:
+        """The canonical tensors this runtime holds, as arrays of the compute dtype."""
+        return read_tensors(weights, self.mx_dtype)
+
     def new_cache(self, batch: int, capacity: int) -> MLXCache:
-        attn = self.ir.attention
+        attn = self.local.attention
         shape = (batch, attn.num_kv_heads, capacity, attn.head_dim)
 
         def make() -> list[mx.array]:
@@ -74,7 +84,10 @@ class MLXRuntime(Runtime):
                              f"and {new} are new")
         decode = new == 1
         window = min(cache.capacity, -(-end // DECODE_WINDOW) * DECODE_WINDOW) if decode else end
-        bias = mx.array(attention_bias(self.ir.attention, step.positions, step.mask, past, self.dtype, window))
+        bias = attention_bias(self.ir.attention, step.positions, step.mask, past, self.dtype, window)
+        if self.plan is not None and bias.shape[1] > 1:  # ALiBi: this rank's heads' slopes
+            bias = bias[:, self.plan.heads.start:self.plan.heads.stop]
+        bias = mx.array(bias)
         rotary = None
         if self.rope_factor is not None:
             query_positions = step.positions[:, past:]
@@ -94,7 +107,7 @@ class MLXRuntime(Runtime):
                ) -> tuple[mx.array, list[mx.array], list[mx.array]]:
         """Head outputs (float32) and the updated caches; pure in its array arguments, so it compiles."""
         params = self.params
-        x = params.embed[ids]
+        x = ops.embed_rows(ids, params.embed, self.plan.vocab.start if self.plan else 0, self.group)
         if self.ir.embedding.scale != 1.0:
             x = x * self.embed_scale
         if params.embed_norm is not None:
@@ -112,7 +125,10 @@ class MLXRuntime(Runtime):
         if gather is not None:
             x = x[:, 0]
         x = ops.norm(x, params.final_norm)
-        return ops.linear(x, params.head, params.head_bias).astype(mx.float32), new_keys, new_values
+        out = ops.linear(x, params.head, params.head_bias)
+        if self.plan is not None and self.plan.head_rows is not None:
+            out = ops.gather_columns(out, self.plan.head_sizes, self.group)
+        return out.astype(mx.float32), new_keys, new_values
 
     def _block(self, x: mx.array, layer: LayerParams, keys: mx.array, values: mx.array, offset: mx.array,
                bias: mx.array, cos_sin: Rotary | None, only: mx.array | None
@@ -126,13 +142,13 @@ class MLXRuntime(Runtime):
         normed = ops.norm(x, layer.mlp_norm)
         residual = normed if block.residual_from_normed else x
         hidden = ops.activation(ops.linear(normed, layer.up, layer.up_bias), block.mlp)
-        return residual + ops.linear(hidden, layer.down, layer.down_bias), keys, values
+        return residual + ops.reduce(ops.linear(hidden, layer.down, layer.down_bias), self.group), keys, values
 
     def _attention(self, x: mx.array, layer: LayerParams, keys: mx.array, values: mx.array, offset: mx.array,
                    bias: mx.array, cos_sin: Rotary | None, only: mx.array | None
                    ) -> tuple[mx.array, mx.array, mx.array]:
         """Attention of the new slots (or of slot `only` per row) over the cache, after writing k/v into it."""
-        attn = self.ir.attention
+        attn = self.local.attention
         batch, new, _ = x.shape
         q_size, kv_size = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
         q, k, v = mx.split(ops.linear(x, layer.qkv, layer.qkv_bias), (q_size, q_size + kv_size), axis=-1)
@@ -148,7 +164,7 @@ class MLXRuntime(Runtime):
         window = bias.shape[-1]
         out = ops.attention(q, keys[:, :, :window], values[:, :, :window], bias, attn)
         out = out.transpose(0, 2, 1, 3).reshape(batch, q.shape[2], q_size)
-        return ops.linear(out, layer.out, layer.out_bias), keys, values
+        return ops.reduce(ops.linear(out, layer.out, layer.out_bias), self.group), keys, values
 
 
 def _slots(t: mx.array, index: mx.array, axis: int) -> mx.array:

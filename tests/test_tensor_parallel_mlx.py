@@ -1,0 +1,114 @@
+"""Tensor parallelism on the MLX backend: two ranks on this machine over mx.distributed's ring backend
+(loopback), for every family and a task head of each kind against the single-process MLX run, memory per rank,
+and `polylm run --backend mlx --tp 2`.
+
+One two-rank job loads every checkpoint in turn; its ranks get the environment `mlx.launch --backend ring`
+gives them (MLX_RANK, MLX_HOSTFILE)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import polylm
+from polylm.parallel import free_port
+from test_tensor_parallel import CASES, IDS, MASK, NEW_TOKENS, PROMPT, _case_dir, _env
+
+mx = pytest.importorskip("mlx.core")
+
+JOB_TIMEOUT_S = 120
+
+# Run by both ranks: load each checkpoint sharded; rank 0 records what the tests compare, rank 1 only follows.
+WORKER = """
+import json, sys
+import numpy as np
+import polylm
+from polylm.parallel import follow, release
+
+cases, out = json.loads(sys.argv[1]), sys.argv[2]
+ids, mask, prompt, new = json.loads(sys.argv[3])
+ids, mask = np.array(ids), np.array(mask)
+results = {}
+for name, path in cases.items():
+    model = polylm.load(path, backend="mlx", dtype="float32", tensor_parallel=2)
+    rank = model.runtime.local.plan.shard.rank
+    results[name] = {"held_bytes": model.runtime.local.held_bytes()}
+    if rank != 0:
+        follow(model)
+        continue
+    logits = model.forward(ids, mask)
+    results[name]["logits"] = ({k: v.tolist() for k, v in logits.items()} if isinstance(logits, dict)
+                               else logits.tolist())
+    if model.task == "causal-lm":
+        results[name]["greedy"] = model.generate(prompt, max_new_tokens=new)
+        results[name]["batch"] = model.generate([prompt, prompt[:2]], max_new_tokens=new)
+    release(model)
+json.dump(results, open(f"{out}/rank{rank}.json", "w"))
+"""
+
+
+@pytest.fixture(scope="module")
+def job(make_ckpt, ckpt_root, tmp_path_factory):
+    """Results of both ranks of one two-rank ring job over every case."""
+    cases = {f"{f}/{t}": str(_case_dir(make_ckpt, ckpt_root, f, t)) for f, t in CASES}
+    out = tmp_path_factory.mktemp("tp-mlx")
+    script = out / "worker.py"
+    script.write_text(WORKER)
+    port = free_port()
+    hostfile = out / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"]]))
+    args = [json.dumps(cases), str(out), json.dumps([IDS.tolist(), MASK.tolist(), PROMPT, NEW_TOKENS])]
+    ranks = [subprocess.Popen([sys.executable, str(script), *args], stderr=subprocess.PIPE, text=True,
+                              env=_env(MLX_RANK=str(r), MLX_HOSTFILE=str(hostfile)))
+             for r in range(2)]
+    errors = []
+    for rank, process in enumerate(ranks):
+        try:
+            _, err = process.communicate(timeout=JOB_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            for p in ranks:
+                p.kill()
+            pytest.fail(f"two-rank ring job did not finish in {JOB_TIMEOUT_S} s")
+        if process.returncode:
+            errors.append(f"rank {rank} exited with {process.returncode}:\n{err[-3000:]}")
+    assert not errors, "\n".join(errors)
+    return cases, [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.parametrize("family,task", CASES, ids=[f"{f}-{t}" for f, t in CASES])
+def test_two_mlx_ranks_match_one_process(job, family, task):
+    cases, (rank0, rank1) = job
+    name = f"{family}/{task}"
+    single = polylm.load(cases[name], backend="mlx", dtype="float32")
+    expected = single.forward(IDS, MASK)
+    got = rank0[name]["logits"]
+    if isinstance(expected, dict):
+        for key in expected:
+            assert np.abs(np.array(got[key]) - expected[key]).max() <= 1e-5
+    else:
+        assert np.array(got).shape == expected.shape
+        assert np.abs(np.array(got) - expected).max() <= 1e-5
+    if task == "causal-lm":
+        assert rank0[name]["greedy"] == single.generate(PROMPT, max_new_tokens=NEW_TOKENS)
+        assert rank0[name]["batch"] == single.generate([PROMPT, PROMPT[:2]], max_new_tokens=NEW_TOKENS)
+    params = single.runtime.params
+    tied = single.ir.head.tied_to_embedding
+    from polylm_mlx.params import _arrays
+
+    whole = sum(a.nbytes for a in _arrays(params) if not (tied and a is params.head))
+    for held in (rank0[name]["held_bytes"], rank1[name]["held_bytes"]):
+        assert held < 0.6 * whole, f"a rank holds {held} of {whole} bytes"
+
+
+def test_cli_mlx_tp_prints_what_one_process_prints(make_ckpt):
+    command = [sys.executable, "-m", "polylm", "run", "--backend", "mlx", "--dtype", "float32", "--model",
+               str(make_ckpt("bloom")), "--max-new-tokens", "12", "hello"]
+    single = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=60)
+    sharded = subprocess.run([*command[:-1], "--tp", "2", "hello"], capture_output=True, text=True, env=_env(),
+                             timeout=90)
+    assert single.returncode == 0, single.stderr
+    assert sharded.returncode == 0, sharded.stderr
+    assert sharded.stdout == single.stdout
