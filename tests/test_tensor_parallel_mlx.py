@@ -7,8 +7,10 @@ gives them (MLX_RANK, MLX_HOSTFILE)."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -112,3 +114,19 @@ def test_cli_mlx_tp_prints_what_one_process_prints(make_ckpt):
     assert single.returncode == 0, single.stderr
     assert sharded.returncode == 0, sharded.stderr
     assert sharded.stdout == single.stdout
+
+
+def test_killed_mlx_rank_ends_the_job_with_a_clear_error(make_ckpt):
+    command = [sys.executable, "-m", "polylm", "run", "--backend", "mlx", "--tp", "2", "--model",
+               str(make_ckpt("gemma")), "--max-new-tokens", "100000", "hello"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        process.stdout.read(1)  # rank 0 is generating
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        assert len(children) == 1
+        os.kill(int(children[0]), signal.SIGKILL)
+        _, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 2
+    assert f"rank 1 of 2 (pid {children[0]}) was killed by signal 9" in err
