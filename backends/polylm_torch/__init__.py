@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from polylm.backend import Availability, Backend, Runtime
+from polylm.errors import BackendError
 from polylm.hookspecs import hookimpl
 from polylm.ir import ModelIR
 from polylm.parallel import Shard, ShardPlan, ShardRuntime
@@ -22,9 +23,12 @@ class TorchBackend(Backend):
         return Availability(True, f"torch {torch.__version__} on CPU")
 
     def lower(self, ir: ModelIR, weights: Weights, dtype: str) -> Runtime:
+        from .cpu_linear import pack_params
         from .runtime import TorchRuntime
 
-        return TorchRuntime(ir, weights, dtype)
+        runtime = TorchRuntime(ir, weights, dtype)
+        pack_params(runtime.params, ir.quantization)
+        return runtime
 
     def join_group(self, world_size: int, timeout_s: float) -> Shard:
         from .parallel import join_group
@@ -32,9 +36,15 @@ class TorchBackend(Backend):
         return join_group(world_size, timeout_s)
 
     def lower_shard(self, ir: ModelIR, weights: Weights, dtype: str, plan: ShardPlan) -> ShardRuntime:
+        from .cpu_linear import pack_params
         from .parallel import TorchShardRuntime
 
-        return TorchShardRuntime(ir, weights, dtype, plan)
+        if ir.quantization is not None:
+            raise BackendError("quantized weights are not supported with tensor parallelism yet; drop one of "
+                               "--quantize / --tp")
+        runtime = TorchShardRuntime(ir, weights, dtype, plan)
+        pack_params(runtime.params, None)
+        return runtime
 
 
 @hookimpl

@@ -101,8 +101,11 @@ class TorchOps:
             x = x * scale
         return self.norm(x, norm) if norm is not None else x
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return F.linear(x, weight, bias)
+    def linear(self, x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """`x @ weight.T + bias`; `weight` is a tensor, or a prepared layer (a callable holding its bias)."""
+        if isinstance(weight, torch.Tensor):
+            return F.linear(x, weight, bias)
+        return weight(x)
 
     def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: Attention) -> torch.Tensor:
         """Rotate the first rotary dims of x [batch, heads, seq, head_dim]; cos/sin are [batch, 1, seq, rot/2]."""

@@ -110,15 +110,18 @@ class TorchShardRuntime(TorchRuntime, ShardRuntime):
 
 
 def param_bytes(params: Any) -> int:
-    """Bytes of the distinct tensors in a runtime's params (a tied head counted once)."""
+    """Bytes of the distinct weights in a runtime's params (a tied head counted once), kernel layers included."""
     seen: dict[int, int] = {}
     for tensor in _tensors(params):
-        seen[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
+        if isinstance(tensor, torch.Tensor):
+            seen[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
+        else:
+            seen[id(tensor)] = tensor.nbytes
     return sum(seen.values())
 
 
 def _tensors(value: Any):
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, torch.Tensor) or hasattr(value, "nbytes"):
         yield value
     elif isinstance(value, (list, tuple)):
         for item in value:

@@ -59,6 +59,10 @@ def _warn_fallback(reason: str) -> None:
         warnings.warn(f"polylm cpu_gemv kernels unavailable, using stock torch ops: {reason}", stacklevel=3)
 
 
+def _nbytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
 def _check_weight(weight: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> None:
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError(f"weight must be a 2-D [out_features, in_features] tensor, got {type(weight).__name__} "
@@ -83,6 +87,7 @@ class _KernelLinear:
     in_features: int
     out_features: int
     isa: str  # "avx512", "avx2", or "torch" when falling back
+    nbytes: int  # bytes of weight storage the layer holds
     _impl: object | None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,10 +137,12 @@ class PackedLinear(_KernelLinear):
         if module is None or isa is None:
             self.isa, self._impl = "torch", None
             self._weight, self._bias = weight.detach(), bias32
+            self.nbytes = _nbytes(weight)
             _warn_fallback(reason)
             return
         self.isa = isa
         packed = _layout.pack_float(weight.detach())
+        self.nbytes = _nbytes(packed)
         self._impl = module.FloatGemv(packed, self.out_features, self.in_features, bias32, _build.ISA_CODES[isa],
                                       max_kernel_rows)
         self._forward = self._impl
@@ -164,11 +171,13 @@ class _QuantLinear(_KernelLinear):
             self.isa, self._impl = "torch", None
             self._plain = (q, scales, mins)
             self._bias = bias32
+            self.nbytes = _nbytes(q, scales, mins)
             _warn_fallback(reason)
             return
         self.isa = isa
         packed_q = (_layout.pack_int8 if kind == "int8" else _layout.pack_int4)(q, group_size)
         packed_mins = None if mins is None else _layout.pack_group_params(mins)
+        self.nbytes = _nbytes(packed_q, scales, mins)
         self._impl = module.QuantGemv(packed_q, _layout.pack_group_params(scales), packed_mins, _QUANT_KIND[kind],
                                       group_size, self.out_features, self.in_features, bias32,
                                       _build.ISA_CODES[isa], max_kernel_rows)
