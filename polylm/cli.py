@@ -90,6 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
     bench.set_defaults(handler=_bench)
 
+    serve = commands.add_parser("serve", help="serve an OpenAI-compatible HTTP API (needs polylm[serve])",
+                                formatter_class=_formatter,
+                                epilog="example:\n  polylm serve --model ./gemma-2b-it --port 8000 --api-key secret")
+    _add_model_options(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, metavar="N", help="TCP port (default 8000; 0 picks a free one)")
+    serve.add_argument("--api-key", default=None, metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1")
+    serve.add_argument("--max-batch", type=int, default=8, metavar="N", help="requests decoded together (default 8)")
+    serve.add_argument("--max-queue", type=int, default=64, metavar="N",
+                       help="requests that may wait for a row before new ones get 429 (default 64)")
+    serve.add_argument("--min-prefix", type=int, default=16, metavar="N",
+                       help="shortest cached prompt prefix to reuse, in tokens (default 16; 0 turns reuse off)")
+    serve.set_defaults(handler=_serve)
+
     plugins = commands.add_parser("plugins", help="list plugins: families, backends, and failures",
                                   formatter_class=_formatter, epilog="example:\n  polylm plugins")
     plugins.set_defaults(handler=_plugins)
@@ -109,11 +123,14 @@ def _add_sampling_options(parser: argparse.ArgumentParser, max_new_tokens: int) 
     parser.add_argument("--top-k", type=int, default=None, metavar="K")
     parser.add_argument("--top-p", type=float, default=None, metavar="P")
     parser.add_argument("--seed", type=int, default=None, metavar="S")
+    parser.add_argument("--min-p", type=float, default=None, metavar="P")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R", help="1 (default) is off")
 
 
 def _sampling(args: argparse.Namespace) -> dict:
     return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
-            "top_p": args.top_p, "seed": args.seed}
+            "top_p": args.top_p, "seed": args.seed, "min_p": args.min_p,
+            "repetition_penalty": args.repetition_penalty}
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -191,6 +208,22 @@ def _bench(args: argparse.Namespace) -> None:
     print(f"prefill         {result.prefill_tok_s:8.1f} tok/s")
     print(f"decode          {result.decode_tok_s:8.1f} tok/s")
     print(f"peak RSS        {result.peak_rss_mb:8.0f} MB")
+
+
+def _serve(args: argparse.Namespace) -> None:
+    for name, low in (("port", 0), ("max_batch", 1), ("max_queue", 0), ("min_prefix", 0)):
+        if getattr(args, name) < low or (name == "port" and args.port > 65535):
+            raise InputError(f"--{name.replace('_', '-')} must be ≥ {low}{' and ≤ 65535' if name == 'port' else ''}, "
+                             f"got {getattr(args, name)}")
+    try:
+        from .server import bind, serve
+    except ImportError as exc:
+        raise InputError(f"polylm serve needs starlette and uvicorn ({exc.name} is missing): "
+                         "pip install 'polylm[serve]'") from None
+    bind(args.host, args.port).close()  # a busy port or a bad host fails before the model loads
+    model = _load(args)
+    serve(model, model_name=args.model, host=args.host, port=args.port, api_key=args.api_key,
+          max_batch=args.max_batch, max_queue=args.max_queue, min_prefix=args.min_prefix or None)
 
 
 def _plugins(args: argparse.Namespace) -> None:

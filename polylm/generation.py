@@ -1,4 +1,7 @@
-"""Backend-independent generation: sampling settings, token selection, batched decoding, text streaming."""
+"""Backend-independent generation: sampling settings, how one sequence picks its tokens, text streaming.
+
+Batching lives in `polylm.scheduler`; `decode_batch` here is the simple fixed-batch view of it.
+"""
 
 from __future__ import annotations
 
@@ -8,32 +11,57 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .backend import Runtime, Step
+from .backend import Runtime
 from .errors import InputError
+
+#: The most top alternatives a token's logprobs may list (OpenAI's limit).
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
 class Sampling:
-    """How to pick tokens. temperature 0 is greedy; top_k None/0 and top_p None/1.0 switch those filters off."""
+    """How one sequence picks tokens, with transformers' meaning for each setting.
+
+    temperature 0 is greedy; top_k None/0, top_p None/1.0, min_p None/0 and repetition_penalty 1.0 switch those
+    off. `seed` seeds this sequence's own random generator, so it samples the same in a batch as alone.
+    `logprobs` None reports no log-probabilities; n ≥ 0 reports each token's and its n most likely alternatives.
+    """
 
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None
     seed: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         _check_int(self.max_new_tokens, "max_new_tokens", minimum=0)
-        if not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool) \
-                or not math.isfinite(self.temperature) or self.temperature < 0:
+        if not _is_number(self.temperature) or self.temperature < 0:
             raise InputError(f"temperature must be a number ≥ 0, got {self.temperature!r}")
         if self.top_k is not None:
             _check_int(self.top_k, "top_k", minimum=0)
-        if self.top_p is not None and (not isinstance(self.top_p, (int, float)) or isinstance(self.top_p, bool)
-                                       or not 0 < self.top_p <= 1):
+        if self.top_p is not None and (not _is_number(self.top_p) or not 0 < self.top_p <= 1):
             raise InputError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.min_p is not None and (not _is_number(self.min_p) or not 0 <= self.min_p <= 1):
+            raise InputError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise InputError(f"repetition_penalty must be a number > 0, got {self.repetition_penalty!r}")
         if self.seed is not None:
             _check_int(self.seed, "seed", minimum=0)
+        if self.logprobs is not None:
+            _check_int(self.logprobs, "logprobs", minimum=0)
+            if self.logprobs > MAX_TOP_LOGPROBS:
+                raise InputError(f"logprobs must be at most {MAX_TOP_LOGPROBS}, got {self.logprobs}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_int(value: object, name: str, minimum: int) -> None:
@@ -41,70 +69,127 @@ def _check_int(value: object, name: str, minimum: int) -> None:
         raise InputError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
 
 
-def pick_tokens(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> np.ndarray:
-    """One token id per row of `logits` [batch, vocab]."""
-    if sampling.temperature == 0:
-        return logits.argmax(axis=-1)
-    scores = logits.astype(np.float64) / sampling.temperature
+def adjust_scores(logits: np.ndarray, sampling: Sampling, seen: np.ndarray | None = None) -> np.ndarray:
+    """The scores [batch, vocab] (float64) tokens are picked from, as transformers' logits processors make them.
+
+    In transformers' order: the repetition penalty on the tokens `seen` ([batch, vocab] bool: the prompt and
+    what was generated); then, when sampling, temperature, top-k, top-p and min-p, each setting the scores of
+    the tokens it removes to -inf. Greedy picking reads only the penalty, as transformers' does.
+    """
+    scores = np.array(logits, dtype=np.float64)
+    penalty = sampling.repetition_penalty
+    if penalty != 1.0 and seen is not None:
+        scores = np.where(seen, np.where(scores < 0, scores * penalty, scores / penalty), scores)
+    if sampling.greedy:
+        return scores
+    if sampling.temperature != 1.0:
+        scores /= sampling.temperature
     if sampling.top_k:
         k = min(sampling.top_k, scores.shape[-1])
         kth = np.partition(scores, -k, axis=-1)[:, -k][:, None]
         scores = np.where(scores < kth, -np.inf, scores)
-    probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    probs /= probs.sum(axis=-1, keepdims=True)
     if sampling.top_p is not None and sampling.top_p < 1:
-        order = np.argsort(-probs, axis=-1, kind="stable")
-        sorted_probs = np.take_along_axis(probs, order, axis=-1)
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-        drop_sorted = (np.cumsum(sorted_probs, axis=-1) - sorted_probs) >= sampling.top_p
+        # drop the least likely tokens while their total mass stays ≤ 1 - top_p; the most likely always stays
+        order = np.argsort(scores, axis=-1, kind="stable")
+        ascending = _softmax(np.take_along_axis(scores, order, axis=-1))
+        drop_sorted = np.cumsum(ascending, axis=-1) <= 1 - sampling.top_p
+        drop_sorted[:, -1] = False
         drop = np.zeros_like(drop_sorted)
         np.put_along_axis(drop, order, drop_sorted, axis=-1)
-        probs = np.where(drop, 0.0, probs)
-        probs /= probs.sum(axis=-1, keepdims=True)
+        scores = np.where(drop, -np.inf, scores)
+    if sampling.min_p:
+        probs = _softmax(scores)
+        drop = probs < sampling.min_p * probs.max(axis=-1, keepdims=True)
+        np.put_along_axis(drop, probs.argmax(axis=-1)[:, None], False, axis=-1)
+        scores = np.where(drop, -np.inf, scores)
+    return scores
+
+
+def _softmax(scores: np.ndarray) -> np.ndarray:
+    probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return probs / probs.sum(axis=-1, keepdims=True)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Log-probabilities (float64) over the last axis."""
+    scores = np.asarray(logits, dtype=np.float64)
+    shifted = scores - scores.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+@dataclass(frozen=True)
+class TokenChoice:
+    """A picked token; with logprobs asked for, its log-probability under the model (the raw logits, before any
+    sampling setting) and the `top` most likely tokens as (id, logprob), most likely first."""
+
+    token: int
+    logprob: float | None = None
+    top: tuple[tuple[int, float], ...] = ()
+
+
+class Sampler:
+    """Picks one sequence's tokens: its `Sampling`, its own random generator, and the tokens it has seen (for
+    the repetition penalty), so the sequence samples the same whatever batch it runs in."""
+
+    def __init__(self, sampling: Sampling, prompt: Sequence[int] = ()) -> None:
+        self.sampling = sampling
+        self.rng = np.random.default_rng(sampling.seed)
+        self._seen: set[int] | None = set(prompt) if sampling.repetition_penalty != 1.0 else None
+        self._plain_greedy = sampling.greedy and self._seen is None
+
+    def pick(self, logits: np.ndarray) -> TokenChoice:
+        """The next token from this sequence's logits [vocab]."""
+        if self._plain_greedy:
+            token = int(np.argmax(logits))
+        else:
+            scores = adjust_scores(logits[None], self.sampling, self._seen_mask(logits.shape[-1]))[0]
+            if self.sampling.greedy:
+                token = int(np.argmax(scores))
+            else:
+                probs = _softmax(scores)
+                token = int(self.rng.choice(probs.shape[-1], p=probs))
+            if self._seen is not None:
+                self._seen.add(token)
+        if self.sampling.logprobs is None:
+            return TokenChoice(token)
+        logprobs = log_softmax(logits)
+        count = min(self.sampling.logprobs, logprobs.shape[-1])
+        top = np.argpartition(-logprobs, count - 1)[:count] if count else np.zeros(0, dtype=np.int64)
+        top = top[np.argsort(-logprobs[top], kind="stable")]
+        return TokenChoice(token, float(logprobs[token]), tuple((int(t), float(logprobs[t])) for t in top))
+
+    def _seen_mask(self, vocab: int) -> np.ndarray | None:
+        if self._seen is None:
+            return None
+        mask = np.zeros((1, vocab), dtype=bool)
+        ids = np.fromiter((t for t in self._seen if 0 <= t < vocab), dtype=np.int64)
+        mask[0, ids] = True
+        return mask
+
+
+def pick_tokens(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> np.ndarray:
+    """One token id per row of `logits` [batch, vocab], all rows sharing `sampling` and `rng` (no penalty)."""
+    if sampling.greedy:
+        return logits.argmax(axis=-1)
+    probs = _softmax(adjust_scores(logits, sampling))
     return np.array([rng.choice(probs.shape[-1], p=row) for row in probs])
 
 
 def decode_batch(runtime: Runtime, prompts: Sequence[Sequence[int]], sampling: Sampling,
                  eos_ids: Sequence[int], capacity: int) -> Iterator[list[int | None]]:
-    """Generate for a batch of prompts together (left-padded); yields, per step, each row's new token or None
-    once that row has finished (eos, or `capacity` slots used)."""
-    batch, longest = len(prompts), max(len(p) for p in prompts)
-    steps = min(sampling.max_new_tokens, capacity - longest)
-    if steps <= 0:
-        return
-    total = longest + steps
-    ids = np.zeros((batch, longest), dtype=np.int64)
-    mask = np.zeros((batch, total), dtype=bool)
-    for row, prompt in enumerate(prompts):
-        ids[row, longest - len(prompt):] = prompt
-        mask[row, longest - len(prompt):] = True
-    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-    positions[:, longest:] = positions[:, longest - 1:longest] + np.arange(1, steps + 1)
-    rng = np.random.default_rng(sampling.seed)
-    cache = runtime.new_cache(batch, total)
-    done = [False] * batch
-    last = np.full(batch, longest - 1)
-    logits = runtime.forward(Step(ids, positions[:, :longest], mask[:, :longest], gather=last), cache)
-    eos = set(eos_ids)
-    for step in range(steps):
-        tokens = pick_tokens(logits, sampling, rng)
-        out: list[int | None] = []
-        for row in range(batch):
-            token = int(tokens[row])
-            if done[row] or token in eos:
-                done[row] = True
-                out.append(None)
-            else:
-                out.append(token)
-        if all(done):
-            return
-        yield out
-        if step + 1 == steps:
-            return
-        slot = longest + step
-        step_view = Step(tokens[:, None].astype(np.int64), positions[:, :slot + 1], mask[:, :slot + 1],
-                         gather=np.zeros(batch, dtype=np.int64))
-        logits = runtime.forward(step_view, cache)
+    """Generate for a batch of prompts together (left-padded, each row seeded with `sampling.seed`); yields, per
+    step, each row's new token or None once that row has finished (eos, or `capacity` positions used).
+
+    `capacity` is the longest sequence (prompt and new tokens) a row may grow to.
+    """
+    from .scheduler import Scheduler
+
+    scheduler = Scheduler(runtime, max_batch=len(prompts), context_length=capacity, eos_ids=eos_ids)
+    requests = [scheduler.submit(prompt, sampling) for prompt in prompts]
+    while scheduler.busy:
+        made = {out.request.id: out.choice.token for out in scheduler.step() if out.choice is not None}
+        if made:
+            yield [made.get(request.id) for request in requests]
 
 
 class TextStream:

@@ -9,8 +9,9 @@ import numpy as np
 
 from .backend import Runtime, Step
 from .errors import InputError, TaskError, TokenizerError
-from .generation import Sampling, TextStream, decode_batch
+from .generation import Sampling, TextStream
 from .ir import ModelIR
+from .scheduler import STOP, Scheduler
 from .tokenizer import Tokenizer
 
 
@@ -134,23 +135,26 @@ class Model:
 
     def generate(self, prompt: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]], *,
                  max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int | None = None, stop: str | Sequence[str] | None = None,
-                 stream: bool = False) -> Any:
+                 top_p: float | None = None, min_p: float | None = None, repetition_penalty: float = 1.0,
+                 seed: int | None = None, stop: str | Sequence[str] | None = None, stream: bool = False) -> Any:
         """Continue a prompt.
 
         A string gives the new text; a list of token ids gives the new ids; a list of either runs them as one
-        batch and gives one result per prompt. `stream=True` (single prompt) yields pieces as they are made.
-        Generation stops at eos, at a stop string (not included) or after `max_new_tokens`.
+        batch and gives one result per prompt, each what it would be alone (every row is seeded with `seed`).
+        `stream=True` (single prompt) yields pieces as they are made. Generation stops at eos, at a stop string
+        (not included) or after `max_new_tokens`. Sampling settings mean what they mean in transformers.
         """
         return self._generate_text(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                   top_p=top_p, seed=seed, stop=stop, stream=stream)
+                                   top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+                                   stop=stop, stream=stream)
 
     def _generate_text(self, prompt: Any, *, max_new_tokens: int = 64, temperature: float = 0.0,
-                       top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                       top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+                       repetition_penalty: float = 1.0, seed: int | None = None,
                        stop: str | Sequence[str] | None = None, stream: bool = False,
                        text_output: bool = False) -> Any:
         """`generate`, with `text_output` giving text even for token-id prompts."""
-        sampling = Sampling(max_new_tokens, temperature, top_k, top_p, seed)
+        sampling = Sampling(max_new_tokens, temperature, top_k, top_p, seed, min_p, repetition_penalty)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if self.task != "causal-lm":
             raise TaskError(f"{self.path} holds a {self.task} model; generation needs a causal-lm checkpoint")
@@ -171,25 +175,24 @@ class Model:
 
     def _decode(self, prompts: list[list[int]], sampling: Sampling,
                 streams: list[TextStream | None]) -> Iterator[tuple[int, Any]]:
+        """(prompt index, new ids or text piece) as the batch runs; a stop string ends its row at once."""
         eos = self.tokenizer.eos_ids if self.tokenizer else ()
-        finished = [False] * len(prompts)
-        for tokens in decode_batch(self.runtime, prompts, sampling, eos, self.ir.context_length):
-            for row, token in enumerate(tokens):
-                if finished[row]:
+        scheduler = Scheduler(self.runtime, max_batch=len(prompts), context_length=self.ir.context_length,
+                              eos_ids=eos)
+        rows = {scheduler.submit(prompt, sampling).id: row for row, prompt in enumerate(prompts)}
+        while scheduler.busy:
+            for out in scheduler.step():
+                if out.choice is None:
                     continue
-                if token is None:
-                    finished[row] = True
-                    continue
-                text = streams[row]
+                row, text = rows[out.request.id], streams[rows[out.request.id]]
                 if text is None:
-                    yield row, [token]
+                    yield row, [out.choice.token]
                     continue
-                piece = text.push(token)
+                piece = text.push(out.choice.token)
                 if piece:
                     yield row, piece
-                finished[row] = text.stopped
-            if all(finished):
-                break
+                if text.stopped:
+                    scheduler.cancel(out.request, STOP)
         for row, text in enumerate(streams):
             if text is not None:
                 rest = text.finish()
