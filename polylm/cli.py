@@ -37,8 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = commands.add_parser("run", help="continue a prompt and stream the text", formatter_class=_formatter,
-                              epilog='example:\n  polylm run --model ./gemma-2b --max-new-tokens 32 "Once upon a time"')
-    _add_model_options(run)
+                              epilog='example:\n  polylm run "Once upon a time"        # the built-in demo model\n'
+                                     '  polylm run --model ./gemma-2b --max-new-tokens 32 "Once upon a time"')
+    _add_model_options(run, default_demo=True)
     run.add_argument("prompt", help="the text to continue")
     _add_sampling_options(run, max_new_tokens=64)
     run.set_defaults(handler=_run)
@@ -133,8 +134,10 @@ def _sampling(args: argparse.Namespace) -> dict:
             "repetition_penalty": args.repetition_penalty}
 
 
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="DIR", help="model directory (config.json, *.safetensors)")
+def _add_model_options(parser: argparse.ArgumentParser, default_demo: bool = False) -> None:
+    parser.add_argument("--model", required=not default_demo, metavar="DIR",
+                        help="model directory (config.json, *.safetensors)"
+                             + ("; default: polylm's small built-in demo model" if default_demo else ""))
     parser.add_argument("--backend", default="auto", metavar="NAME", help="auto (default), torch, mlx or triton")
     parser.add_argument("--dtype", default=None, metavar="D", help="float32, bfloat16 or float16 (default: as stored)")
     parser.add_argument("--tp", type=int, default=1, metavar="N",
@@ -247,6 +250,10 @@ def _plugins(args: argparse.Namespace) -> None:
 def _load(args: argparse.Namespace):
     from .loading import load
 
+    if args.model is None:  # only `run` lets --model be left out
+        from .demo import DEMO_MODEL
+
+        args.model = str(DEMO_MODEL)
     if args.tp != 1:
         from .parallel import load_ranked
 
