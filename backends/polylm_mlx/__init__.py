@@ -46,9 +46,6 @@ class MLXBackend(Backend):
         return Availability(True, f"{device}; not Apple silicon, so only when asked for by name", auto=False)
 
     def lower(self, ir: ModelIR, weights: Weights, dtype: str) -> Runtime:
-        if ir.quantization is not None:
-            raise BackendError("backend 'mlx' does not run weight-only quantized models yet; load without "
-                               "quantize=")
         from .runtime import MLXRuntime
 
         return MLXRuntime(ir, weights, dtype)
@@ -59,6 +56,9 @@ class MLXBackend(Backend):
         return join_group(world_size, timeout_s)
 
     def lower_shard(self, ir: ModelIR, weights: Weights, dtype: str, plan: ShardPlan) -> ShardRuntime:
+        if ir.quantization is not None:  # a row-parallel slice would get its own per-row scales
+            raise BackendError("backend 'mlx' does not run weight-only quantized models tensor-parallel yet; "
+                               "load without quantize= or without tensor_parallel=")
         from .parallel import MLXShardRuntime
 
         return MLXShardRuntime(ir, weights, dtype, plan)

@@ -12,7 +12,8 @@ import mlx.nn as nn
 
 from polylm.ir import MLP, Attention
 
-from .params import NormParams
+from .params import Matrix, NormParams
+from .quantize import QuantizedMatrix
 
 
 def norm(x: mx.array, p: NormParams) -> mx.array:
@@ -25,8 +26,11 @@ def norm(x: mx.array, p: NormParams) -> mx.array:
     return h.astype(x.dtype)
 
 
-def linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
-    """x @ weight (+ bias), weight [in, out] (see `params`)."""
+def linear(x: mx.array, weight: Matrix, bias: mx.array | None = None) -> mx.array:
+    """x @ weight (+ bias): weight dense [in, out] or a `QuantizedMatrix` (see `params`)."""
+    if isinstance(weight, QuantizedMatrix):
+        y = weight.matmul(x)
+        return y if bias is None else y + bias
     if bias is None:
         return x @ weight
     return mx.addmm(bias, x, weight)

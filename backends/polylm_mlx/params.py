@@ -1,7 +1,9 @@
 """Reading canonical tensors from safetensors straight into MLX arrays, in the layout the runtime computes with.
 
 Each layer gets one [q; k; v] and one [gate; up] matrix (see `polylm.lowering`); norm weights carry their
-offset already. `mx.load` reads safetensors itself, so bf16 weights never pass through numpy or torch.
+offset already. `mx.load` reads safetensors itself, so bf16 weights never pass through numpy or torch. With
+`ir.quantization` the projection matrices and an untied head become `QuantizedMatrix` records (see `quantize`);
+embeddings, norms and biases keep the compute dtype, and a tied head stays the (unquantized) embedding.
 
 Projection matrices are operands of `x @ w`, [in, out]. Usually that is a free transposed view of the stored
 [out, in] tensor, the layout MLX's Metal kernels and its CPU half-precision kernels are fastest with; float32 on
@@ -11,14 +13,16 @@ the CPU goes through BLAS, which multiplies a contiguous [in, out] copy about 2Ã
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, is_dataclass
-from typing import Iterator
+from typing import Iterator, Union
 
 import mlx.core as mx
 
 from polylm.errors import WeightsError
-from polylm.ir import Block, ModelIR, Norm
+from polylm.ir import Block, ModelIR, Norm, Quantization
 from polylm.lowering import qkv_parts, qkv_row_order, up_parts
 from polylm.weights import Weights
+
+from .quantize import QuantizedMatrix, quantize
 
 MX_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
@@ -30,17 +34,21 @@ class NormParams:
     bias: mx.array | None
 
 
+#: A projection: a dense [in, out] operand of `x @ w`, or a quantized [out, in] one (see `ops.linear`).
+Matrix = Union[mx.array, QuantizedMatrix]
+
+
 @dataclass
 class LayerParams:
     attn_norm: NormParams
-    qkv: mx.array  # [in, out], as are all matrices here
+    qkv: Matrix
     qkv_bias: mx.array | None
-    out: mx.array
+    out: Matrix
     out_bias: mx.array | None
     mlp_norm: NormParams
-    up: mx.array  # [gate; up] when gated
+    up: Matrix  # [gate; up] when gated
     up_bias: mx.array | None
-    down: mx.array
+    down: Matrix
     down_bias: mx.array | None
 
 
@@ -50,7 +58,7 @@ class ModelParams:
     embed_norm: NormParams | None
     layers: list[LayerParams]
     final_norm: NormParams
-    head: mx.array  # [hidden, out]; a transposed view of `embed` when tied
+    head: Matrix  # [hidden, out]; a transposed view of `embed` when tied
     head_bias: mx.array | None
 
 
@@ -77,10 +85,10 @@ def build_params(ir: ModelIR, tensors: dict[str, mx.array]) -> ModelParams:
     embed_norm = _norm(ir.embedding.norm, tensors, "embed.norm") if ir.embedding.norm else None
     layers = []
     for index in range(ir.num_layers):
-        layers.append(_layer(ir.block, tensors, f"layers.{index}"))
+        layers.append(_layer(ir.block, tensors, f"layers.{index}", ir.quantization))
         mx.eval(list(_arrays(layers[-1])))
     final_norm = _norm(ir.final_norm, tensors, "final_norm")
-    head = embed.T if ir.head.tied_to_embedding else _matrix(tensors.pop("head.weight"))
+    head = embed.T if ir.head.tied_to_embedding else _matrix(tensors.pop("head.weight"), ir.quantization, "head")
     params = ModelParams(embed, embed_norm, layers, final_norm, head, tensors.pop("head.bias", None))
     mx.eval(list(_arrays(params)))
     return params
@@ -106,8 +114,10 @@ def _norm(spec: Norm, tensors: dict[str, mx.array], prefix: str) -> NormParams:
     return NormParams(spec, weight, tensors.pop(f"{prefix}.bias", None))
 
 
-def _matrix(stored: mx.array) -> mx.array:
-    """A stored [out, in] projection as the [in, out] operand of `x @ w` (see the module docstring)."""
+def _matrix(stored: mx.array, quantization: Quantization | None, where: str) -> Matrix:
+    """A stored [out, in] projection as the [in, out] operand of `x @ w` (see the module docstring), or quantized."""
+    if quantization is not None:
+        return quantize(stored, quantization, where)
     if stored.dtype == mx.float32 and mx.default_device().type == mx.cpu:
         return mx.contiguous(stored.T)
     return stored.T
@@ -118,7 +128,8 @@ def _fuse(tensors: dict[str, mx.array], names: tuple[str, ...]) -> mx.array:
     return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)
 
 
-def _layer(block: Block, tensors: dict[str, mx.array], prefix: str) -> LayerParams:
+def _layer(block: Block, tensors: dict[str, mx.array], prefix: str, quantization: Quantization | None
+           ) -> LayerParams:
     attn, mlp = block.attention, block.mlp
     qkv = _fuse(tensors, qkv_parts(attn, prefix, "weight"))
     qkv_bias = _fuse(tensors, qkv_parts(attn, prefix, "bias")) if attn.qkv_bias else None
@@ -129,7 +140,13 @@ def _layer(block: Block, tensors: dict[str, mx.array], prefix: str) -> LayerPara
         qkv_bias = qkv_bias[rows] if qkv_bias is not None else None
     up = _fuse(tensors, up_parts(mlp, prefix, "weight"))
     up_bias = _fuse(tensors, up_parts(mlp, prefix, "bias")) if mlp.bias else None
-    return LayerParams(_norm(block.attn_norm, tensors, f"{prefix}.attn_norm"), _matrix(qkv), qkv_bias,
-                       _matrix(tensors.pop(f"{prefix}.attn.o.weight")), tensors.pop(f"{prefix}.attn.o.bias", None),
-                       _norm(block.mlp_norm, tensors, f"{prefix}.mlp_norm"), _matrix(up), up_bias,
-                       _matrix(tensors.pop(f"{prefix}.mlp.down.weight")), tensors.pop(f"{prefix}.mlp.down.bias", None))
+
+    def matrix(stored: mx.array, name: str) -> Matrix:
+        return _matrix(stored, quantization, f"{prefix}.{name}")
+
+    return LayerParams(_norm(block.attn_norm, tensors, f"{prefix}.attn_norm"), matrix(qkv, "attn.qkv"), qkv_bias,
+                       matrix(tensors.pop(f"{prefix}.attn.o.weight"), "attn.o"),
+                       tensors.pop(f"{prefix}.attn.o.bias", None),
+                       _norm(block.mlp_norm, tensors, f"{prefix}.mlp_norm"), matrix(up, "mlp.up"), up_bias,
+                       matrix(tensors.pop(f"{prefix}.mlp.down.weight"), "mlp.down"),
+                       tensors.pop(f"{prefix}.mlp.down.bias", None))

@@ -1,4 +1,5 @@
-"""The Triton backend: the torch runtime with every primitive but the matrix multiplies as a Triton kernel.
+"""The Triton backend: the torch runtime with every primitive but the matrix multiplies as a Triton kernel, and
+the matrix multiplies too when the weights are quantized (weight-only int8/int4, `quantized`).
 
 On a CUDA GPU it is available and preferred by `auto`. With `TRITON_INTERPRET=1` it runs its kernels through
 Triton's CPU interpreter — slowly, for testing — and `auto` never picks it. Importing this module does not
@@ -10,6 +11,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
+from dataclasses import replace
 
 from polylm.backend import DTYPES, Availability, Backend, Runtime
 from polylm.errors import BackendError
@@ -54,7 +56,16 @@ class TritonBackend(Backend):
 
         from .ops import TritonOps
 
-        return TorchRuntime(ir, weights, dtype, device="cpu" if interpreting() else "cuda", ops=TritonOps())
+        # the torch runtime builds dense params; a quantized model's matrices are then quantized here, in this
+        # backend's own layout (`quantized.QuantizedWeight`), whatever the torch backend does with quantization
+        runtime = TorchRuntime(replace(ir, quantization=None), weights, dtype,
+                               device="cpu" if interpreting() else "cuda", ops=TritonOps())
+        if ir.quantization is not None:
+            from .quantized import quantize_params
+
+            quantize_params(runtime.params, ir)
+            runtime.ir = ir
+        return runtime
 
     def join_group(self, world_size: int, timeout_s: float) -> Shard:
         from polylm_torch.parallel import join_group
@@ -64,6 +75,9 @@ class TritonBackend(Backend):
     def lower_shard(self, ir: ModelIR, weights: Weights, dtype: str, plan: ShardPlan) -> ShardRuntime:
         """The torch backend's sharded runtime with these kernels; one GPU per rank (cuda:LOCAL_RANK), NCCL."""
         self._check(ir, dtype)
+        if ir.quantization is not None:
+            raise BackendError("backend 'triton' does not run weight-only quantized models tensor-parallel yet; "
+                               "load without quantize= or without tensor_parallel=")
         import torch
         from polylm_torch.parallel import TorchShardRuntime
 
@@ -81,9 +95,6 @@ class TritonBackend(Backend):
             raise BackendError(f"backend 'triton' is not available here: {state.reason}")
         if dtype not in self.dtypes:
             raise BackendError(f"backend 'triton' cannot compute in {dtype} here; it supports {', '.join(self.dtypes)}")
-        if getattr(ir, "quantization", None) is not None:
-            raise BackendError("backend 'triton' does not run weight-only quantized models yet; load without "
-                               "quantize=, or use backend='torch'")
 
 
 @hookimpl

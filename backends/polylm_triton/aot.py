@@ -27,7 +27,7 @@ _TRITON_TYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 def cases(dtype: str, quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
     """(label, kernel, pointer types, constexprs, options) for every kernel at representative shapes."""
-    from . import activation, attention, gather, norm, rope
+    from . import activation, attention, gather, norm, quantized, rope
     from .config import row_tile, warps
 
     data = f"*{_TRITON_TYPES[dtype]}"
@@ -67,6 +67,13 @@ def cases(dtype: str, quick: bool = False) -> list[tuple[str, object, dict, dict
         found.append((f"activation: {name}, gated", activation._activation_kernel, {},
                       dict(ACTIVATION=name, GATED=True, BLOCK_ROWS=4, BLOCK_COLS=1024), dict(num_warps=warps(4096))))
     found.append(("gather", gather._gather_kernel, {}, dict(BLOCK_COLS=2048), dict(num_warps=warps(2048))))
+    for bits, group_size in ((8, None), (4, 32), (8, 48)):
+        for rows in (1, 4, 512):
+            tiles = quantized.matmul_tiles(rows, group_size, exact)
+            options = {"num_warps": tiles.pop("num_warps")}
+            found.append((f"quantized matmul: int{bits}, groups of {group_size or 'a row'}, {rows} rows",
+                          quantized._quantized_matmul_kernel, {"w_ptr": "*i8" if bits == 8 else "*u8"},
+                          dict(BITS=bits, HAS_BIAS=True, EXACT=exact, **tiles), options))
     return found
 
 

@@ -1,8 +1,9 @@
 """`TritonOps`: the torch backend's primitives replaced by the Triton kernels of this package.
 
-Matrix multiplies stay torch (cuBLAS). Every op reads only tensors of the step — never `StepTensors.past` —
-launches with shapes fixed by the step's tensor sizes, and never synchronizes with the host, so a CUDA graph
-can capture a whole decode step (see `graph.DecodeGraph`).
+Matrix multiplies stay torch (cuBLAS), except those of weight-only quantized weights (`quantized`). Every op
+reads only tensors of the step — never `StepTensors.past` — launches with shapes fixed by the step's tensor
+sizes, and never synchronizes with the host, so a CUDA graph can capture a whole decode step (see
+`graph.DecodeGraph`).
 """
 
 from __future__ import annotations
@@ -13,15 +14,22 @@ from polylm.ir import Attention, MLP
 from polylm_torch.ops import StepTensors, TorchOps
 from polylm_torch.params import NormParams
 
-from . import activation, attention, gather, rope
+from . import activation, attention, gather, quantized, rope
 from . import norm as norms
 
 
 class TritonOps(TorchOps):
     """Fused Triton kernels for norms (with the residual add), the embedding, RoPE with the cache write, the
-    MLP activation with its gate, attention (prefill and split-KV decode) and the head's row gather."""
+    MLP activation with its gate, attention (prefill and split-KV decode), the head's row gather, and the
+    matmul of weight-only quantized weights."""
 
     graph_safe = True
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor | quantized.QuantizedWeight,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(weight, quantized.QuantizedWeight):
+            return quantized.linear(x, weight, bias)
+        return super().linear(x, weight, bias)
 
     def norm(self, x: torch.Tensor, p: NormParams) -> torch.Tensor:
         return norms.add_norm(x, None, p)[1]

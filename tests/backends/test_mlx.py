@@ -98,11 +98,6 @@ def test_missing_mlx_gives_install_command(monkeypatch, make_ckpt, system, machi
     assert torch_and_mlx_registry().backend("auto").name == "torch"
 
 
-def test_quantized_model_is_refused(make_ckpt):
-    with pytest.raises(BackendError, match="quantized"):
-        polylm.load(make_ckpt("helium"), backend="mlx", quantize="int8")
-
-
 # -- numerics ------------------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,178 @@
+"""Weight-only int8/int4 projections: the quantized weight record `TritonOps.linear` dispatches on, and the
+Triton matmul that reads it (integers dequantized in registers, float32 accumulation).
+
+The scheme is the IR's (`polylm.ir.Quantization`): symmetric, one scale per `group_size` consecutive input
+features (per output row without a group size), scale = max|w| / qmax and q = clamp(round(w / scale), −qmax,
+qmax) with qmax 127 (int8) or 7 (int4). Scales are stored in the compute dtype and q is computed against the
+stored scale, so the weight multiplied with is exactly scale · q. int4 packs two codes q + 8 per byte, the even
+input feature in the low nibble.
+
+One kernel serves every shape. Up to `SMALL_ROWS` rows (decode) a program multiplies its few rows by a weight
+tile with a broadcast product and a row sum, reading each weight byte once for all rows; more rows (prefill)
+go through `tl.dot` on tiles of 16–64 rows. With one scale per output row the integers are multiplied unscaled
+and the scale applied once at the end; when a tile of input features lies inside one group (prefill tiles are
+sized to), once per tile — either way the dot's operands stay integers, exact in 16 bits. A tile spanning
+several groups (decode tiles, or group sizes without a power-of-two factor ≥ 16) scales each weight as it is
+loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from polylm.ir import ModelIR, Quantization
+from polylm_torch.params import ModelParams
+
+#: Up to this many rows of x, the broadcast-and-sum path; above it, `tl.dot` tiles.
+SMALL_ROWS = 4
+
+# how a program applies the scales (SCALE_MODE)
+_PER_ROW, _PER_TILE, _PER_WEIGHT = 0, 1, 2
+
+
+@dataclass
+class QuantizedWeight:
+    """A [out, in] projection quantized symmetrically, as `TritonOps.linear` reads it."""
+
+    data: torch.Tensor  # int8 [out, in]; int4: uint8 [out, ⌈in / 2⌉], codes q + 8, even feature in the low nibble
+    scales: torch.Tensor  # [out, ⌈in / group_size⌉] (one column without a group size), in the compute dtype
+    bits: int
+    group_size: int | None
+    in_features: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.data.shape[0], self.in_features
+
+    def dequantize(self) -> torch.Tensor:
+        """The [out, in] float32 weight the kernel multiplies with: scale · q."""
+        if self.bits == 8:
+            q = self.data.float()
+        else:
+            q = torch.stack((self.data & 0xF, self.data >> 4), dim=-1).flatten(1)[:, :self.in_features].float() - 8
+        group = self.group_size or self.in_features
+        return q * self.scales.float().repeat_interleave(group, dim=1)[:, :self.in_features]
+
+
+def quantize(weight: torch.Tensor, spec: Quantization) -> QuantizedWeight:
+    """`weight` [out, in] quantized as `spec` says, scales in its dtype, on its device."""
+    out_features, in_features = weight.shape
+    group = spec.group_size or in_features
+    padded = triton.cdiv(in_features, group) * group  # a zero changes no group's max|w| and becomes q = 0
+    groups = F.pad(weight.float(), (0, padded - in_features)).view(out_features, padded // group, group)
+    qmax = 2 ** (spec.bits - 1) - 1
+    scales = (groups.abs().amax(dim=-1) / qmax).to(weight.dtype)
+    divisor = scales.float()
+    divisor = torch.where(divisor > 0, divisor, 1.0)  # an all-zero group: q = 0 under any scale
+    q = torch.round(groups / divisor[..., None]).clamp_(-qmax, qmax).view(out_features, padded)[:, :in_features]
+    if spec.bits == 8:
+        data = q.to(torch.int8)
+    else:
+        codes = F.pad((q + 8).to(torch.uint8), (0, in_features % 2), value=8)
+        data = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    return QuantizedWeight(data.contiguous(), scales.contiguous(), spec.bits, spec.group_size, in_features)
+
+
+def quantize_params(params: ModelParams, ir: ModelIR) -> None:
+    """Replace the block matrices and an untied head of the torch runtime's dense `params` by `QuantizedWeight`s
+    as `ir.quantization` says, in place and one matrix at a time (each dense one is freed as it goes)."""
+    spec = ir.quantization
+    assert spec is not None
+    for layer in params.layers:
+        for name in ("qkv", "out", "up", "down"):
+            setattr(layer, name, quantize(getattr(layer, name), spec))
+    if not ir.head.tied_to_embedding:  # a tied head is the embedding, which stays as it is
+        params.head = quantize(params.head, spec)
+
+
+def matmul_tiles(rows: int, group_size: int | None, exact: bool = False) -> dict:
+    """The pinned launch configuration for `rows` rows of x (shapes only, never autotuned); `exact`: float32
+    activations, whose dot runs without tensor cores and gets smaller tiles."""
+    mode = _PER_ROW
+    if rows <= SMALL_ROWS:  # ~4096 products per tile; a tile of more than one group scales each weight
+        block_m = triton.next_power_of_2(rows)
+        block_k = 128 // block_m
+        if group_size is not None:
+            mode = _PER_TILE if group_size % block_k == 0 else _PER_WEIGHT
+        return dict(BLOCK_M=block_m, BLOCK_N=4096 // (block_m * block_k), BLOCK_K=block_k, SCALE_MODE=mode,
+                    USE_DOT=False, num_warps=8)
+    # a dot wants ≥ 16 features; a tile inside one group keeps its weight operand integers
+    block_m, block_n, block_k = (16 if rows <= 16 else 32 if rows <= 32 else 64), 64, 64
+    if exact:
+        block_m, block_n = min(block_m, 32), 32
+    if group_size is not None:
+        fit = min(block_k, group_size & -group_size)  # the largest power of two dividing the group, capped
+        block_k, mode = (fit, _PER_TILE) if fit >= 16 else (block_k, _PER_WEIGHT)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SCALE_MODE=mode, USE_DOT=True, num_warps=4)
+
+
+@triton.jit
+def _quantized_matmul_kernel(x_ptr, w_ptr, scales_ptr, bias_ptr, y_ptr, M, N, K, group_size,
+                             stride_xm, stride_wn, stride_sn, stride_ym,
+                             BITS: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                             USE_DOT: tl.constexpr, EXACT: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_in, col_in = rows < M, cols < N
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
+    w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
+    s_rows = scales_ptr + cols.to(tl.int64) * stride_sn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_in = k < K
+        x = tl.load(x_rows + k[None, :], mask=row_in[:, None] & k_in[None, :], other=0.0)
+        # the weights' integers q [BLOCK_N, BLOCK_K] as float32
+        if BITS == 8:
+            q = tl.load(w_rows + k[None, :], mask=col_in[:, None] & k_in[None, :], other=0).to(tl.float32)
+        else:
+            byte = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            packed = tl.load(w_rows + byte[None, :], mask=col_in[:, None] & (2 * byte < K)[None, :], other=0x88)
+            q = tl.interleave((packed & 0xF).to(tl.float32), (packed >> 4).to(tl.float32)) - 8.0
+        w = q
+        if SCALE_MODE == 2:
+            scale = tl.load(s_rows[:, None] + (k // group_size)[None, :], mask=col_in[:, None] & k_in[None, :],
+                            other=0.0)
+            w = q * scale.to(tl.float32)
+        if USE_DOT:
+            if EXACT:
+                part = tl.dot(x, tl.trans(w), input_precision="ieee")
+            else:  # integers are exact in 16 bits; a weight scaled here is rounded to x's dtype
+                part = tl.dot(x, tl.trans(w.to(x.dtype)))
+        else:
+            part = tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
+        if SCALE_MODE == 1:  # the tile lies inside one group
+            acc += part * tl.load(s_rows + k0 // group_size, mask=col_in, other=0.0).to(tl.float32)[None, :]
+        else:
+            acc += part
+    if SCALE_MODE == 0:
+        acc = acc * tl.load(s_rows, mask=col_in, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=row_in[:, None] & col_in[None, :])
+
+
+def linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] @ weightᵀ (+ bias) → [..., out] in x's dtype."""
+    out_features, in_features = weight.shape
+    x2 = x.reshape(-1, in_features)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    rows = x2.shape[0]
+    y = torch.empty((rows, out_features), dtype=x.dtype, device=x.device)
+    if rows:
+        tiles = matmul_tiles(rows, weight.group_size, x.dtype == torch.float32)
+        grid = (triton.cdiv(out_features, tiles["BLOCK_N"]), triton.cdiv(rows, tiles["BLOCK_M"]))
+        _quantized_matmul_kernel[grid](
+            x2, weight.data, weight.scales, bias if bias is not None else weight.scales, y, rows, out_features,
+            in_features, weight.group_size or in_features, x2.stride(0), weight.data.stride(0),
+            weight.scales.stride(0), y.stride(0), BITS=weight.bits, HAS_BIAS=bias is not None,
+            EXACT=x.dtype == torch.float32, **tiles)
+    return y.view(*x.shape[:-1], out_features)
