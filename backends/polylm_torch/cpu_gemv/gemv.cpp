@@ -41,7 +41,9 @@ static inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * 
 template <class Args>
 static void run_blocks(void (*kernel)(const Args&, const int64_t*), int streams, const std::vector<Args>& groups,
                        int64_t nblocks, int64_t block_bytes) {
-  const int64_t grain = std::max<int64_t>(1, (int64_t{64} << 10) / std::max<int64_t>(block_bytes, 1));
+  // At least 256 KB per thread: splitting a small matrix costs more in wake-ups than it saves, and on a
+  // busy machine a second thread may not get a core at all.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{256} << 10) / std::max<int64_t>(block_bytes, 1));
   at::parallel_for(0, nblocks, grain, [&](int64_t begin, int64_t end) {
     const int64_t per = (end - begin) / streams;
     int64_t blk[kMaxStreams];
