@@ -101,9 +101,9 @@ class Scheduler:
     """Runs requests in one cache of up to `max_batch` rows; `submit`, then call `step` while `busy`.
 
     A fresh cache has `max_batch` rows, or with `min_batch` set, the power of two (within the bounds) that fits
-    the recent demand: then a cache whose rows are all busy while requests wait stops admitting, drains and is
-    replaced by a larger one, and an idle cache with more rows than needed gives way to a smaller one (unless it
-    has at most twice the rows needed and holds a prefix of the next request).
+    the recent demand: then when requests wait and every row is busy, the running ones move on to a larger cache
+    (recomputing their tokens), and an idle cache with more rows than needed gives way to a smaller one (unless
+    it has at most twice the rows needed and holds a prefix of the next request).
     `capacity` is the slots of a fresh cache (more when one request alone needs more), of which a request reserves
     at most half; None sizes each fresh cache to the requests it starts with, which reserve all they may need.
     `context_length` (default: the model's) bounds each request's length.
@@ -137,7 +137,6 @@ class Scheduler:
         self._mask = np.zeros((0, 0), dtype=bool)
         self._positions = np.zeros((0, 0), dtype=np.int64)
         self._demand: deque[int] = deque(maxlen=DEMAND_WINDOW)
-        self._growing = False  # draining, to be replaced by a cache with more rows
 
     # -- the caller's side -----------------------------------------------------------------------------------
 
@@ -222,21 +221,19 @@ class Scheduler:
         """Seat the waiting requests that fit; for each new row, the tokens it feeds and the first one's position."""
         if not self.waiting:
             return {}
+        if self._rows and self.running == len(self._rows) < self.max_batch:  # more rows needed: a larger cache
+            self._move_running()
         if self.running == 0 and self._wants_fresh_cache():
             self._fresh_cache()
-        if self._growing:
-            return {}
         joins = self._seat_waiting()
         if not joins and self.running == 0:  # the queue's head does not fit in the slots left
             self._fresh_cache()
             joins = self._seat_waiting()
-        if self.waiting and len(self._rows) < self.max_batch and all(row.request is not None for row in self._rows):
-            self._growing = True
         return joins
 
     def _wants_fresh_cache(self) -> bool:
         """Nothing runs: whether a cache with another number of rows suits the queue better than this one."""
-        if self._cache is None or self._growing:
+        if self._cache is None:
             return True
         rows = self._rows_for(max(len(self.waiting), max(self._demand, default=0)))
         if rows == len(self._rows):
@@ -285,7 +282,8 @@ class Scheduler:
         return left if self.reserve is None else min(left, self.reserve)
 
     def _move_running(self) -> None:
-        """The cache is full: put the running requests back at the head of the queue, to continue in a fresh one."""
+        """Put the running requests back at the head of the queue, to continue in a fresh cache (this one is full,
+        or has too few rows)."""
         running = sorted((row.request for row in self._rows if row.request is not None), key=lambda r: r.id)
         for request in running:
             row = self._rows[request.row]
@@ -332,7 +330,6 @@ class Scheduler:
         self._rows = [_Row() for _ in range(batch)]
         self._mask = np.zeros((batch, need), dtype=bool)
         self._positions = np.zeros((batch, need), dtype=np.int64)
-        self._growing = False
         self.stats.caches += 1
 
     # -- the forward pass ------------------------------------------------------------------------------------

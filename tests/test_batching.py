@@ -90,7 +90,8 @@ def test_continuous_batching_equals_one_at_a_time(make_ckpt, loaded, family, bac
 @pytest.mark.parametrize("family", ["gemma", "bloom"])
 def test_requests_outgrowing_a_full_cache_move_on_and_rows_follow_demand(make_ckpt, loaded, family):
     """A fixed-size cache too small for the requests: the long one fills it and continues in a fresh one by
-    recomputing its tokens; with `min_batch` the rows grow when requests queue up, and shrink when idle."""
+    recomputing its tokens; with `min_batch` the rows grow when requests queue up (the running request moves to
+    the larger cache), and shrink when idle."""
     model = loaded(make_ckpt(family), "torch")
     scheduler = Scheduler(model.runtime, max_batch=4, min_batch=1, capacity=24, eos_ids=(), min_prefix=None)
     long = scheduler.submit(PROMPTS[0], Sampling(30))
@@ -99,12 +100,12 @@ def test_requests_outgrowing_a_full_cache_move_on_and_rows_follow_demand(make_ck
     jobs = [(PROMPTS[1], 6), (PROMPTS[2], 8), ([1, 9, 9], 5)]
     others = [scheduler.submit(p, Sampling(n)) for p, n in jobs]
     run(scheduler, steps=1)
-    assert all(r.row is None for r in others)  # no free row: the cache drains before a larger one
+    assert scheduler.rows == 4 and long.row is not None and all(r.row is not None for r in others)
+    assert scheduler.stats.moved == 1 and scheduler.stats.recomputed_tokens == len(PROMPTS[0]) + 2
     run(scheduler)
     assert long.tokens == alone(model, PROMPTS[0], 30)
     assert [r.tokens for r in others] == [alone(model, p, n) for p, n in jobs]
-    assert scheduler.rows == 4 and scheduler.stats.caches == 2
-    assert scheduler.stats.moved == 1 and scheduler.stats.recomputed_tokens == 24 + 1  # the full cache and the unfed last token
+    assert scheduler.stats.moved >= 2 and scheduler.stats.caches >= 3  # and again when the 24 slots ran out
 
     roomy = Scheduler(model.runtime, max_batch=2, min_batch=1, capacity=200, eos_ids=(), min_prefix=4)
     first = [roomy.submit(p, Sampling(3)) for p in PROMPTS[:2]]
