@@ -127,4 +127,5 @@ def test_third_party_backend_registers_like_a_family(tmp_path, make_ckpt):
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "'twin'" in result.stdout and result.stdout.strip().endswith(" 0.0")
+    names, diff = result.stdout.strip().rsplit(" ", 1)
+    assert "'twin'" in names and float(diff) <= 1e-5  # the torch backend runs the compiled CPU kernels
