@@ -22,6 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from models import CONFIGS, build  # noqa: E402
 
+from polylm.progress import progress  # noqa: E402
+
 TRANSFORMERS_RUN = """
 import json, resource, sys, time
 import numpy as np, torch, transformers
@@ -76,12 +78,15 @@ def main() -> None:
     parser.add_argument("--write", default=None, metavar="FILE", help="append the table to this Markdown file")
     args = parser.parse_args()
     path = build(args.model)
-    rows = {"transformers bf16": run([sys.executable, "-c", TRANSFORMERS_RUN, str(path), str(args.prompt_tokens),
-                                      str(args.new_tokens)], args.threads)}
-    rows["polylm bf16"] = polylm_run(path, args)
-    rows["polylm fp32 compute"] = polylm_run(path, args, dtype="float32")
-    rows["polylm int8"] = polylm_run(path, args, "int8")
-    rows["polylm int4"] = polylm_run(path, args, "int4")
+    engines = {
+        "transformers bf16": lambda: run([sys.executable, "-c", TRANSFORMERS_RUN, str(path), str(args.prompt_tokens),
+                                          str(args.new_tokens)], args.threads),
+        "polylm bf16": lambda: polylm_run(path, args),
+        "polylm fp32 compute": lambda: polylm_run(path, args, dtype="float32"),
+        "polylm int8": lambda: polylm_run(path, args, "int8"),
+        "polylm int4": lambda: polylm_run(path, args, "int4"),
+    }
+    rows = {name: measure() for name, measure in progress(engines.items(), total=len(engines), desc="engines")}
     base = rows["transformers bf16"]
     lines = [f"### {args.model}, {args.threads} threads, prompt {args.prompt_tokens}, {args.new_tokens} new tokens",
              "", f"{cpu_description()}; {time.strftime('%Y-%m-%d')}; `python benchmarks/bench_cpu.py --model "
