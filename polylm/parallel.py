@@ -414,7 +414,7 @@ class Launch:
                 if not self.done:
                     print(f"polylm: error: {failed}; ending the job", file=sys.stderr, flush=True)
                     self._kill()
-                    os._exit(1)
+                    os._exit(2)  # a reported failure, like every other error the CLI names
                 return
             time.sleep(0.05)
 
