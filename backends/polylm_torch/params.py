@@ -1,7 +1,8 @@
 """Reading canonical tensors from safetensors into torch, in the layout the runtime computes with.
 
 The q/k/v projections become one [q; k; v] matrix (BLOOM's per-head interleaving undone) and a gated MLP's
-gate and up one [gate; up] matrix, so each is a single matmul. Norm weights carry their offset already.
+gate and up one [gate; up] matrix, so each is a single matmul — the recipes of `polylm.lowering`, shared with
+the other backends. Norm weights carry their offset already.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from safetensors import safe_open
 
 from polylm.errors import WeightsError
 from polylm.ir import Block, ModelIR, Norm
+from polylm.lowering import qkv_parts, qkv_row_order, up_parts
 from polylm.parallel import ShardPlan
 from polylm.weights import Weights
 
@@ -93,25 +95,19 @@ def _norm(spec: Norm, tensors: dict[str, torch.Tensor], prefix: str, dtype: torc
 
 def _layer(block: Block, tensors: dict[str, torch.Tensor], prefix: str, dtype: torch.dtype) -> LayerParams:
     attn, mlp = block.attention, block.mlp
-    p = f"{prefix}.attn"
-    if attn.qkv_layout == "separate":
-        qkv = torch.cat([tensors.pop(f"{p}.{n}.weight") for n in "qkv"])
-        qkv_bias = torch.cat([tensors.pop(f"{p}.{n}.bias") for n in "qkv"]) if attn.qkv_bias else None
-    else:
-        qkv = deinterleave_qkv(tensors.pop(f"{p}.qkv.weight"), attn.num_heads)
-        qkv_bias = deinterleave_qkv(tensors.pop(f"{p}.qkv.bias"), attn.num_heads) if attn.qkv_bias else None
-    m = f"{prefix}.mlp"
-    names = ("gate", "up") if mlp.gated else ("up",)
-    up = torch.cat([tensors.pop(f"{m}.{n}.weight") for n in names])
-    up_bias = torch.cat([tensors.pop(f"{m}.{n}.bias") for n in names]) if mlp.bias else None
+    qkv, qkv_bias = _fused(tensors, qkv_parts(attn, prefix, "weight"), qkv_row_order(attn)), None
+    if attn.qkv_bias:
+        qkv_bias = _fused(tensors, qkv_parts(attn, prefix, "bias"), qkv_row_order(attn))
+    up = _fused(tensors, up_parts(mlp, prefix, "weight"))
+    up_bias = _fused(tensors, up_parts(mlp, prefix, "bias")) if mlp.bias else None
     attn_norm = _norm(block.attn_norm, tensors, f"{prefix}.attn_norm", dtype)
     mlp_norm = _norm(block.mlp_norm, tensors, f"{prefix}.mlp_norm", dtype)
-    return LayerParams(attn_norm, qkv.contiguous(), qkv_bias, tensors.pop(f"{p}.o.weight"),
-                       tensors.pop(f"{p}.o.bias", None), mlp_norm, up.contiguous(), up_bias,
-                       tensors.pop(f"{m}.down.weight"), tensors.pop(f"{m}.down.bias", None))
+    return LayerParams(attn_norm, qkv, qkv_bias, tensors.pop(f"{prefix}.attn.o.weight"),
+                       tensors.pop(f"{prefix}.attn.o.bias", None), mlp_norm, up, up_bias,
+                       tensors.pop(f"{prefix}.mlp.down.weight"), tensors.pop(f"{prefix}.mlp.down.bias", None))
 
 
-def deinterleave_qkv(fused: torch.Tensor, heads: int) -> torch.Tensor:
-    """[heads, 3, head_dim, …] rows (BLOOM) → [3, heads, head_dim, …] rows, i.e. [q; k; v]."""
-    rest = fused.shape[1:]
-    return fused.reshape(heads, 3, -1, *rest).transpose(0, 1).reshape(fused.shape[0], *rest).contiguous()
+def _fused(tensors: dict[str, torch.Tensor], names: tuple[str, ...], row_order=None) -> torch.Tensor:
+    """The row-wise concatenation of `names` (see `polylm.lowering`), rows reordered when asked."""
+    fused = torch.cat([tensors.pop(name) for name in names])
+    return (fused if row_order is None else fused[torch.from_numpy(row_order)]).contiguous()
