@@ -61,6 +61,7 @@ for name, path in cases.items():
         results[name]["batch"] = model.generate([prompt, prompt[:2]], max_new_tokens=new)
     release(model)
 json.dump(results, open(f"{out}/rank{rank}.json", "w"))
+dist.destroy_process_group()  # the group this script made, it leaves
 """
 
 
