@@ -23,8 +23,6 @@ from polylm.ir import ModelIR
 from polylm.parallel import Shard, TensorSlice, free_port, plan_shards
 from test_heads import qa_checkpoint
 
-pytest.importorskip("torch.distributed")
-
 CASES = [(family, "causal-lm") for family in checkpoints.FAMILIES] + [
     ("bloom", "sequence-classification"), ("helium", "token-classification"), ("gemma", "question-answering")]
 IDS = np.array([[1, 5, 9, 44, 21, 7, 300], [0, 0, 1, 33, 2, 8, 19]])
