@@ -1,6 +1,5 @@
 """Parity with transformers: every family × backend × task, fp32, padded on both sides, greedy ids."""
 
-import numpy as np
 import pytest
 
 import checkpoints

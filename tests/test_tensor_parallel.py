@@ -73,18 +73,13 @@ def _env(**extra) -> dict:
     return env
 
 
-@pytest.fixture(scope="module")
-def job(make_ckpt, ckpt_root, tmp_path_factory):
-    """Results of both ranks of one two-rank job over every case."""
-    cases = {f"{f}/{t}": str(_case_dir(make_ckpt, ckpt_root, f, t)) for f, t in CASES}
-    out = tmp_path_factory.mktemp("tp")
+def run_two_ranks(worker: str, cases: dict, out, rank_env) -> list[dict]:
+    """Run `worker` as ranks 0 and 1 (environment `rank_env(rank)`) over `cases`; each rank's JSON results."""
     script = out / "worker.py"
-    script.write_text(WORKER)
+    script.write_text(worker)
     args = [json.dumps(cases), str(out), json.dumps([IDS.tolist(), MASK.tolist(), PROMPT, NEW_TOKENS])]
-    port = str(free_port())
     ranks = [subprocess.Popen([sys.executable, str(script), *args], stderr=subprocess.PIPE, text=True,
-                              env=_env(RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
-             for r in range(2)]
+                              env=_env(**rank_env(r))) for r in range(2)]
     errors = []
     for rank, process in enumerate(ranks):
         try:
@@ -96,7 +91,16 @@ def job(make_ckpt, ckpt_root, tmp_path_factory):
         if process.returncode:
             errors.append(f"rank {rank} exited with {process.returncode}:\n{err[-3000:]}")
     assert not errors, "\n".join(errors)
-    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def job(make_ckpt, ckpt_root, tmp_path_factory):
+    """Results of both ranks of one two-rank job over every case."""
+    cases = {f"{f}/{t}": str(_case_dir(make_ckpt, ckpt_root, f, t)) for f, t in CASES}
+    port = str(free_port())
+    results = run_two_ranks(WORKER, cases, tmp_path_factory.mktemp("tp"), lambda r: dict(
+        RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
     return cases, results
 
 

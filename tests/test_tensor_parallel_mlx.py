@@ -17,11 +17,8 @@ import pytest
 
 import polylm
 from polylm.parallel import free_port
-from test_tensor_parallel import CASES, IDS, MASK, NEW_TOKENS, PROMPT, _case_dir, _env
+from test_tensor_parallel import CASES, IDS, MASK, NEW_TOKENS, PROMPT, _case_dir, _env, run_two_ranks
 
-import mlx.core as mx  # noqa: E402
-
-JOB_TIMEOUT_S = 120
 
 # Run by both ranks: load each checkpoint sharded; rank 0 records what the tests compare, rank 1 only follows.
 WORKER = """
@@ -56,28 +53,11 @@ json.dump(results, open(f"{out}/rank{rank}.json", "w"))
 def job(make_ckpt, ckpt_root, tmp_path_factory):
     """Results of both ranks of one two-rank ring job over every case."""
     cases = {f"{f}/{t}": str(_case_dir(make_ckpt, ckpt_root, f, t)) for f, t in CASES}
-    out = tmp_path_factory.mktemp("tp-mlx")
-    script = out / "worker.py"
-    script.write_text(WORKER)
+    out = tmp_path_factory.mktemp("tp")
     port = free_port()
     hostfile = out / "hosts.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"]]))
-    args = [json.dumps(cases), str(out), json.dumps([IDS.tolist(), MASK.tolist(), PROMPT, NEW_TOKENS])]
-    ranks = [subprocess.Popen([sys.executable, str(script), *args], stderr=subprocess.PIPE, text=True,
-                              env=_env(MLX_RANK=str(r), MLX_HOSTFILE=str(hostfile)))
-             for r in range(2)]
-    errors = []
-    for rank, process in enumerate(ranks):
-        try:
-            _, err = process.communicate(timeout=JOB_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            for p in ranks:
-                p.kill()
-            pytest.fail(f"two-rank ring job did not finish in {JOB_TIMEOUT_S} s")
-        if process.returncode:
-            errors.append(f"rank {rank} exited with {process.returncode}:\n{err[-3000:]}")
-    assert not errors, "\n".join(errors)
-    return cases, [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    return cases, run_two_ranks(WORKER, cases, out, lambda r: dict(MLX_RANK=str(r), MLX_HOSTFILE=str(hostfile)))
 
 
 @pytest.mark.parametrize("family,task", CASES, ids=[f"{f}-{t}" for f, t in CASES])
