@@ -35,6 +35,8 @@ class TensorRef:
     key: str
     dtype: str
     shape: tuple[int, ...]
+    offset: int = 0  # where the tensor's bytes start in the file
+    nbytes: int = 0
 
 
 def read_header(path: Path) -> dict[str, TensorRef]:
@@ -66,7 +68,7 @@ def read_header(path: Path) -> dict[str, TensorRef]:
     for key, entry in header.items():
         if key == "__metadata__":
             continue
-        ref, span = _check_entry(path, key, entry, data_size)
+        ref, span = _check_entry(path, key, entry, data_size, 8 + header_len)
         refs[key] = ref
         spans.append((span, key))
     spans.sort()
@@ -76,7 +78,8 @@ def read_header(path: Path) -> dict[str, TensorRef]:
     return refs
 
 
-def _check_entry(path: Path, key: str, entry: object, data_size: int) -> tuple[TensorRef, tuple[int, int]]:
+def _check_entry(path: Path, key: str, entry: object, data_size: int,
+                 data_start: int) -> tuple[TensorRef, tuple[int, int]]:
     where = f"{path}: tensor {key!r}"
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
         raise WeightsError(f"{where}: header entry must have dtype, shape and data_offsets")
@@ -104,7 +107,7 @@ def _check_entry(path: Path, key: str, entry: object, data_size: int) -> tuple[T
     if end - begin != numel * itemsize:
         raise WeightsError(f"{where}: data_offsets span {end - begin} bytes but shape {shape} of {dtype} "
                            f"needs {numel * itemsize}")
-    return TensorRef(path, key, name, tuple(shape)), (begin, end)
+    return TensorRef(path, key, name, tuple(shape), data_start + begin, end - begin), (begin, end)
 
 
 def checkpoint_files(directory: Path) -> list[Path]:

@@ -16,7 +16,7 @@ from polylm.errors import WeightsError
 from polylm.ir import Block, ModelIR, Norm
 from polylm.lowering import qkv_parts, qkv_row_order, up_parts
 from polylm.parallel import ShardPlan
-from polylm.weights import Weights
+from polylm.weights import TensorRef, Weights
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -54,16 +54,25 @@ class ModelParams:
 
 def read_tensors(weights: Weights, dtype: torch.dtype, device: str | torch.device = "cpu",
                  plan: ShardPlan | None = None) -> dict[str, torch.Tensor]:
-    """Every canonical tensor, converted to `dtype` on `device`; with a tensor-parallel `plan`, only the
-    rank's slices, each read alone from the memory-mapped file."""
+    """Every canonical tensor, converted to `dtype` on `device` (read with plain file reads); with a
+    tensor-parallel `plan`, only the rank's slices, each read alone from the memory-mapped file."""
     tensors: dict[str, torch.Tensor] = {}
+    if plan is None:
+        for path, names in weights.by_file():
+            try:
+                with open(path, "rb") as handle:
+                    for name in sorted(names, key=lambda n: weights[n].offset):
+                        tensors[name] = _read_whole(handle, weights[name]).to(device=device, dtype=dtype)
+            except OSError as exc:
+                raise WeightsError(f"{path}: cannot read tensor data ({exc.strerror})") from None
+        return tensors
     for path, names in weights.by_file():
         try:
             with safe_open(str(path), framework="pt", device="cpu") as handle:
                 for name, key in names.items():
-                    part = plan.part(name) if plan is not None else None
-                    if plan is not None and not plan.reads(name):
+                    if not plan.reads(name):
                         continue
+                    part = plan.part(name)
                     if part is None:
                         tensor = handle.get_tensor(key)
                     else:
@@ -74,6 +83,16 @@ def read_tensors(weights: Weights, dtype: torch.dtype, device: str | torch.devic
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
             raise WeightsError(f"{path}: cannot read tensor data ({exc})") from None
     return tensors
+
+
+def _read_whole(handle, ref: TensorRef) -> torch.Tensor:
+    """One tensor read with plain file reads into memory of its own: unlike a memory map, the file's pages are
+    not counted in this process's resident memory, which keeps the load's peak near the weights' size."""
+    data = torch.empty(ref.nbytes, dtype=torch.uint8)
+    handle.seek(ref.offset)
+    if handle.readinto(data.numpy()) != ref.nbytes:
+        raise WeightsError(f"{ref.file}: tensor {ref.key!r} is cut short; the file is truncated")
+    return data.view(TORCH_DTYPES[ref.dtype]).reshape(ref.shape)
 
 
 def build_params(ir: ModelIR, tensors: dict[str, torch.Tensor]) -> ModelParams:
