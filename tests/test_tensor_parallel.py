@@ -104,6 +104,21 @@ def job(make_ckpt, ckpt_root, tmp_path_factory):
     return cases, results
 
 
+def assert_matches_one_process(result: dict, single) -> None:
+    """Rank 0's `result` equals the single-process model's logits (1e-5) and greedy ids."""
+    expected = single.forward(IDS, MASK)
+    got = result["logits"]
+    if isinstance(expected, dict):
+        for key in expected:
+            assert np.abs(np.array(got[key]) - expected[key]).max() <= 1e-5
+    else:
+        assert np.array(got).shape == expected.shape
+        assert np.abs(np.array(got) - expected).max() <= 1e-5
+    if single.task == "causal-lm":
+        assert result["greedy"] == single.generate(PROMPT, max_new_tokens=NEW_TOKENS)
+        assert result["batch"] == single.generate([PROMPT, PROMPT[:2]], max_new_tokens=NEW_TOKENS)
+
+
 @pytest.mark.parametrize("family,task", CASES, ids=[f"{f}-{t}" for f, t in CASES])
 def test_two_ranks_match_one_process(job, family, task):
     from polylm_torch.parallel import param_bytes
@@ -111,17 +126,7 @@ def test_two_ranks_match_one_process(job, family, task):
     cases, (rank0, rank1) = job
     name = f"{family}/{task}"
     single = polylm.load(cases[name], backend="torch")
-    expected = single.forward(IDS, MASK)
-    got = rank0[name]["logits"]
-    if isinstance(expected, dict):
-        for key in expected:
-            assert np.abs(np.array(got[key]) - expected[key]).max() <= 1e-5
-    else:
-        assert np.array(got).shape == expected.shape
-        assert np.abs(np.array(got) - expected).max() <= 1e-5
-    if task == "causal-lm":
-        assert rank0[name]["greedy"] == single.generate(PROMPT, max_new_tokens=NEW_TOKENS)
-        assert rank0[name]["batch"] == single.generate([PROMPT, PROMPT[:2]], max_new_tokens=NEW_TOKENS)
+    assert_matches_one_process(rank0[name], single)
     whole = param_bytes(single.runtime.params)
     for held in (rank0[name]["held_bytes"], rank1[name]["held_bytes"]):
         assert held < 0.6 * whole, f"a rank holds {held} of {whole} bytes"

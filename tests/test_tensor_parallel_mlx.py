@@ -12,12 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import polylm
 from polylm.parallel import free_port
-from test_tensor_parallel import CASES, IDS, MASK, NEW_TOKENS, PROMPT, _case_dir, _env, run_two_ranks
+from test_tensor_parallel import CASES, _case_dir, _env, assert_matches_one_process, run_two_ranks
 
 
 # Run by both ranks: load each checkpoint sharded; rank 0 records what the tests compare, rank 1 only follows.
@@ -65,17 +64,7 @@ def test_two_mlx_ranks_match_one_process(job, family, task):
     cases, (rank0, rank1) = job
     name = f"{family}/{task}"
     single = polylm.load(cases[name], backend="mlx", dtype="float32")
-    expected = single.forward(IDS, MASK)
-    got = rank0[name]["logits"]
-    if isinstance(expected, dict):
-        for key in expected:
-            assert np.abs(np.array(got[key]) - expected[key]).max() <= 1e-5
-    else:
-        assert np.array(got).shape == expected.shape
-        assert np.abs(np.array(got) - expected).max() <= 1e-5
-    if task == "causal-lm":
-        assert rank0[name]["greedy"] == single.generate(PROMPT, max_new_tokens=NEW_TOKENS)
-        assert rank0[name]["batch"] == single.generate([PROMPT, PROMPT[:2]], max_new_tokens=NEW_TOKENS)
+    assert_matches_one_process(rank0[name], single)
     params = single.runtime.params
     tied = single.ir.head.tied_to_embedding
     from polylm_mlx.params import _arrays
