@@ -173,6 +173,11 @@ def requested_isa() -> str:
     return os.environ.get(_ISA_ENV, "auto").strip().lower() or "auto"
 
 
+def supported_isas(module: types.ModuleType) -> list[str]:
+    """The code paths of the built `module` this CPU can run, best first."""
+    return [isa for isa in ("avx512", "avx2") if module.cpu_has(isa)]
+
+
 def select_isa() -> tuple[types.ModuleType | None, str | None, str]:
     """(module, ISA name, reason): the ISA to run new layers with, or None and why not."""
     requested = requested_isa()
@@ -183,7 +188,7 @@ def select_isa() -> tuple[types.ModuleType | None, str | None, str]:
     module, reason = load()
     if module is None:
         return None, None, reason
-    supported = [isa for isa in ("avx512", "avx2") if module.cpu_has(isa)]
+    supported = supported_isas(module)
     if requested == "auto":
         return module, supported[0], ""
     if requested in supported:
