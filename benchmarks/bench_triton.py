@@ -25,6 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).parent))
+from models import random_model  # noqa: E402
+
 MODELS = {
     # 8 heads of 256 sharing one KV head, GeGLU: 1.02B parameters (393M of them the tied embedding)
     "gemma-1b": ("gemma", dict(vocab_size=256000, hidden_size=1536, intermediate_size=8192, num_hidden_layers=14,
@@ -108,17 +111,9 @@ def measure_copy_bandwidth(size_bytes: int = 1 << 30, repeats: int = 10) -> floa
 def build_checkpoint(name: str, directory: Path, dtype: str) -> Path:
     """A random-weight checkpoint of `name` written with transformers (initialized on the GPU for speed)."""
     import torch
-    import transformers
 
     family, options = MODELS[name]
-    config = transformers.AutoConfig.for_model(family, bos_token_id=1, eos_token_id=2, pad_token_id=0, **options)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.ndim > 1:
-                param.normal_(0.0, 0.02)
+    model = random_model(family, options, dtype, device="cuda")
     model.save_pretrained(directory)
     parameters = sum(p.numel() for p in model.parameters())
     print(f"{name}: {parameters / 1e9:.2f}B parameters", flush=True)

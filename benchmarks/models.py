@@ -19,23 +19,31 @@ CONFIGS = {
 }
 
 
+def random_model(family: str, options: dict, dtype: str, device: str = "cpu"):
+    """A transformers causal LM of `family` with seeded random weights (matrices N(0, 0.02)) on `device`."""
+    import torch
+    import transformers
+
+    config = transformers.AutoConfig.for_model(family, bos_token_id=1, eos_token_id=2, pad_token_id=0, **options)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim > 1:
+                param.normal_(0.0, 0.02)
+    return model
+
+
 def build(name: str, dtype: str = "bfloat16") -> Path:
     """The checkpoint directory for `name`, built on first use (with a byte-level tokenizer)."""
     directory = CACHE / f"{name}-{dtype}"
     if (directory / "config.json").exists():
         return directory
-    import torch
-    import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     family, options = CONFIGS[name]
-    config = transformers.AutoConfig.for_model(family, bos_token_id=1, eos_token_id=2, pad_token_id=0, **options)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.ndim > 1:
-                param.normal_(0.0, 0.02)
+    model = random_model(family, options, dtype)
     model.save_pretrained(directory)
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
