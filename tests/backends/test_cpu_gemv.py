@@ -28,7 +28,7 @@ FP32_RTOL = 1e-5
 BF16_RTOL = 2.0**-8
 # (out_features N, in_features K): odd N, K not a multiple of 16/32, a single row, a full block, 2 KB rows.
 SHAPES = [(1, 1), (7, 45), (37, 33), (16, 64), (129, 1000), (48, 1040)]
-ROWS = [1, 2, 3, 5, 17]  # 5: two 4-row kernel groups; 17 > max_kernel_rows (16): the tiled path
+ROWS = [1, 2, 3, 5, 17, 40]  # 5: two 4-row kernel groups; 17, 40 > max_kernel_rows (16): the large-M path
 
 
 def _assert_close(y: torch.Tensor, ref: torch.Tensor, rtol: float) -> None:

@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/csrc/utils/pybind.h>
@@ -194,6 +195,10 @@ class GemvBase {
     // bf16 arithmetic only for bf16 x on CPUs with native bf16 dot products, and only for weights that a bf16
     // model would hold anyway: bf16 (exact) or dequantized int8/int4 (rounded once). fp16/fp32 weights: fp32.
     const bool bf16 = x2.scalar_type() == at::kBFloat16 && native_bf16_ && bf16_compute_ok();
+    if (bf16 && kernels_->bf16_gemm != nullptr) {
+      gemm(x2, out);
+      return;
+    }
     const auto cdt = bf16 ? at::kBFloat16 : at::kFloat;
     const at::Tensor xc = x2.to(cdt);
     at::Tensor oc = out.scalar_type() == cdt ? out : at::empty(out.sizes(), out.options().dtype(cdt));
@@ -211,6 +216,33 @@ class GemvBase {
     if (!oc.is_same(out)) out.copy_(oc);
   }
 
+  // The register-tiled bf16 GEMM on the packed blocks (no unpacked copy of the weight): each thread takes
+  // whole panels of kGemmBlocks blocks; x is used in place unless K is odd (then padded to whole pairs).
+  void gemm(const at::Tensor& x2, at::Tensor& out) {
+    const int64_t M = x2.size(0), words = (K_ + 1) / 2;
+    at::Tensor xp = x2;
+    if (K_ % 2) {
+      xp = at::zeros({M, 2 * words}, x2.options());
+      xp.narrow(1, 0, K_).copy_(x2);
+    }
+    GemmArgs g{};
+    g.kchunks = words;
+    g.x = static_cast<const int32_t*>(xp.const_data_ptr());
+    g.ldx = words;
+    g.M = M;
+    g.bias = bias_.const_data_ptr<float>();
+    g.y = out.data_ptr();
+    g.ldy = N_;
+    g.N = N_;
+    g.y_bf16 = out.scalar_type() == at::kBFloat16;
+    const int64_t panels = (nblocks_ + kGemmBlocks - 1) / kGemmBlocks;
+    at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+      gemm_blocks(g, p0 * kGemmBlocks, std::min(nblocks_, p1 * kGemmBlocks));
+    });
+  }
+
+  // The GEMM over blocks [b, b_end) (g.nchunks is set here).
+  virtual void gemm_blocks(GemmArgs g, int64_t b, int64_t b_end) const = 0;
   virtual bool bf16_compute_ok() const = 0;
 
   at::Tensor packed_, bias_;
@@ -297,6 +329,10 @@ class FloatGemv : public GemvBase {
     return ua;
   }
   UnpackFn unpacker() const override { return kernels_->float_unpack[kind_]; }
+  void gemm_blocks(GemmArgs g, int64_t b, int64_t b_end) const override {
+    g.nchunks = nchunks_;
+    kernels_->bf16_gemm(g, static_cast<const uint8_t*>(packed_.const_data_ptr()) + b * block_bytes(), b, b_end);
+  }
   bool stored_bf16() const override { return kind_ == kBF16; }
   bool bf16_compute_ok() const override { return kind_ == kBF16; }
   int64_t block_bytes() const override { return nchunks_ * kChunkBytes; }
@@ -406,6 +442,17 @@ class QuantGemv : public GemvBase {
     return ua;
   }
   UnpackFn unpacker() const override { return kernels_->quant_unpack[kind_]; }
+  // Dequantizes one register-tile panel at a time into per-thread scratch (L2-sized), then multiplies it.
+  void gemm_blocks(GemmArgs g, int64_t b, int64_t b_end) const override {
+    g.nchunks = kpad_ / 2;
+    const UnpackArgs ua = unpack_args();
+    uint8_t* panel = scratch(static_cast<size_t>(kGemmBlocks * g.nchunks * kChunkBytes));
+    for (int64_t b0 = b; b0 < b_end; b0 += kGemmBlocks) {
+      const int64_t b1 = std::min(b_end, b0 + kGemmBlocks);
+      kernels_->quant_to_bf16[kind_](ua, b0, b1, panel);
+      kernels_->bf16_gemm(g, panel, b0, b1);
+    }
+  }
   bool bf16_compute_ok() const override { return true; }
   int64_t block_bytes() const override { return kpad_ / quant_chunk_k(kind_) * kChunkBytes; }
 

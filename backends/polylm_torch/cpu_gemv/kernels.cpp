@@ -9,6 +9,7 @@
 #include <immintrin.h>
 
 #include <cmath>
+#include <algorithm>
 #include <cstring>
 #include <utility>
 
@@ -247,20 +248,50 @@ static void float_unpack(const UnpackArgs& a, int64_t b0, int64_t b, int64_t b_e
   }
 }
 
+// fp32 -> bf16 bits (in the low 16 bits of each lane), rounded to nearest even like c10::BFloat16 (inputs
+// here are finite).
+static inline __m512i bf16_bits(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  return _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+}
+
 static inline void store_row(const UnpackArgs& a, int64_t k, int64_t col, __m512 v) {
   if (a.out_bf16) {
-    // Round to nearest even like c10::BFloat16 (inputs here are finite).
-    __m512i bits = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    bits = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(a.out) + k * a.ldw + col),
-                        _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+                        _mm512_cvtepi32_epi16(bf16_bits(v)));
   } else {
     _mm512_storeu_ps(static_cast<float*>(a.out) + k * a.ldw + col, v);
   }
 }
 
-// Transposed dequantize: w = q * s (int8, q = stored - 128), (q - 8) * s (symmetric int4), q * s + m (asymmetric).
+// Group parameters of block b, group g: scales and (asymmetric int4) mins as fp32 row vectors.
+template <int KIND>
+static inline void group_params(const UnpackArgs& a, int64_t b, int64_t g, __m512& sc, __m512& mn) {
+  const int64_t so = (b * a.ngroups + g) * kRows;
+  sc = KIND == kInt8 ? load_scales(static_cast<const float*>(a.scales) + so)
+                     : load_scales(static_cast<const uint16_t*>(a.scales) + so);
+  mn = KIND == kInt4Asym ? bf16x16_to_fp32(a.mins + so) : _mm512_setzero_ps();
+}
+
+// The 16 rows' weights at k-value j of a quantized chunk: q * s (int8, q = stored - 128), (q - 8) * s
+// (symmetric int4), q * s + m (asymmetric int4).
+template <int KIND>
+static inline __m512 dequant_at(__m512i raw, int j, __m512 sc, __m512 mn) {
+  __m512i q;
+  if constexpr (KIND == kInt8) {
+    q = _mm512_sub_epi32(_mm512_and_si512(_mm512_srli_epi32(raw, 8 * j), _mm512_set1_epi32(0xFF)),
+                         _mm512_set1_epi32(128));
+  } else {
+    const int bit = j < 4 ? 8 * j : 8 * (j - 4) + 4;
+    q = _mm512_and_si512(_mm512_srli_epi32(raw, bit), _mm512_set1_epi32(0xF));
+    if constexpr (KIND == kInt4Sym) q = _mm512_sub_epi32(q, _mm512_set1_epi32(8));
+  }
+  const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(q), sc);
+  return KIND == kInt4Asym ? _mm512_add_ps(v, mn) : v;
+}
+
+// Transposed dequantize.
 template <int KIND>
 static void quant_unpack(const UnpackArgs& a, int64_t b0, int64_t b, int64_t b_end) {
   constexpr int kK = quant_chunk_k(KIND);
@@ -268,28 +299,42 @@ static void quant_unpack(const UnpackArgs& a, int64_t b0, int64_t b, int64_t b_e
     const uint8_t* base = a.w + b * a.ngroups * a.chunks_per_group * kChunkBytes;
     const int64_t col = (b - b0) * kRows;
     for (int64_t g = 0; g < a.ngroups; ++g) {
-      const int64_t so = (b * a.ngroups + g) * kRows;
-      const __m512 sc = KIND == kInt8 ? load_scales(static_cast<const float*>(a.scales) + so)
-                                      : load_scales(static_cast<const uint16_t*>(a.scales) + so);
-      const __m512 mn = KIND == kInt4Asym ? bf16x16_to_fp32(a.mins + so) : _mm512_setzero_ps();
+      __m512 sc, mn;
+      group_params<KIND>(a, b, g, sc, mn);
       for (int64_t c = g * a.chunks_per_group; c < (g + 1) * a.chunks_per_group; ++c) {
         const __m512i raw = _mm512_loadu_si512(base + c * kChunkBytes);
         const int64_t k0 = c * kK;
 #pragma GCC unroll 8
         for (int j = 0; j < kK; ++j) {
           if (k0 + j >= a.K) break;
-          __m512i q;
-          if constexpr (KIND == kInt8) {
-            q = _mm512_sub_epi32(_mm512_and_si512(_mm512_srli_epi32(raw, 8 * j), _mm512_set1_epi32(0xFF)),
-                                 _mm512_set1_epi32(128));
-          } else {
-            const int bit = j < 4 ? 8 * j : 8 * (j - 4) + 4;
-            q = _mm512_and_si512(_mm512_srli_epi32(raw, bit), _mm512_set1_epi32(0xF));
-            if constexpr (KIND == kInt4Sym) q = _mm512_sub_epi32(q, _mm512_set1_epi32(8));
-          }
-          __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(q), sc);
-          if constexpr (KIND == kInt4Asym) v = _mm512_add_ps(v, mn);
-          store_row(a, k0 + j, col, v);
+          store_row(a, k0 + j, col, dequant_at<KIND>(raw, j, sc, mn));
+        }
+      }
+    }
+  }
+}
+
+// Dequantize into bf16 blocks: each quantized chunk (kK k-values) becomes kK / 2 chunks of bf16 pairs.
+template <int KIND>
+static void quant_to_bf16(const UnpackArgs& a, int64_t b, int64_t b_end, uint8_t* out) {
+  constexpr int kK = quant_chunk_k(KIND);
+  const int64_t out_chunks = a.ngroups * a.chunks_per_group * kK / 2;
+  for (int64_t i = 0; b < b_end; ++b, ++i) {
+    const uint8_t* base = a.w + b * a.ngroups * a.chunks_per_group * kChunkBytes;
+    uint8_t* o = out + i * out_chunks * kChunkBytes;
+    for (int64_t g = 0; g < a.ngroups; ++g) {
+      __m512 sc, mn;
+      group_params<KIND>(a, b, g, sc, mn);
+      for (int64_t c = g * a.chunks_per_group; c < (g + 1) * a.chunks_per_group; ++c) {
+        const __m512i raw = _mm512_loadu_si512(base + c * kChunkBytes);
+        const int64_t k0 = c * kK;
+#pragma GCC unroll 4
+        for (int j = 0; j < kK; j += 2) {
+          const __m512 zero = _mm512_setzero_ps();
+          const __m512 lo = k0 + j < a.K ? dequant_at<KIND>(raw, j, sc, mn) : zero;
+          const __m512 hi = k0 + j + 1 < a.K ? dequant_at<KIND>(raw, j + 1, sc, mn) : zero;
+          const __m512i pair = _mm512_or_si512(bf16_bits(lo), _mm512_slli_epi32(bf16_bits(hi), 16));
+          _mm512_storeu_si512(o + (k0 + j) / 2 * kChunkBytes, pair);
         }
       }
     }
@@ -323,6 +368,9 @@ static void fill_kernels(Kernels& k) {
   k.quant_unpack[kInt8] = &quant_unpack<kInt8>;
   k.quant_unpack[kInt4Sym] = &quant_unpack<kInt4Sym>;
   k.quant_unpack[kInt4Asym] = &quant_unpack<kInt4Asym>;
+  k.quant_to_bf16[kInt8] = &quant_to_bf16<kInt8>;
+  k.quant_to_bf16[kInt4Sym] = &quant_to_bf16<kInt4Sym>;
+  k.quant_to_bf16[kInt4Asym] = &quant_to_bf16<kInt4Asym>;
   k.prep_digits = &prep_digits;
 }
 
@@ -366,7 +414,67 @@ static void bf16_dot_blocks(const FloatArgs& a, const int64_t* blk) {
   }
 }
 
+// One register tile of the GEMM: rows [m, m + MR) of x by R blocks starting at output column col, over all
+// kchunks; the R weight streams come from L2 (the panel is reused by every tile of rows).
+template <int MR, int R>
+static void gemm_tile(const GemmArgs& a, const uint8_t* w, int64_t col, int64_t m) {
+  const int64_t stride = a.nchunks * kChunkBytes;
+  const int32_t* x = a.x + m * a.ldx;
+  __m512 acc[MR][R];
+#pragma GCC unroll 6
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < a.kchunks; ++c) {
+    __m512i wv[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) wv[r] = _mm512_loadu_si512(w + r * stride + c * kChunkBytes);
+#pragma GCC unroll 6
+    for (int i = 0; i < MR; ++i) {
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(x[i * a.ldx + c]);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) acc[i][r] = _mm512_dpbf16_ps(acc[i][r], (__m512bh)wv[r], xb);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    const int64_t n = col + r * kRows;
+    if (n >= a.N) break;
+    const __mmask16 mask = a.N - n >= kRows ? __mmask16(0xFFFF) : __mmask16((1u << (a.N - n)) - 1);
+    const __m512 bias = _mm512_loadu_ps(a.bias + n);
+#pragma GCC unroll 6
+    for (int i = 0; i < MR; ++i) {
+      const __m512 v = _mm512_add_ps(acc[i][r], bias);
+      if (a.y_bf16)
+        _mm256_mask_storeu_epi16(static_cast<uint16_t*>(a.y) + (m + i) * a.ldy + n, mask,
+                                 (__m256i)_mm512_cvtneps_pbh(v));
+      else
+        _mm512_mask_storeu_ps(static_cast<float*>(a.y) + (m + i) * a.ldy + n, mask, v);
+    }
+  }
+}
+
+using TileFn = void (*)(const GemmArgs&, const uint8_t*, int64_t, int64_t);
+
+template <int MR>
+static constexpr TileFn tile_row[kGemmBlocks] = {&gemm_tile<MR, 1>, &gemm_tile<MR, 2>, &gemm_tile<MR, 3>,
+                                                 &gemm_tile<MR, 4>};
+static constexpr const TileFn* kTiles[kGemmRows] = {tile_row<1>, tile_row<2>, tile_row<3>,
+                                                    tile_row<4>, tile_row<5>, tile_row<6>};
+
+static void bf16_gemm(const GemmArgs& a, const uint8_t* w, int64_t b, int64_t b_end) {
+  const int64_t stride = a.nchunks * kChunkBytes;
+  for (int64_t b0 = b; b0 < b_end; b0 += kGemmBlocks) {
+    const int r = static_cast<int>(std::min<int64_t>(kGemmBlocks, b_end - b0));
+    const uint8_t* panel = w + (b0 - b) * stride;
+    int64_t m = 0;
+    for (; m + kGemmRows <= a.M; m += kGemmRows) kTiles[kGemmRows - 1][r - 1](a, panel, b0 * kRows, m);
+    if (m < a.M) kTiles[a.M - m - 1][r - 1](a, panel, b0 * kRows, m);
+  }
+}
+
 static void fill_kernels(Kernels& k) {
+  k.bf16_gemm = &bf16_gemm;
   k.bf16_dot_blocks[0] = &bf16_dot_blocks<1, 2>;
   k.bf16_dot_blocks[1] = &bf16_dot_blocks<2, 2>;
   k.bf16_dot_blocks[2] = &bf16_dot_blocks<4, 2>;

@@ -16,6 +16,8 @@ constexpr int kRows = 16;            // output rows per block (one AVX-512 vecto
 constexpr int kChunkBytes = 64;      // bytes per block per k-chunk: 16 rows x 4 bytes
 constexpr int kMaxM = 4;             // x rows per kernel pass
 constexpr int kMaxStreams = 8;
+constexpr int kGemmBlocks = 4;      // weight blocks (64 output columns) per GEMM register tile
+constexpr int kGemmRows = 6;        // x rows per GEMM register tile (6 x 4 accumulators)
 
 enum Isa : int { kIsaNone = 0, kIsaAvx2 = 1, kIsaAvx512 = 2 };
 enum FloatKind : int { kBF16 = 0, kF16 = 1, kF32 = 2 };
@@ -74,10 +76,29 @@ struct UnpackArgs {
   bool out_bf16;
 };
 
+// The large-M path on CPUs with AVX512-BF16: a register-tiled GEMM straight on bf16 blocks (the packed bf16
+// weight itself, or a panel of int8/int4 blocks dequantized to that layout), x as bf16 pairs.
+struct GemmArgs {
+  int64_t nchunks;   // chunks per block in the weight passed (the block stride is nchunks * 64 bytes)
+  int64_t kchunks;   // chunks to multiply: x words per row, <= nchunks
+  const int32_t* x;  // [M][ldx] bf16 pairs
+  int64_t ldx;
+  int64_t M;
+  const float* bias;  // [N_pad] by output column
+  void* y;            // [M][ldy] fp32 or bf16; only columns < N are written
+  int64_t ldy;
+  int64_t N;
+  bool y_bf16;
+};
+
 // A kernel computes the S blocks blk[0..S) (indices may repeat) for all M rows of x.
 using FloatFn = void (*)(const FloatArgs&, const int64_t* blk);
 using QuantFn = void (*)(const QuantArgs&, const int64_t* blk);
 using UnpackFn = void (*)(const UnpackArgs&, int64_t b0, int64_t b, int64_t b_end);
+// Dequantizes blocks [b, b_end) into bf16 blocks of K_pad / 2 chunks each (zeros for k >= K) at `out`.
+using DequantBf16Fn = void (*)(const UnpackArgs&, int64_t b, int64_t b_end, uint8_t* out);
+// Computes output blocks [b, b_end) for all M rows; `w` points at block b, the next blocks follow it.
+using GemmFn = void (*)(const GemmArgs&, const uint8_t* w, int64_t b, int64_t b_end);
 // Turns one zero-padded fp32 activation row into digits, corrections and group sums (AVX-512 quant path).
 using PrepFn = void (*)(const float* x, int64_t kpad, int64_t group, int zero_point, bool want_xsum,
                         int8_t* digits, int32_t* corr, float* xsum, float* sx);
@@ -91,6 +112,8 @@ struct Kernels {
   int quant_streams[3];
   UnpackFn float_unpack[3];
   UnpackFn quant_unpack[3];
+  DequantBf16Fn quant_to_bf16[3];  // AVX-512 only
+  GemmFn bf16_gemm;                // AVX512-BF16 only; null where unsupported
   PrepFn prep_digits;           // null on AVX2 (weights are converted to fp32 there instead)
   // Memory-read baseline for benchmarks: reads [p, p + bytes) as `streams` lockstep streams.
   uint64_t (*read_streams)(const uint8_t* p, int64_t bytes, int streams);
