@@ -477,6 +477,25 @@ static int64_t stream_read(const at::Tensor& t, int64_t streams) {
   return static_cast<int64_t>(seen.load() & 0x7FFFFFFF);
 }
 
+// act(gate) * up over the halves of h [..., 2 * inter] (fp32 or bf16) on the AVX-512 path; act: GatedAct.
+static at::Tensor gated_activation(const at::Tensor& h, int64_t act) {
+  const auto fn = kernels_for(kIsaAvx512).gated;
+  TORCH_CHECK(cpu_has("avx512") && fn != nullptr, "gated_activation: needs an AVX-512 CPU");
+  TORCH_CHECK(act == kSilu || act == kGeluTanh, "gated_activation: unknown activation ", act);
+  TORCH_CHECK(h.device().is_cpu() && h.is_contiguous() && h.dim() >= 1 && h.size(-1) % 2 == 0 &&
+                  (h.scalar_type() == at::kFloat || h.scalar_type() == at::kBFloat16),
+              "gated_activation: need a contiguous fp32/bf16 CPU tensor with an even last dimension");
+  const int64_t inter = h.size(-1) / 2, rows = inter ? h.numel() / h.size(-1) : 0;
+  std::vector<int64_t> shape = out_shape(h, inter);
+  at::Tensor out = at::empty(shape, h.options());
+  const bool bf16 = h.scalar_type() == at::kBFloat16;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(inter, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    fn(h.const_data_ptr(), out.data_ptr(), inter, r0, r1, static_cast<int>(act), bf16);
+  });
+  return out;
+}
+
 }  // namespace polylm_gemv
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -486,6 +505,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::call_guard<pybind11::gil_scoped_release>(),
         "Read every byte of a tensor with torch's threads, each as `streams` sequential streams (a benchmark "
         "baseline); returns a checksum.");
+  m.def("gated_activation", &g::gated_activation, pybind11::arg("h"), pybind11::arg("act"),
+        pybind11::call_guard<pybind11::gil_scoped_release>(),
+        "act(gate) * up over the two halves of h's last dimension (act: 0 = SiLU, 1 = tanh-GELU), AVX-512.");
   m.def("cpu_has", &g::cpu_has, "Whether the CPU supports 'avx2', 'avx512' (F/BW/VL/DQ/VNNI) or 'avx512bf16'.");
   pybind11::class_<g::GemvBase>(m, "GemvBase")
       .def("__call__", &g::GemvBase::forward, pybind11::call_guard<pybind11::gil_scoped_release>())

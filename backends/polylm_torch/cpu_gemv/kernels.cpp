@@ -341,6 +341,61 @@ static void quant_to_bf16(const UnpackArgs& a, int64_t b, int64_t b_end, uint8_t
   }
 }
 
+// exp(x) to about 1 ulp: x = n ln2 + r (two-part ln2), a degree-7 Taylor polynomial on |r| <= ln2 / 2, times
+// 2^n. NaN stays NaN; the clamp keeps large inputs finite (the callers only need 1 / (1 + exp) to saturate).
+static inline __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-87.0f), _mm512_min_ps(_mm512_set1_ps(88.0f), x));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+static inline __m512 load_act(const void* p, int64_t i, __mmask16 mask, bool bf16) {
+  if (bf16) {
+    const __m256i raw = _mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(p) + i);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+  }
+  return _mm512_maskz_loadu_ps(mask, static_cast<const float*>(p) + i);
+}
+
+// act(g) * u with act(g) = g * sigmoid(z): z = g for SiLU, z = 2 sqrt(2/pi) (g + 0.044715 g^3) for tanh-GELU
+// (0.5 (1 + tanh(a)) = sigmoid(2a)).
+static void gated(const void* h, void* out, int64_t inter, int64_t r0, int64_t r1, int act, bool bf16) {
+  const int64_t esize = bf16 ? 2 : 4;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = static_cast<const uint8_t*>(h) + r * 2 * inter * esize;
+    uint8_t* o = static_cast<uint8_t*>(out) + r * inter * esize;
+    for (int64_t i = 0; i < inter; i += 16) {
+      const __mmask16 mask = inter - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (inter - i)) - 1);
+      const __m512 g = load_act(row, i, mask, bf16), u = load_act(row + inter * esize, i, mask, bf16);
+      __m512 z = g;
+      if (act == kGeluTanh) {
+        const __m512 g3 = _mm512_mul_ps(_mm512_mul_ps(g, g), g);
+        z = _mm512_mul_ps(_mm512_fmadd_ps(g3, _mm512_set1_ps(0.044715f), g), _mm512_set1_ps(1.5957691216057308f));
+      }
+      // sigmoid(z) = 1 / d, d = 1 + exp(-z) in [1, 6e37]: reciprocal estimate (2^-14) and one Newton step.
+      const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), z)));
+      __m512 sig = _mm512_rcp14_ps(d);
+      sig = _mm512_mul_ps(sig, _mm512_fnmadd_ps(d, sig, _mm512_set1_ps(2.0f)));
+      const __m512 y = _mm512_mul_ps(_mm512_mul_ps(g, sig), u);
+      if (bf16)
+        _mm256_mask_storeu_epi16(reinterpret_cast<uint16_t*>(o) + i, mask, _mm512_cvtepi32_epi16(bf16_bits(y)));
+      else
+        _mm512_mask_storeu_ps(reinterpret_cast<float*>(o) + i, mask, y);
+    }
+  }
+}
+
 static void fill_kernels(Kernels& k) {
   k.float_blocks[kBF16][0] = &float_blocks<kBF16, 1, 2>;
   k.float_blocks[kBF16][1] = &float_blocks<kBF16, 2, 2>;
@@ -371,6 +426,7 @@ static void fill_kernels(Kernels& k) {
   k.quant_to_bf16[kInt8] = &quant_to_bf16<kInt8>;
   k.quant_to_bf16[kInt4Sym] = &quant_to_bf16<kInt4Sym>;
   k.quant_to_bf16[kInt4Asym] = &quant_to_bf16<kInt4Asym>;
+  k.gated = &gated;
   k.prep_digits = &prep_digits;
 }
 

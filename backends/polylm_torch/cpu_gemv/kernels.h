@@ -22,6 +22,7 @@ constexpr int kGemmRows = 6;        // x rows per GEMM register tile (6 x 4 accu
 enum Isa : int { kIsaNone = 0, kIsaAvx2 = 1, kIsaAvx512 = 2 };
 enum FloatKind : int { kBF16 = 0, kF16 = 1, kF32 = 2 };
 enum QuantKind : int { kInt8 = 0, kInt4Sym = 1, kInt4Asym = 2 };
+enum GatedAct : int { kSilu = 0, kGeluTanh = 1 };
 
 constexpr int chunk_k(int float_kind) { return float_kind == kF32 ? 1 : 2; }
 constexpr int quant_chunk_k(int quant_kind) { return quant_kind == kInt8 ? 4 : 8; }
@@ -97,6 +98,9 @@ using QuantFn = void (*)(const QuantArgs&, const int64_t* blk);
 using UnpackFn = void (*)(const UnpackArgs&, int64_t b0, int64_t b, int64_t b_end);
 // Dequantizes blocks [b, b_end) into bf16 blocks of K_pad / 2 chunks each (zeros for k >= K) at `out`.
 using DequantBf16Fn = void (*)(const UnpackArgs&, int64_t b, int64_t b_end, uint8_t* out);
+// out[r][i] = act(h[r][i]) * h[r][inter + i] for rows [r0, r1) of h [rows][2 * inter] (fp32 or bf16, like out
+// [rows][inter]), computed in fp32 and rounded once.
+using GatedFn = void (*)(const void* h, void* out, int64_t inter, int64_t r0, int64_t r1, int act, bool bf16);
 // Computes output blocks [b, b_end) for all M rows; `w` points at block b, the next blocks follow it.
 using GemmFn = void (*)(const GemmArgs&, const uint8_t* w, int64_t b, int64_t b_end);
 // Turns one zero-padded fp32 activation row into digits, corrections and group sums (AVX-512 quant path).
@@ -114,6 +118,7 @@ struct Kernels {
   UnpackFn quant_unpack[3];
   DequantBf16Fn quant_to_bf16[3];  // AVX-512 only
   GemmFn bf16_gemm;                // AVX512-BF16 only; null where unsupported
+  GatedFn gated;                   // AVX-512 only; null where unsupported
   PrepFn prep_digits;           // null on AVX2 (weights are converted to fp32 there instead)
   // Memory-read baseline for benchmarks: reads [p, p + bytes) as `streams` lockstep streams.
   uint64_t (*read_streams)(const uint8_t* p, int64_t bytes, int streams);
