@@ -523,9 +523,16 @@ static void bf16_gemm(const GemmArgs& a, const uint8_t* w, int64_t b, int64_t b_
   for (int64_t b0 = b; b0 < b_end; b0 += kGemmBlocks) {
     const int r = static_cast<int>(std::min<int64_t>(kGemmBlocks, b_end - b0));
     const uint8_t* panel = w + (b0 - b) * stride;
+    // Full 6-row tiles; a remainder of 1-2 rows is merged with the last full tile into two balanced tiles
+    // (e.g. 8 = 4 + 4), because a 1-2 row tile reloads the whole panel for very few dot products.
+    const int64_t tail = a.M % kGemmRows, full = a.M / kGemmRows - (tail > 0 && tail < 3 && a.M > kGemmRows);
     int64_t m = 0;
-    for (; m + kGemmRows <= a.M; m += kGemmRows) kTiles[kGemmRows - 1][r - 1](a, panel, b0 * kRows, m);
-    if (m < a.M) kTiles[a.M - m - 1][r - 1](a, panel, b0 * kRows, m);
+    for (; m < full * kGemmRows; m += kGemmRows) kTiles[kGemmRows - 1][r - 1](a, panel, b0 * kRows, m);
+    for (int64_t left = a.M - m; left > 0;) {
+      const int64_t rows = left > kGemmRows ? (left + 1) / 2 : left;
+      kTiles[rows - 1][r - 1](a, panel, b0 * kRows, m);
+      m += rows, left -= rows;
+    }
   }
 }
 
