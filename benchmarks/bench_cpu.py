@@ -24,9 +24,13 @@ from models import CONFIGS, build  # noqa: E402
 from polylm.progress import progress  # noqa: E402
 
 TRANSFORMERS_RUN = """
-import json, resource, sys, time
+import json, sys, time
+start = time.perf_counter()
 import numpy as np, torch, transformers
+from polylm.bench import current_rss_mb, peak_rss_mb
+import_s = time.perf_counter() - start
 path, prompt_tokens, new_tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+before = current_rss_mb()
 start = time.perf_counter()
 model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
 load_s = time.perf_counter() - start
@@ -41,9 +45,10 @@ with torch.inference_mode():
     start = time.perf_counter()
     model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
     total = time.perf_counter() - start
-print(json.dumps(dict(load_s=load_s, ttft_s=ttft, prefill_tok_s=prompt_tokens / ttft,
-                      decode_tok_s=(new_tokens - 1) / (total - ttft),
-                      peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)))
+peak = peak_rss_mb()
+print(json.dumps(dict(import_s=import_s, load_s=load_s, ttft_s=ttft, prefill_tok_s=prompt_tokens / ttft,
+                      decode_tok_s=(new_tokens - 1) / (total - ttft), peak_rss_mb=peak,
+                      model_rss_mb=None if before is None else peak - before)))
 """
 
 
@@ -87,19 +92,24 @@ def main() -> None:
     }
     rows = {name: measure() for name, measure in progress(engines.items(), total=len(engines), desc="engines")}
     base = rows["transformers bf16"]
+    checkpoint_mb = sum(f.stat().st_size for f in path.glob("*.safetensors")) / (1024 * 1024)
     lines = [f"### {args.model}, {args.threads} threads, prompt {args.prompt_tokens}, {args.new_tokens} new tokens",
              "", f"{cpu_description()}; {time.strftime('%Y-%m-%d')}; `python benchmarks/bench_cpu.py --model "
-             f"{args.model} --threads {args.threads}`", "",
-             "| engine | load s | TTFT ms | prefill tok/s | decode tok/s | prefill × | decode × | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"{args.model} --threads {args.threads}`; model MB: peak RSS above the RSS after the framework's "
+             f"import, × the checkpoint's {checkpoint_mb:.0f} MB", "",
+             "| engine | import s | load s | TTFT ms | prefill tok/s | decode tok/s | prefill × | decode × | "
+             "peak RSS MB | model MB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
         if "error" in row:
-            lines.append(f"| {name} | error: {row['error']} | | | | | | |")
+            lines.append(f"| {name} | error: {row['error']} | | | | | | | | |")
             continue
         ratio = (lambda key: f"{row[key] / base[key]:.2f}") if "error" not in base else (lambda key: "?")
-        lines.append(f"| {name} | {row['load_s']:.2f} | {row['ttft_s'] * 1000:.0f} | {row['prefill_tok_s']:.0f} | "
-                     f"{row['decode_tok_s']:.1f} | {ratio('prefill_tok_s')} | {ratio('decode_tok_s')} | "
-                     f"{row['peak_rss_mb']:.0f} |")
+        model = row["model_rss_mb"]
+        model_cell = "?" if model is None else f"{model:.0f} ({model / checkpoint_mb:.2f}×)"
+        lines.append(f"| {name} | {row['import_s']:.2f} | {row['load_s']:.2f} | {row['ttft_s'] * 1000:.0f} | "
+                     f"{row['prefill_tok_s']:.0f} | {row['decode_tok_s']:.1f} | {ratio('prefill_tok_s')} | "
+                     f"{ratio('decode_tok_s')} | {row['peak_rss_mb']:.0f} | {model_cell} |")
     table = "\n".join(lines) + "\n"
     print(table)
     if args.write:

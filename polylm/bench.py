@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import time
@@ -11,15 +12,22 @@ import numpy as np
 
 from .generation import Sampling, decode_batch
 from .loading import load
+from .registry import registry
 
 
 @dataclass(frozen=True)
 class BenchResult:
+    """`import_s`: importing the backend's framework (torch, MLX…), which any runtime on it pays; `load_s`:
+    `polylm.load` after it; `model_rss_mb`: the peak resident memory above what it was right before the load
+    (None where the current resident memory cannot be read)."""
+
+    import_s: float
     load_s: float
     ttft_s: float
     prefill_tok_s: float
     decode_tok_s: float
     peak_rss_mb: float
+    model_rss_mb: float | None
     prompt_tokens: int
     new_tokens: int
     backend: str
@@ -35,6 +43,15 @@ def peak_rss_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
+def current_rss_mb() -> float | None:
+    """This process's resident memory now in MB, from /proc (None where there is no /proc, e.g. macOS)."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def bench(path: str, *, backend: str = "auto", dtype: str | None = None, quantize: str | None = None,
           prompt_tokens: int = 128, new_tokens: int = 64, warmup: bool = True) -> BenchResult:
     """Measure one greedy generation of `new_tokens` after a random `prompt_tokens`-token prompt (batch 1).
@@ -42,6 +59,10 @@ def bench(path: str, *, backend: str = "auto", dtype: str | None = None, quantiz
     eos is ignored so every run decodes the same number of tokens. Prefill speed is prompt tokens over the
     time to the first token; decode speed is the remaining tokens over their time.
     """
+    start = time.perf_counter()
+    backend = registry().backend(backend).name  # its availability check imports the framework
+    import_s = time.perf_counter() - start
+    before = current_rss_mb()
     start = time.perf_counter()
     model = load(path, backend=backend, dtype=dtype, quantize=quantize)
     load_s = time.perf_counter() - start
@@ -56,5 +77,7 @@ def bench(path: str, *, backend: str = "auto", dtype: str | None = None, quantiz
     ttft = time.perf_counter() - start
     count = sum(1 for _ in steps)
     decode_s = time.perf_counter() - start - ttft
-    return BenchResult(load_s, ttft, prompt_tokens / ttft, count / decode_s if count else 0.0, peak_rss_mb(),
-                       prompt_tokens, count + 1, model.backend, model.dtype)
+    peak = peak_rss_mb()  # may read a little below `before` when the load added nothing: the counters lag
+    return BenchResult(import_s, load_s, ttft, prompt_tokens / ttft, count / decode_s if count else 0.0, peak,
+                       None if before is None else max(0.0, peak - before), prompt_tokens, count + 1, model.backend,
+                       model.dtype)

@@ -60,3 +60,15 @@ def test_version_and_help():
     assert result.returncode == 0 and polylm.__version__ in result.stdout
     result = run_cli("run", "--help")
     assert result.returncode == 0 and "example:" in result.stdout
+
+
+def test_bench_reports_import_load_and_model_memory(make_ckpt):
+    import json
+
+    result = run_cli("bench", "--model", str(make_ckpt("gemma")), "--backend", "torch", "--prompt-tokens", "4",
+                     "--new-tokens", "2", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["new_tokens"] == 2 and report["import_s"] > 0 and report["load_s"] > 0
+    if sys.platform.startswith("linux"):  # the RSS before the load comes from /proc
+        assert 0 < report["model_rss_mb"] < report["peak_rss_mb"]

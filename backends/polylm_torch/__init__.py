@@ -23,12 +23,10 @@ class TorchBackend(Backend):
         return Availability(True, f"torch {torch.__version__} on CPU")
 
     def lower(self, ir: ModelIR, weights: Weights, dtype: str) -> Runtime:
-        from .cpu_linear import pack_params
+        from .cpu_linear import kernel_layer
         from .runtime import TorchRuntime
 
-        runtime = TorchRuntime(ir, weights, dtype)
-        pack_params(runtime.params, ir.quantization)
-        return runtime
+        return TorchRuntime(ir, weights, dtype, prepare=kernel_layer)
 
     def join_group(self, world_size: int, timeout_s: float) -> Shard:
         from .parallel import join_group
@@ -36,15 +34,13 @@ class TorchBackend(Backend):
         return join_group(world_size, timeout_s)
 
     def lower_shard(self, ir: ModelIR, weights: Weights, dtype: str, plan: ShardPlan) -> ShardRuntime:
-        from .cpu_linear import pack_params
+        from .cpu_linear import kernel_layer
         from .parallel import TorchShardRuntime
 
         if ir.quantization is not None:
             raise BackendError("quantized weights are not supported with tensor parallelism yet; drop one of "
                                "--quantize / --tp")
-        runtime = TorchShardRuntime(ir, weights, dtype, plan)
-        pack_params(runtime.params, None)
-        return runtime
+        return TorchShardRuntime(ir, weights, dtype, plan, prepare=kernel_layer)
 
 
 @hookimpl

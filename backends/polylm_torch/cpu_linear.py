@@ -8,24 +8,13 @@ import torch
 from polylm.ir import Quantization
 
 from .cpu_gemv import Int4Linear, Int8Linear, PackedLinear
-from .params import ModelParams
-
-_MATRICES = ("qkv", "out", "up", "down")
 
 
-def pack_params(params: ModelParams, quantization: Quantization | None) -> None:
-    """Replace every block matrix and the head with a kernel layer (in place); a head tied to the embedding
-    is packed, never quantized, as every backend does."""
-    for layer in params.layers:
-        for name in _MATRICES:
-            setattr(layer, name, _kernel_layer(getattr(layer, name), getattr(layer, f"{name}_bias"), quantization))
-            setattr(layer, f"{name}_bias", None)
-    head_quantization = None if params.head is params.embed else quantization
-    params.head = _kernel_layer(params.head, params.head_bias, head_quantization)
-    params.head_bias = None
-
-
-def _kernel_layer(weight: torch.Tensor, bias: torch.Tensor | None, quantization: Quantization | None):
+def kernel_layer(weight: torch.Tensor, bias: torch.Tensor | None,
+                 quantization: Quantization | None) -> PackedLinear | Int8Linear | Int4Linear:
+    """The kernel layer of one matrix (a `params.Prepare`): packed as it is, or quantized as `quantization` says.
+    A head tied to the embedding comes unquantized, as on every backend, and is packed: its `rows` serve the
+    embedding lookup."""
     if quantization is None:
         return PackedLinear(weight, bias)
     if quantization.bits == 8:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from polylm.ir import Attention, MLP
 
-from .params import NormParams
+from .params import NormParams, RowTable
 
 
 @dataclass
@@ -53,6 +53,11 @@ class StepTensors:
         return torch.where(visible, bias, torch.finfo(self.dtype).min).to(self.dtype)
 
 
+def _lookup(table: torch.Tensor | RowTable, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` of an embedding table held as a tensor or by a prepared layer."""
+    return table[ids] if isinstance(table, torch.Tensor) else table.rows(ids)
+
+
 class TorchOps:
     """Reference implementations in plain torch."""
 
@@ -68,13 +73,13 @@ class TorchOps:
         the last axis; `x` when unsharded."""
         return x if self.collectives is None else self.collectives.all_gather(x, sizes)
 
-    def embed_rows(self, ids: torch.Tensor, table: torch.Tensor, start: int, scale: float,
+    def embed_rows(self, ids: torch.Tensor, table: torch.Tensor | RowTable, start: int, scale: float,
                    norm: NormParams | None) -> torch.Tensor:
         """`embed` from a vocab-parallel table holding rows [start, start + len(table)): ids outside it give
         zero rows here, so the sum over the ranks is every id's row; then the scale and the norm."""
         local = ids - start
         inside = (local >= 0) & (local < table.shape[0])
-        x = self.reduce(torch.where(inside[..., None], table[local.clamp(0, table.shape[0] - 1)], 0))
+        x = self.reduce(torch.where(inside[..., None], _lookup(table, local.clamp(0, table.shape[0] - 1)), 0))
         if scale != 1.0:
             x = x * scale
         return self.norm(x, norm) if norm is not None else x
@@ -94,9 +99,10 @@ class TorchOps:
             x = x + delta
         return x, self.norm(x, p)
 
-    def embed(self, ids: torch.Tensor, table: torch.Tensor, scale: float, norm: NormParams | None) -> torch.Tensor:
+    def embed(self, ids: torch.Tensor, table: torch.Tensor | RowTable, scale: float,
+              norm: NormParams | None) -> torch.Tensor:
         """Rows of `table` for `ids`, times `scale` (a value of the compute dtype), then normed if asked."""
-        x = table[ids]
+        x = _lookup(table, ids)
         if scale != 1.0:
             x = x * scale
         return self.norm(x, norm) if norm is not None else x

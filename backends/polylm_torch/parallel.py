@@ -18,6 +18,7 @@ from polylm.parallel import Shard, ShardPlan, ShardRuntime, rank_env, watch_pare
 from polylm.weights import Weights
 
 from .ops import TorchOps
+from .params import Prepare
 from .runtime import TorchRuntime
 
 #: How long a rank waits for rank 0's next call: a server may idle for days. A dead rank 0 still ends the wait
@@ -94,11 +95,11 @@ class TorchShardRuntime(TorchRuntime, ShardRuntime):
     broadcast on a gloo group of its own (objects travel on the CPU, and waiting there may take long)."""
 
     def __init__(self, ir: ModelIR, weights: Weights, dtype: str, plan: ShardPlan, device: str = "cpu",
-                 ops: TorchOps | None = None) -> None:
+                 ops: TorchOps | None = None, prepare: Prepare | None = None) -> None:
         ops = ops or TorchOps()
         ops.collectives = Collectives()
         self._control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
-        super().__init__(ir, weights, dtype, device=device, ops=ops, plan=plan)
+        super().__init__(ir, weights, dtype, device=device, ops=ops, plan=plan, prepare=prepare)
 
     def broadcast(self, message: Any) -> Any:
         box = [message]

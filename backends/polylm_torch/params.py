@@ -1,4 +1,5 @@
-"""Reading canonical tensors from safetensors into torch, in the layout the runtime computes with.
+"""Reading canonical tensors from safetensors into torch, in the layout the runtime computes with: one tensor
+at a time, each matrix handed to the backend's `Prepare` (packing, quantization) as soon as it is built.
 
 The q/k/v projections become one [q; k; v] matrix (BLOOM's per-head interleaving undone) and a gated MLP's
 gate and up one [gate; up] matrix, so each is a single matmul — the recipes of `polylm.lowering`, shared with
@@ -7,18 +8,46 @@ the other backends. Norm weights carry their offset already.
 
 from __future__ import annotations
 
+import ctypes
+from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
 from polylm.errors import WeightsError
-from polylm.ir import Block, ModelIR, Norm
+from polylm.ir import Block, ModelIR, Norm, Quantization
 from polylm.lowering import qkv_parts, qkv_row_order, up_parts
 from polylm.parallel import ShardPlan
+from polylm.progress import progress
 from polylm.weights import TensorRef, Weights
 
+try:  # glibc's; elsewhere freed memory is left to the allocator
+    _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
+except (OSError, AttributeError):
+    _MALLOC_TRIM = None
+
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+#: A weight matrix [out, in]: a tensor, or the prepared layer computing `x @ W.T + b` (`TorchOps.linear`).
+Matrix = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
+#: Turns a matrix and its bias into the layer the runtime computes with (holding the bias), quantized as the
+#: spec says (None: not quantized). A tied head's layer is the embedding table too, so it is a `RowTable`.
+Prepare = Callable[[torch.Tensor, torch.Tensor | None, Quantization | None], Any]
+
+
+class RowTable(Protocol):
+    """A prepared layer that is also an embedding table (a tied head)."""
+
+    shape: torch.Size  # [rows, hidden]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """`weight[ids]`, exactly."""
 
 
 @dataclass
@@ -31,58 +60,78 @@ class NormParams:
 @dataclass
 class LayerParams:
     attn_norm: NormParams
-    qkv: torch.Tensor
+    qkv: Matrix
     qkv_bias: torch.Tensor | None
-    out: torch.Tensor
+    out: Matrix
     out_bias: torch.Tensor | None
     mlp_norm: NormParams
-    up: torch.Tensor  # [gate; up] when gated
+    up: Matrix  # [gate; up] when gated
     up_bias: torch.Tensor | None
-    down: torch.Tensor
+    down: Matrix
     down_bias: torch.Tensor | None
 
 
 @dataclass
 class ModelParams:
-    embed: torch.Tensor
+    embed: torch.Tensor | RowTable  # the head's layer when tied to it
     embed_norm: NormParams | None
     layers: list[LayerParams]
     final_norm: NormParams
-    head: torch.Tensor
+    head: Matrix
     head_bias: torch.Tensor | None
 
 
-def read_tensors(weights: Weights, dtype: torch.dtype, device: str | torch.device = "cpu",
-                 plan: ShardPlan | None = None) -> dict[str, torch.Tensor]:
-    """Every canonical tensor, converted to `dtype` on `device` (read with plain file reads); with a
-    tensor-parallel `plan`, only the rank's slices, each read alone from the memory-mapped file."""
-    tensors: dict[str, torch.Tensor] = {}
-    if plan is None:
-        for path, names in weights.by_file():
+class TensorReader:
+    """Canonical tensors read one at a time, when the params need them, converted to `dtype` on `device`: whole,
+    with plain file reads; with a tensor-parallel `plan`, only the rank's slices, through safetensors. A context
+    manager: the files stay open until it exits."""
+
+    def __init__(self, weights: Weights, dtype: torch.dtype, device: str | torch.device = "cpu",
+                 plan: ShardPlan | None = None) -> None:
+        self.weights, self.dtype, self.device, self.plan = weights, dtype, device, plan
+        self._files = ExitStack()
+        self._handles: dict[Path, Any] = {}
+
+    def __enter__(self) -> TensorReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._files.close()
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The tensor `name` (one the model has and the rank reads)."""
+        ref = self.weights[name]
+        if self.plan is not None:
+            tensor = self._read_part(name, ref)
+        else:
             try:
-                with open(path, "rb") as handle:
-                    for name in sorted(names, key=lambda n: weights[n].offset):
-                        tensors[name] = _read_whole(handle, weights[name]).to(device=device, dtype=dtype)
+                tensor = _read_whole(self._handle(ref.file, lambda: open(ref.file, "rb")), ref)
             except OSError as exc:
-                raise WeightsError(f"{path}: cannot read tensor data ({exc.strerror})") from None
-        return tensors
-    for path, names in weights.by_file():
+                raise WeightsError(f"{ref.file}: cannot read tensor data ({exc.strerror})") from None
+        return tensor.to(device=self.device, dtype=self.dtype)
+
+    def optional(self, name: str) -> torch.Tensor | None:
+        """The tensor `name`, or None when the model has none or the rank reads none of it."""
+        if name not in self.weights or (self.plan is not None and not self.plan.reads(name)):
+            return None
+        return self.tensor(name)
+
+    def _read_part(self, name: str, ref: TensorRef) -> torch.Tensor:
+        """The rank's slice of `name` (the whole tensor when replicated), read alone from the memory map."""
+        assert self.plan is not None
+        part = self.plan.part(name)
         try:
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
-                for name, key in names.items():
-                    if not plan.reads(name):
-                        continue
-                    part = plan.part(name)
-                    if part is None:
-                        tensor = handle.get_tensor(key)
-                    else:
-                        tensor = handle.get_slice(key)[(slice(None),) * part.dim + (slice(part.start, part.stop),)]
-                    tensors[name] = tensor.to(device=device, dtype=dtype)
-        except WeightsError:
-            raise
+            handle = self._handle(ref.file, lambda: safe_open(str(ref.file), framework="pt", device="cpu"))
+            if part is None:
+                return handle.get_tensor(ref.key)
+            return handle.get_slice(ref.key)[(slice(None),) * part.dim + (slice(part.start, part.stop),)]
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
-            raise WeightsError(f"{path}: cannot read tensor data ({exc})") from None
-    return tensors
+            raise WeightsError(f"{ref.file}: cannot read tensor data ({exc})") from None
+
+    def _handle(self, path: Path, opener: Callable[[], Any]) -> Any:
+        if path not in self._handles:
+            self._handles[path] = self._files.enter_context(opener())
+        return self._handles[path]
 
 
 def _read_whole(handle, ref: TensorRef) -> torch.Tensor:
@@ -95,38 +144,61 @@ def _read_whole(handle, ref: TensorRef) -> torch.Tensor:
     return data.view(TORCH_DTYPES[ref.dtype]).reshape(ref.shape)
 
 
-def build_params(ir: ModelIR, tensors: dict[str, torch.Tensor]) -> ModelParams:
-    """Group canonical tensors into the runtime's layout (consumes `tensors`)."""
-    embed = tensors.pop("embed.weight")
-    embed_norm = _norm(ir.embedding.norm, tensors, "embed.norm", embed.dtype) if ir.embedding.norm else None
-    layers = [_layer(ir.block, tensors, f"layers.{i}", embed.dtype) for i in range(ir.num_layers)]
-    final_norm = _norm(ir.final_norm, tensors, "final_norm", embed.dtype)
-    head = embed if ir.head.tied_to_embedding else tensors.pop("head.weight")
-    return ModelParams(embed, embed_norm, layers, final_norm, head, tensors.pop("head.bias", None))
+def build_params(ir: ModelIR, read: TensorReader, prepare: Prepare | None = None) -> ModelParams:
+    """The runtime's params, read tensor by tensor. With `prepare`, each matrix becomes its layer as soon as it
+    is built, so the peak memory is the prepared weights plus one matrix's transients; the embedding and head,
+    the largest, come first, while nothing else is held. A tied head is prepared unquantized and is then the
+    embedding table too; an untied embedding stays a tensor."""
+
+    def matrix(weight: torch.Tensor, bias: torch.Tensor | None,
+               quantization: Quantization | None = ir.quantization) -> tuple[Matrix, torch.Tensor | None]:
+        return (weight, bias) if prepare is None else (prepare(weight, bias, quantization), None)
+
+    if ir.head.tied_to_embedding:
+        head, head_bias = matrix(read.tensor("embed.weight"), read.optional("head.bias"), None)
+        embed = head
+    else:
+        head, head_bias = matrix(read.tensor("head.weight"), read.optional("head.bias"))
+        embed = read.tensor("embed.weight")
+    embed_norm = _norm(ir.embedding.norm, read, "embed.norm") if ir.embedding.norm else None
+    layers = []
+    for i in progress(range(ir.num_layers), total=ir.num_layers, desc="loading layers", unit="layer"):
+        _release_freed_memory()
+        layers.append(_layer(ir.block, read, f"layers.{i}", matrix))
+    _release_freed_memory()
+    final_norm = _norm(ir.final_norm, read, "final_norm")
+    return ModelParams(embed, embed_norm, layers, final_norm, head, head_bias)
 
 
-def _norm(spec: Norm, tensors: dict[str, torch.Tensor], prefix: str, dtype: torch.dtype) -> NormParams:
-    weight = tensors.pop(f"{prefix}.weight").float() + spec.weight_offset
+def _release_freed_memory() -> None:
+    """Return the memory the last matrices' transients freed to the system. glibc keeps it otherwise: its trim
+    threshold grows with the large blocks freed, and the freed pages would count in the load's peak."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def _norm(spec: Norm, read: TensorReader, prefix: str) -> NormParams:
+    weight = read.tensor(f"{prefix}.weight").float() + spec.weight_offset
     if spec.kind == "layer":
-        weight = weight.to(dtype)
-    return NormParams(spec, weight, tensors.pop(f"{prefix}.bias", None))
+        weight = weight.to(read.dtype)
+    return NormParams(spec, weight, read.optional(f"{prefix}.bias"))
 
 
-def _layer(block: Block, tensors: dict[str, torch.Tensor], prefix: str, dtype: torch.dtype) -> LayerParams:
+def _layer(block: Block, read: TensorReader, prefix: str,
+           matrix: Callable[[torch.Tensor, torch.Tensor | None], tuple[Matrix, torch.Tensor | None]]) -> LayerParams:
     attn, mlp = block.attention, block.mlp
-    qkv, qkv_bias = _fused(tensors, qkv_parts(attn, prefix, "weight"), qkv_row_order(attn)), None
-    if attn.qkv_bias:
-        qkv_bias = _fused(tensors, qkv_parts(attn, prefix, "bias"), qkv_row_order(attn))
-    up = _fused(tensors, up_parts(mlp, prefix, "weight"))
-    up_bias = _fused(tensors, up_parts(mlp, prefix, "bias")) if mlp.bias else None
-    attn_norm = _norm(block.attn_norm, tensors, f"{prefix}.attn_norm", dtype)
-    mlp_norm = _norm(block.mlp_norm, tensors, f"{prefix}.mlp_norm", dtype)
-    return LayerParams(attn_norm, qkv, qkv_bias, tensors.pop(f"{prefix}.attn.o.weight"),
-                       tensors.pop(f"{prefix}.attn.o.bias", None), mlp_norm, up, up_bias,
-                       tensors.pop(f"{prefix}.mlp.down.weight"), tensors.pop(f"{prefix}.mlp.down.bias", None))
+    order = qkv_row_order(attn)
+    qkv = matrix(_fused(read, qkv_parts(attn, prefix, "weight"), order),
+                 _fused(read, qkv_parts(attn, prefix, "bias"), order) if attn.qkv_bias else None)
+    out = matrix(read.tensor(f"{prefix}.attn.o.weight"), read.optional(f"{prefix}.attn.o.bias"))
+    up = matrix(_fused(read, up_parts(mlp, prefix, "weight")),
+                _fused(read, up_parts(mlp, prefix, "bias")) if mlp.bias else None)
+    down = matrix(read.tensor(f"{prefix}.mlp.down.weight"), read.optional(f"{prefix}.mlp.down.bias"))
+    return LayerParams(_norm(block.attn_norm, read, f"{prefix}.attn_norm"), *qkv, *out,
+                       _norm(block.mlp_norm, read, f"{prefix}.mlp_norm"), *up, *down)
 
 
-def _fused(tensors: dict[str, torch.Tensor], names: tuple[str, ...], row_order=None) -> torch.Tensor:
+def _fused(read: TensorReader, names: tuple[str, ...], row_order: np.ndarray | None = None) -> torch.Tensor:
     """The row-wise concatenation of `names` (see `polylm.lowering`), rows reordered when asked."""
-    fused = torch.cat([tensors.pop(name) for name in names])
+    fused = read.tensor(names[0]) if len(names) == 1 else torch.cat([read.tensor(name) for name in names])
     return (fused if row_order is None else fused[torch.from_numpy(row_order)]).contiguous()

@@ -15,7 +15,7 @@ from polylm.positions import alibi_slopes, rope_frequencies_per_row
 from polylm.weights import Weights
 
 from .ops import StepTensors, TorchOps
-from .params import TORCH_DTYPES, LayerParams, build_params, read_tensors
+from .params import TORCH_DTYPES, LayerParams, Prepare, TensorReader, build_params
 
 
 @dataclass
@@ -30,16 +30,18 @@ class TorchCache(Cache):
 
 
 class TorchRuntime(Runtime):
-    """Runs a `ModelIR` with torch tensors on one device."""
+    """Runs a `ModelIR` with torch tensors on one device; `prepare` turns each matrix into the layer computed
+    with as the params are read (see `params.build_params`), else the matrices stay tensors."""
 
     def __init__(self, ir: ModelIR, weights: Weights, dtype: str, device: str = "cpu",
-                 ops: TorchOps | None = None, plan: ShardPlan | None = None) -> None:
+                 ops: TorchOps | None = None, plan: ShardPlan | None = None, prepare: Prepare | None = None) -> None:
         self.ir, self.dtype, self.device = ir, dtype, torch.device(device)
         self.torch_dtype = TORCH_DTYPES[dtype]
         self.ops = ops or TorchOps()
         # a tensor-parallel rank computes its own heads, MLP range and vocabulary rows (`polylm.parallel`)
         self.plan, self.local = plan, plan.local_ir if plan is not None else ir
-        self.params = build_params(self.local, read_tensors(weights, self.torch_dtype, self.device, plan))
+        with TensorReader(weights, self.torch_dtype, self.device, plan) as read:
+            self.params = build_params(self.local, read, prepare)
         attn = ir.attention
         heads = slice(plan.heads.start, plan.heads.stop) if plan is not None else slice(None)
         self.alibi = (torch.from_numpy(alibi_slopes(attn)[heads].copy()).to(self.device)

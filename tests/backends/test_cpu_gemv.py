@@ -89,6 +89,17 @@ def test_packed_linear_matches_fp64(isa, wdtype, shape):
             _assert_close(y, _ref(x, weight, bias), _rtol(x, rows))
 
 
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_packed_rows_are_weight_rows(isa, wdtype, shape):
+    n, k = shape
+    weight = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)).to(wdtype)
+    ids = torch.tensor([[0, n - 1, n // 2], [n - 1, 0, n * 7 // 11]])  # first, last, repeated, any shape
+    layer = PackedLinear(weight)
+    for chosen in (ids, ids[:, :0], ids[0, 1]):
+        assert torch.equal(layer.rows(chosen), weight[chosen])
+
+
 def test_packed_linear_3d_input_and_multi_pass(isa):
     gen = torch.Generator().manual_seed(1)
     weight = torch.randn(50, 77, generator=gen).to(torch.bfloat16)
@@ -220,6 +231,8 @@ def test_forced_fallback_matches(monkeypatch):
                   Int4Linear.from_float(weight, bias, symmetric=False)]
     for layer in layers:
         assert layer.isa == "torch"
+    ids = torch.tensor([[36, 0, 36]])
+    assert torch.equal(layers[0].rows(ids), weight[ids])
     for rows in (1, 6):
         for xdtype in (torch.float32, torch.bfloat16):
             x = torch.randn(rows, 45, generator=gen).to(xdtype)

@@ -12,11 +12,11 @@ bf16 or quantized).
 
 Memory: the packed copy *replaces* the original weight. A :class:`PackedLinear` keeps no reference to the
 tensor it was built from (drop yours and its memory is freed); the only extra storage is row padding to a
-multiple of 16 and K padding to 2 (bf16/fp16) — prefill reads the same packed bytes, so there is never a
-second full-size copy. bf16 and fp16 weights stay 2 bytes per value (fp16 is *not* rounded to bf16: it is
-converted exactly with F16C); fp32 stays fp32. :class:`Int8Linear` stores 1 byte per weight plus one fp32
-scale per row or per group; :class:`Int4Linear` stores half a byte per weight plus bf16 scale (and min) per
-group. Only when the extension is unavailable do the layers keep the original (or plainly quantized) tensors
+multiple of 16 and K padding to 2 (bf16/fp16) — prefill reads the same packed bytes, and an embedding lookup
+gathers its rows from them (:meth:`PackedLinear.rows`), so there is never a second full-size copy. bf16 and
+fp16 weights stay 2 bytes per value (fp16 is *not* rounded to bf16: it is converted exactly with F16C); fp32
+stays fp32. :class:`Int8Linear` stores 1 byte per weight plus one fp32 scale per row or per group;
+:class:`Int4Linear` stores half a byte per weight plus bf16 scale (and min) per group. Only when the extension is unavailable do the layers keep the original (or plainly quantized) tensors
 and use stock torch ops: ``F.linear`` for :class:`PackedLinear`, dequantize + ``F.linear`` for the others.
 
 Numerics: the float kernels accumulate in fp32 (max |error| / max |y| against an fp64 reference with the same
@@ -90,6 +90,11 @@ class _KernelLinear:
     nbytes: int  # bytes of weight storage the layer holds
     _impl: object | None
 
+    @property
+    def shape(self) -> torch.Size:
+        """The weight's shape, [out_features, in_features]."""
+        return torch.Size((self.out_features, self.in_features))
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T + b`` for x of shape [..., in_features] (fp32, bf16 or fp16); returns x's dtype."""
         return self._forward(x)
@@ -141,10 +146,10 @@ class PackedLinear(_KernelLinear):
             _warn_fallback(reason)
             return
         self.isa = isa
-        packed = _layout.pack_float(weight.detach())
-        self.nbytes = _nbytes(packed)
-        self._impl = module.FloatGemv(packed, self.out_features, self.in_features, bias32, _build.ISA_CODES[isa],
-                                      max_kernel_rows)
+        self._packed = _layout.pack_float(weight.detach())  # shared with the compiled layer, for `rows`
+        self.nbytes = _nbytes(self._packed)
+        self._impl = module.FloatGemv(self._packed, self.out_features, self.in_features, bias32,
+                                      _build.ISA_CODES[isa], max_kernel_rows)
         self._forward = self._impl
 
     @property
@@ -153,6 +158,12 @@ class PackedLinear(_KernelLinear):
         if self._impl is None:
             return self._weight
         return self._impl.unpacked().to(self.dtype)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """``weight[ids]`` read from the layer's own copy, so that an embedding tied to this layer is stored once."""
+        if self._impl is None:
+            return self._weight[ids]
+        return _layout.gather_rows(self._packed, self.in_features, ids)
 
     def _fallback(self, x: torch.Tensor) -> torch.Tensor:
         return _linear_fp32(x, self._weight, self._bias)

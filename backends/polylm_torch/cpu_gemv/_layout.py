@@ -58,15 +58,28 @@ def pack_float(weight: torch.Tensor) -> torch.Tensor:
     return w.reshape(w.shape[0], w.shape[1], ROWS_PER_BLOCK * kk)
 
 
-def unpack_float(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """Inverse of :func:`pack_float`: the [N, K] weight."""
+def _row_lanes(packed: torch.Tensor) -> torch.Tensor:
+    """A :func:`pack_float` weight viewed as [N_pad/16, chunks, 16 rows, k-values per chunk] (no copy)."""
     kk = float_chunk_k(packed.dtype)
     nb, chunks = packed.shape[:2]
     if packed.dtype == torch.float16:
-        w = packed.reshape(nb, chunks, kk, ROWS_PER_BLOCK).permute(0, 3, 1, 2)
-    else:
-        w = packed.reshape(nb, chunks, ROWS_PER_BLOCK, kk).permute(0, 2, 1, 3)
-    return w.reshape(nb * ROWS_PER_BLOCK, chunks * kk)[:n, :k]
+        return packed.view(nb, chunks, kk, ROWS_PER_BLOCK).transpose(2, 3)
+    return packed.view(nb, chunks, ROWS_PER_BLOCK, kk)
+
+
+def unpack_float(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Inverse of :func:`pack_float`: the [N, K] weight."""
+    w = _row_lanes(packed)
+    nb, chunks, _, kk = w.shape
+    return w.permute(0, 2, 1, 3).reshape(nb * ROWS_PER_BLOCK, chunks * kk)[:n, :k]
+
+
+def gather_rows(packed: torch.Tensor, k: int, rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` (an integer tensor of any shape) of a :func:`pack_float` weight with K = ``k``, as
+    ``weight[rows]`` gives them: [*rows.shape, k], read from the packed copy alone."""
+    flat = rows.reshape(-1)
+    picked = _row_lanes(packed)[flat // ROWS_PER_BLOCK, :, flat % ROWS_PER_BLOCK]  # [len(flat), chunks, kk]
+    return picked.reshape(*rows.shape, picked.shape[1] * picked.shape[2])[..., :k]
 
 
 # ------------------------------------------------------------------------------------------ quantized weights
@@ -79,6 +92,12 @@ def _grouped(weight: torch.Tensor, group_size: int) -> torch.Tensor:
     if k_pad != k:
         w = F.pad(w[None], (0, k_pad - k), mode="replicate")[0]
     return w.reshape(n, k_pad // group_size, group_size)
+
+
+def _absmax(groups: torch.Tensor) -> torch.Tensor:
+    """The largest |w| of each group (last axis), without a temporary |w| (quantizing a matrix at load costs
+    fewer full-size float temporaries, so less memory and time)."""
+    return torch.maximum(groups.amax(dim=-1), groups.amin(dim=-1).neg_())
 
 
 def check_group(group_size: int) -> None:
@@ -100,9 +119,9 @@ def quantize_int8(weight: torch.Tensor, group_size: int | None = None) -> tuple[
     group = int8_group_size(k, group_size)
     check_group(group)
     w = _grouped(weight, group)
-    scales = w.abs().amax(dim=-1) / 127.0
+    scales = _absmax(w) / 127.0
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-    q = torch.round(w / safe[..., None]).clamp_(-127, 127).to(torch.int8)
+    q = (w / safe[..., None]).round_().clamp_(-127, 127).to(torch.int8)
     return q.reshape(q.shape[0], -1)[:, :k].contiguous(), scales
 
 
@@ -123,10 +142,10 @@ def quantize_int4(
     k = weight.shape[1]
     w = _grouped(weight, group_size)
     if symmetric:
-        scales = (w.abs().amax(dim=-1) / 7.0).to(torch.bfloat16)
+        scales = (_absmax(w) / 7.0).to(torch.bfloat16)
         s = scales.float()
         safe = torch.where(s > 0, s, torch.ones_like(s))
-        q = torch.round(w / safe[..., None]).clamp_(-8, 7) + 8
+        q = (w / safe[..., None]).round_().clamp_(-8, 7).add_(8)
         mins = None
     else:
         lo, hi = w.amin(dim=-1), w.amax(dim=-1)
@@ -134,7 +153,7 @@ def quantize_int4(
         mins = lo.to(torch.bfloat16)
         s = scales.float()
         safe = torch.where(s > 0, s, torch.ones_like(s))
-        q = torch.round((w - mins.float()[..., None]) / safe[..., None]).clamp_(0, 15)
+        q = (w - mins.float()[..., None]).div_(safe[..., None]).round_().clamp_(0, 15)
     q = q.to(torch.uint8).reshape(q.shape[0], -1)[:, :k].contiguous()
     return q, scales, mins
 
