@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from polylm.ir import Attention, MLP
 
+from .cpu_gemv import add_rms_norm, gated_activation
 from .params import NormParams, RowTable
 
 
@@ -95,6 +96,10 @@ class TorchOps:
 
     def add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, p: NormParams) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual sum `x + delta` (just `x` without a delta) and its norm."""
+        if p.spec.kind == "rms":
+            fused = add_rms_norm(x, delta, p.weight, p.bias, p.spec.eps)
+            if fused is not None:
+                return fused
         if delta is not None:
             x = x + delta
         return x, self.norm(x, p)
@@ -157,6 +162,9 @@ class TorchOps:
     def activation(self, h: torch.Tensor, mlp: MLP) -> torch.Tensor:
         """The MLP's activation, applied to [gate; up] halves when gated."""
         if mlp.gated:
+            fused = gated_activation(h, mlp.activation)
+            if fused is not None:
+                return fused
             gate, up = h.chunk(2, dim=-1)
             return _ACTIVATIONS[mlp.activation](gate) * up
         return _ACTIVATIONS[mlp.activation](h)

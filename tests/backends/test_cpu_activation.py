@@ -1,4 +1,5 @@
-"""The compiled gated activation of the torch CPU path: act(gate) * up against an fp64 reference."""
+"""The compiled elementwise kernels of the torch CPU path: the gated activation act(gate) * up against an fp64
+reference, and the fused residual add + RMSNorm against the torch ops it replaces."""
 
 from __future__ import annotations
 
@@ -43,3 +44,29 @@ def test_gated_activation_edges(module):
     assert module.gated_activation(torch.empty(0, 8), 0).shape == (0, 4)
     with pytest.raises(RuntimeError, match="even last dimension"):
         module.gated_activation(torch.randn(2, 5), 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hidden", [37, 1024])
+@pytest.mark.parametrize("with_delta", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_add_rms_norm_matches_torch_ops(module, dtype, hidden, with_delta, with_bias):
+    gen = torch.Generator().manual_seed(hidden)
+    x, delta = (torch.randn(2, 3, hidden, generator=gen).to(dtype) for _ in range(2))
+    weight, bias = torch.randn(hidden, generator=gen), torch.randn(hidden, generator=gen)
+    residual, normed = module.add_rms_norm(x, delta if with_delta else None, weight, bias if with_bias else None,
+                                           1e-6)
+    expected = x + delta if with_delta else x
+    assert torch.equal(residual, expected)  # the same rounding of the sum
+    h = expected.float()
+    ref = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * weight + (bias if with_bias else 0)
+    # fp32: summation order only; bf16: at most one rounding step of the output
+    tolerance = 1e-6 if dtype == torch.float32 else 2.0**-8
+    assert ((normed.float() - ref).abs() <= tolerance * (ref.abs() + 1)).all(), (normed.float() - ref).abs().max()
+
+
+def test_add_rms_norm_bad_input(module):
+    with pytest.raises(RuntimeError, match="delta must be contiguous with x's shape"):
+        module.add_rms_norm(torch.randn(2, 8), torch.randn(2, 4), torch.ones(8), None, 1e-6)
+    with pytest.raises(RuntimeError, match="weight must be a contiguous fp32 vector of 8"):
+        module.add_rms_norm(torch.randn(2, 8), None, torch.ones(7), None, 1e-6)

@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -496,6 +497,39 @@ static at::Tensor gated_activation(const at::Tensor& h, int64_t act) {
   return out;
 }
 
+// (x + delta, RMSNorm of it) for contiguous fp32/bf16 x and delta of one shape (delta None: (x, norm of x));
+// weight and bias fp32 [hidden]. AVX-512 path.
+static std::pair<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& delta,
+                                                      const at::Tensor& weight,
+                                                      const std::optional<at::Tensor>& bias, double eps) {
+  const auto fn = kernels_for(kIsaAvx512).add_rms_norm;
+  TORCH_CHECK(cpu_has("avx512") && fn != nullptr, "add_rms_norm: needs an AVX-512 CPU");
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.dim() >= 1 &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "add_rms_norm: x must be a contiguous fp32/bf16 CPU tensor");
+  const int64_t hidden = x.size(-1), rows = hidden ? x.numel() / hidden : 0;
+  const bool has_delta = delta.has_value() && delta->defined();
+  TORCH_CHECK(!has_delta || (delta->is_contiguous() && delta->sizes() == x.sizes() &&
+                             delta->scalar_type() == x.scalar_type()),
+              "add_rms_norm: delta must be contiguous with x's shape and dtype");
+  auto check_vector = [hidden](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == hidden, "add_rms_norm: ",
+                name, " must be a contiguous fp32 vector of ", hidden);
+  };
+  check_vector(weight, "weight");
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) check_vector(*bias, "bias");
+  at::Tensor res = has_delta ? at::empty_like(x) : x, out = at::empty_like(x);
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(hidden, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    fn(x.const_data_ptr(), has_delta ? delta->const_data_ptr() : nullptr, has_delta ? res.data_ptr() : nullptr,
+       weight.const_data_ptr<float>(), has_bias ? bias->const_data_ptr<float>() : nullptr, out.data_ptr(), hidden,
+       r0, r1, static_cast<float>(eps), bf16);
+  });
+  return {res, out};
+}
+
 }  // namespace polylm_gemv
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -508,6 +542,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gated_activation", &g::gated_activation, pybind11::arg("h"), pybind11::arg("act"),
         pybind11::call_guard<pybind11::gil_scoped_release>(),
         "act(gate) * up over the two halves of h's last dimension (act: 0 = SiLU, 1 = tanh-GELU), AVX-512.");
+  m.def("add_rms_norm", &g::add_rms_norm, pybind11::arg("x"), pybind11::arg("delta"), pybind11::arg("weight"),
+        pybind11::arg("bias"), pybind11::arg("eps"), pybind11::call_guard<pybind11::gil_scoped_release>(),
+        "(x + delta, RMSNorm(x + delta) * weight + bias) in fp32 math, one rounding per output, AVX-512.");
   m.def("cpu_has", &g::cpu_has, "Whether the CPU supports 'avx2', 'avx512' (F/BW/VL/DQ/VNNI) or 'avx512bf16'.");
   pybind11::class_<g::GemvBase>(m, "GemvBase")
       .def("__call__", &g::GemvBase::forward, pybind11::call_guard<pybind11::gil_scoped_release>())

@@ -368,6 +368,47 @@ static inline __m512 load_act(const void* p, int64_t i, __mmask16 mask, bool bf1
   return _mm512_maskz_loadu_ps(mask, static_cast<const float*>(p) + i);
 }
 
+static inline void store_act(void* p, int64_t i, __mmask16 mask, __m512 v, bool bf16) {
+  if (bf16)
+    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p) + i, mask, _mm512_cvtepi32_epi16(bf16_bits(v)));
+  else
+    _mm512_mask_storeu_ps(static_cast<float*>(p) + i, mask, v);
+}
+
+static inline __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+}
+
+static void add_rms_norm(const void* x, const void* delta, void* res, const float* w, const float* b, void* out,
+                         int64_t hidden, int64_t r0, int64_t r1, float eps, bool bf16) {
+  const int64_t esize = bf16 ? 2 : 4;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t off = r * hidden * esize;
+    const void* xr = static_cast<const uint8_t*>(x) + off;
+    void* rr = delta ? static_cast<uint8_t*>(res) + off : nullptr;
+    __m512 squares = _mm512_setzero_ps();
+    for (int64_t i = 0; i < hidden; i += 16) {
+      const __mmask16 mask = tail_mask(hidden - i);
+      __m512 v = load_act(xr, i, mask, bf16);
+      if (delta) {
+        v = _mm512_add_ps(v, load_act(static_cast<const uint8_t*>(delta) + off, i, mask, bf16));
+        store_act(rr, i, mask, v, bf16);
+        if (bf16) v = load_act(rr, i, mask, true);  // the rounded sum, as the next layer sees it
+      }
+      squares = _mm512_fmadd_ps(v, v, squares);
+    }
+    const __m512 scale = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(squares) / hidden + eps));
+    const void* src = delta ? rr : xr;
+    void* dst = static_cast<uint8_t*>(out) + off;
+    for (int64_t i = 0; i < hidden; i += 16) {
+      const __mmask16 mask = tail_mask(hidden - i);
+      __m512 v = _mm512_mul_ps(_mm512_mul_ps(load_act(src, i, mask, bf16), scale), _mm512_maskz_loadu_ps(mask, w + i));
+      if (b) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, b + i));
+      store_act(dst, i, mask, v, bf16);
+    }
+  }
+}
+
 // act(g) * u with act(g) = g * sigmoid(z): z = g for SiLU, z = 2 sqrt(2/pi) (g + 0.044715 g^3) for tanh-GELU
 // (0.5 (1 + tanh(a)) = sigmoid(2a)).
 static void gated(const void* h, void* out, int64_t inter, int64_t r0, int64_t r1, int act, bool bf16) {
@@ -376,7 +417,7 @@ static void gated(const void* h, void* out, int64_t inter, int64_t r0, int64_t r
     const uint8_t* row = static_cast<const uint8_t*>(h) + r * 2 * inter * esize;
     uint8_t* o = static_cast<uint8_t*>(out) + r * inter * esize;
     for (int64_t i = 0; i < inter; i += 16) {
-      const __mmask16 mask = inter - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (inter - i)) - 1);
+      const __mmask16 mask = tail_mask(inter - i);
       const __m512 g = load_act(row, i, mask, bf16), u = load_act(row + inter * esize, i, mask, bf16);
       __m512 z = g;
       if (act == kGeluTanh) {
@@ -387,11 +428,7 @@ static void gated(const void* h, void* out, int64_t inter, int64_t r0, int64_t r
       const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), z)));
       __m512 sig = _mm512_rcp14_ps(d);
       sig = _mm512_mul_ps(sig, _mm512_fnmadd_ps(d, sig, _mm512_set1_ps(2.0f)));
-      const __m512 y = _mm512_mul_ps(_mm512_mul_ps(g, sig), u);
-      if (bf16)
-        _mm256_mask_storeu_epi16(reinterpret_cast<uint16_t*>(o) + i, mask, _mm512_cvtepi32_epi16(bf16_bits(y)));
-      else
-        _mm512_mask_storeu_ps(reinterpret_cast<float*>(o) + i, mask, y);
+      store_act(o, i, mask, _mm512_mul_ps(_mm512_mul_ps(g, sig), u), bf16);
     }
   }
 }
@@ -427,6 +464,7 @@ static void fill_kernels(Kernels& k) {
   k.quant_to_bf16[kInt4Sym] = &quant_to_bf16<kInt4Sym>;
   k.quant_to_bf16[kInt4Asym] = &quant_to_bf16<kInt4Asym>;
   k.gated = &gated;
+  k.add_rms_norm = &add_rms_norm;
   k.prep_digits = &prep_digits;
 }
 

@@ -101,6 +101,11 @@ using DequantBf16Fn = void (*)(const UnpackArgs&, int64_t b, int64_t b_end, uint
 // out[r][i] = act(h[r][i]) * h[r][inter + i] for rows [r0, r1) of h [rows][2 * inter] (fp32 or bf16, like out
 // [rows][inter]), computed in fp32 and rounded once.
 using GatedFn = void (*)(const void* h, void* out, int64_t inter, int64_t r0, int64_t r1, int act, bool bf16);
+// RMSNorm of a residual sum for rows [r0, r1) of [rows][hidden] tensors (fp32 or bf16): res = x + delta
+// (rounded to the dtype; delta null: res is x and is not written), out = res * rsqrt(mean(res^2) + eps) * w (+ b),
+// in fp32 with one rounding at the end; w and b are fp32 [hidden], b may be null.
+using RmsFn = void (*)(const void* x, const void* delta, void* res, const float* w, const float* b, void* out,
+                       int64_t hidden, int64_t r0, int64_t r1, float eps, bool bf16);
 // Computes output blocks [b, b_end) for all M rows; `w` points at block b, the next blocks follow it.
 using GemmFn = void (*)(const GemmArgs&, const uint8_t* w, int64_t b, int64_t b_end);
 // Turns one zero-padded fp32 activation row into digits, corrections and group sums (AVX-512 quant path).
@@ -119,6 +124,7 @@ struct Kernels {
   DequantBf16Fn quant_to_bf16[3];  // AVX-512 only
   GemmFn bf16_gemm;                // AVX512-BF16 only; null where unsupported
   GatedFn gated;                   // AVX-512 only; null where unsupported
+  RmsFn add_rms_norm;              // AVX-512 only; null where unsupported
   PrepFn prep_digits;           // null on AVX2 (weights are converted to fp32 there instead)
   // Memory-read baseline for benchmarks: reads [p, p + bytes) as `streams` lockstep streams.
   uint64_t (*read_streams)(const uint8_t* p, int64_t bytes, int streams);
