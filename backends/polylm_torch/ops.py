@@ -16,7 +16,12 @@ import torch.nn.functional as F
 from polylm.ir import Attention, MLP
 
 from .cpu_gemv import add_rms_norm, gated_activation
+from .cpu_gemv import attention as compiled_attention
 from .params import NormParams, RowTable
+
+# Query rows up to which the compiled CPU attention runs (decode); longer steps use torch's flash attention,
+# which skips masked blocks.
+_COMPILED_ATTENTION_MAX_NEW = 16
 
 
 @dataclass
@@ -155,6 +160,10 @@ class TorchOps:
         the step's mask covers; returns [batch, new, heads·d]."""
         batch, _, new, _ = q.shape
         end = step.mask.shape[1]
+        if new <= _COMPILED_ATTENTION_MAX_NEW:
+            fused = compiled_attention(q, keys, values, step.attention_bias, end, attn.softmax_scale)
+            if fused is not None:
+                return fused
         out = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=step.attention_bias,
                                              scale=attn.softmax_scale, enable_gqa=attn.num_heads != attn.num_kv_heads)
         return out.transpose(1, 2).reshape(batch, new, -1)

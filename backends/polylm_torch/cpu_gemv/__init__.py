@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from . import _build, _layout
 
-__all__ = ["available", "add_rms_norm", "gated_activation", "PackedLinear", "Int8Linear", "Int4Linear"]
+__all__ = ["available", "add_rms_norm", "attention", "gated_activation", "PackedLinear", "Int8Linear", "Int4Linear"]
 
 _QUANT_KIND = {"int8": 0, "int4_sym": 1, "int4_asym": 2}
 _GATED = {"silu": 0, "gelu_tanh": 1}
@@ -72,6 +72,18 @@ def gated_activation(h: torch.Tensor, activation: str) -> torch.Tensor | None:
     does not apply (activation, dtype, device, CPU or ``POLYLM_GEMV_ISA``), and the caller uses torch ops."""
     module = _avx512_module(h) if activation in _GATED else None
     return None if module is None else module.gated_activation(h.contiguous(), _GATED[activation])
+
+
+def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, length: int,
+              scale: float) -> torch.Tensor | None:
+    """``softmax(scale · q kᵀ + bias) v`` of q [B, H, T, d] over the first `length` slots of the cache
+    keys/values [B, KVH, cap, d] (grouped heads), bias [B, 1|H, T, length]; [B, T, H·d] from the compiled
+    AVX-512 kernel (fp32 math; for decode, where torch's SDPA costs ~300 µs a call), or None where it does not
+    apply, as for :func:`gated_activation`."""
+    module = _avx512_module(q)
+    if module is None or keys.dtype != q.dtype or q.shape[-1] > 256 or not (keys.is_contiguous() and values.is_contiguous()):
+        return None
+    return module.attention(q.contiguous(), keys, values, bias.contiguous(), length, scale)
 
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -530,6 +530,35 @@ static std::pair<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const
   return {res, out};
 }
 
+// Attention of q [B, H, T, d] over the first `length` slots of keys/values [B, KVH, cap, d] with an additive
+// bias [B, 1|H, T, length]; returns [B, T, H * d]. For few query rows (decode), AVX-512 path.
+static at::Tensor attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                            const at::Tensor& bias, int64_t length, double scale) {
+  const auto fn = kernels_for(kIsaAvx512).attention;
+  TORCH_CHECK(cpu_has("avx512") && fn != nullptr, "attention: needs an AVX-512 CPU");
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "attention: q must be fp32 or bf16");
+  for (const at::Tensor* t : {&q, &keys, &values, &bias})
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->dim() == 4, "attention: need contiguous 4-D CPU tensors");
+  TORCH_CHECK(keys.scalar_type() == dt && values.scalar_type() == dt && keys.sizes() == values.sizes(),
+              "attention: keys and values must match q's dtype and each other's shape");
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), d = q.size(3), KVH = keys.size(1), cap = keys.size(2);
+  TORCH_CHECK(keys.size(0) == B && keys.size(3) == d && KVH > 0 && H % KVH == 0 && d <= 256,
+              "attention: keys [B, KVH, cap, d] must match q [B, H, T, d] with H a multiple of KVH and d <= 256");
+  TORCH_CHECK(length > 0 && length <= cap, "attention: length ", length, " outside 1..", cap);
+  TORCH_CHECK((bias.scalar_type() == at::kFloat || bias.scalar_type() == at::kBFloat16) && bias.size(0) == B &&
+                  (bias.size(1) == 1 || bias.size(1) == H) && bias.size(2) == T && bias.size(3) == length,
+              "attention: bias must be fp32/bf16 [B, 1|H, T, length]");
+  at::Tensor out = at::empty({B, T, H * d}, q.options());
+  AttentionArgs a{q.const_data_ptr(), keys.const_data_ptr(), values.const_data_ptr(), bias.const_data_ptr(),
+                  out.data_ptr(), H, KVH, T, d, cap, length, bias.size(1), static_cast<float>(scale),
+                  dt == at::kBFloat16, bias.scalar_type() == at::kBFloat16};
+  at::parallel_for(0, B * H * T, 1, [&](int64_t u0, int64_t u1) {
+    fn(a, u0, u1, reinterpret_cast<float*>(scratch(static_cast<size_t>(length) * sizeof(float))));
+  });
+  return out;
+}
+
 }  // namespace polylm_gemv
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -545,6 +574,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &g::add_rms_norm, pybind11::arg("x"), pybind11::arg("delta"), pybind11::arg("weight"),
         pybind11::arg("bias"), pybind11::arg("eps"), pybind11::call_guard<pybind11::gil_scoped_release>(),
         "(x + delta, RMSNorm(x + delta) * weight + bias) in fp32 math, one rounding per output, AVX-512.");
+  m.def("attention", &g::attention, pybind11::arg("q"), pybind11::arg("keys"), pybind11::arg("values"),
+        pybind11::arg("bias"), pybind11::arg("length"), pybind11::arg("scale"),
+        pybind11::call_guard<pybind11::gil_scoped_release>(),
+        "softmax(scale * q k^T + bias) v over the first `length` cache slots, fp32 math; [B, T, H * d]. AVX-512.");
   m.def("cpu_has", &g::cpu_has, "Whether the CPU supports 'avx2', 'avx512' (F/BW/VL/DQ/VNNI) or 'avx512bf16'.");
   pybind11::class_<g::GemvBase>(m, "GemvBase")
       .def("__call__", &g::GemvBase::forward, pybind11::call_guard<pybind11::gil_scoped_release>())

@@ -409,6 +409,57 @@ static void add_rms_norm(const void* x, const void* delta, void* res, const floa
   }
 }
 
+static inline float dot(const void* a, const void* b, int64_t n, bool bf16) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mask = tail_mask(n - i);
+    acc = _mm512_fmadd_ps(load_act(a, i, mask, bf16), load_act(b, i, mask, bf16), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+// One query row at a time: scores, a max-subtracted softmax, and the weighted sum of values (d <= 256).
+static void attention(const AttentionArgs& a, int64_t u0, int64_t u1, float* scores) {
+  const int64_t es = a.bf16 ? 2 : 4, group = a.heads / a.kv_heads, nv = (a.d + 15) / 16;
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t t = u % a.T, h = u / a.T % a.heads, b = u / (a.T * a.heads);
+    const uint8_t* q = static_cast<const uint8_t*>(a.q) + u * a.d * es;
+    const int64_t kv_off = (b * a.kv_heads + h / group) * a.cap * a.d * es;
+    const uint8_t* keys = static_cast<const uint8_t*>(a.keys) + kv_off;
+    const uint8_t* values = static_cast<const uint8_t*>(a.values) + kv_off;
+    const int64_t bias_row = ((b * a.bias_heads + (a.bias_heads == 1 ? 0 : h)) * a.T + t) * a.L;
+    __m512 vmax = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < a.L; ++j) scores[j] = a.scale * dot(q, keys + j * a.d * es, a.d, a.bf16);
+    for (int64_t j = 0; j < a.L; j += 16) {
+      const __mmask16 mask = tail_mask(a.L - j);
+      const __m512 s = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, scores + j),
+                                     load_act(a.bias, bias_row + j, mask, a.bias_bf16));
+      _mm512_mask_storeu_ps(scores + j, mask, s);
+      vmax = _mm512_mask_max_ps(vmax, mask, vmax, s);
+    }
+    const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+    __m512 vsum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < a.L; j += 16) {
+      const __mmask16 mask = tail_mask(a.L - j);
+      const __m512 e = _mm512_maskz_mov_ps(mask, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, scores + j), top)));
+      _mm512_mask_storeu_ps(scores + j, mask, e);
+      vsum = _mm512_add_ps(vsum, e);
+    }
+    const float inv = 1.0f / _mm512_reduce_add_ps(vsum);
+    __m512 acc[16];
+    for (int64_t v = 0; v < nv; ++v) acc[v] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < a.L; ++j) {
+      const __m512 p = _mm512_set1_ps(scores[j]);
+      const uint8_t* row = values + j * a.d * es;
+      for (int64_t v = 0; v < nv; ++v)
+        acc[v] = _mm512_fmadd_ps(p, load_act(row, v * 16, tail_mask(a.d - v * 16), a.bf16), acc[v]);
+    }
+    uint8_t* out = static_cast<uint8_t*>(a.out) + ((b * a.T + t) * a.heads + h) * a.d * es;
+    for (int64_t v = 0; v < nv; ++v)
+      store_act(out, v * 16, tail_mask(a.d - v * 16), _mm512_mul_ps(acc[v], _mm512_set1_ps(inv)), a.bf16);
+  }
+}
+
 // act(g) * u with act(g) = g * sigmoid(z): z = g for SiLU, z = 2 sqrt(2/pi) (g + 0.044715 g^3) for tanh-GELU
 // (0.5 (1 + tanh(a)) = sigmoid(2a)).
 static void gated(const void* h, void* out, int64_t inter, int64_t r0, int64_t r1, int act, bool bf16) {
@@ -465,6 +516,7 @@ static void fill_kernels(Kernels& k) {
   k.quant_to_bf16[kInt4Asym] = &quant_to_bf16<kInt4Asym>;
   k.gated = &gated;
   k.add_rms_norm = &add_rms_norm;
+  k.attention = &attention;
   k.prep_digits = &prep_digits;
 }
 

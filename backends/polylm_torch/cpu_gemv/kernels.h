@@ -106,6 +106,20 @@ using GatedFn = void (*)(const void* h, void* out, int64_t inter, int64_t r0, in
 // in fp32 with one rounding at the end; w and b are fp32 [hidden], b may be null.
 using RmsFn = void (*)(const void* x, const void* delta, void* res, const float* w, const float* b, void* out,
                        int64_t hidden, int64_t r0, int64_t r1, float eps, bool bf16);
+// Attention of a few query rows over a KV cache, fp32 math (see AttentionArgs); computes the (batch, head,
+// query) units [u0, u1), unit = (b * heads + h) * T + t.
+struct AttentionArgs {
+  const void* q;       // [B][H][T][d]
+  const void* keys;    // [B][KVH][cap][d]
+  const void* values;  // [B][KVH][cap][d]
+  const void* bias;    // [B][bias_heads][T][L] additive (bias_heads 1 or H)
+  void* out;           // [B][T][H * d]
+  int64_t heads, kv_heads, T, d, cap, L, bias_heads;
+  float scale;
+  bool bf16;       // q, keys, values and out are bf16 (else fp32)
+  bool bias_bf16;  // bias is bf16 (else fp32)
+};
+using AttentionFn = void (*)(const AttentionArgs&, int64_t u0, int64_t u1, float* scores /* [L] */);
 // Computes output blocks [b, b_end) for all M rows; `w` points at block b, the next blocks follow it.
 using GemmFn = void (*)(const GemmArgs&, const uint8_t* w, int64_t b, int64_t b_end);
 // Turns one zero-padded fp32 activation row into digits, corrections and group sums (AVX-512 quant path).
@@ -125,6 +139,7 @@ struct Kernels {
   GemmFn bf16_gemm;                // AVX512-BF16 only; null where unsupported
   GatedFn gated;                   // AVX-512 only; null where unsupported
   RmsFn add_rms_norm;              // AVX-512 only; null where unsupported
+  AttentionFn attention;           // AVX-512 only; null where unsupported
   PrepFn prep_digits;           // null on AVX2 (weights are converted to fp32 there instead)
   // Memory-read baseline for benchmarks: reads [p, p + bytes) as `streams` lockstep streams.
   uint64_t (*read_streams)(const uint8_t* p, int64_t bytes, int streams);

@@ -1,5 +1,5 @@
-"""The compiled elementwise kernels of the torch CPU path: the gated activation act(gate) * up against an fp64
-reference, and the fused residual add + RMSNorm against the torch ops it replaces."""
+"""The compiled fused kernels of the torch CPU path (AVX-512): the gated activation act(gate) * up and the
+decode attention against fp64 references, and the residual add + RMSNorm against the torch ops it replaces."""
 
 from __future__ import annotations
 
@@ -70,3 +70,36 @@ def test_add_rms_norm_bad_input(module):
         module.add_rms_norm(torch.randn(2, 8), torch.randn(2, 4), torch.ones(8), None, 1e-6)
     with pytest.raises(RuntimeError, match="weight must be a contiguous fp32 vector of 8"):
         module.add_rms_norm(torch.randn(2, 8), None, torch.ones(7), None, 1e-6)
+
+
+# (batch, heads, kv_heads, new, head_dim, length, capacity, bias_heads): MQA decode, GQA with ALiBi-style
+# per-head bias and several query rows, MHA with a head_dim that is not a multiple of 16, a single key.
+ATTENTION_CASES = [(1, 16, 1, 1, 64, 192, 256, 1), (2, 4, 2, 3, 48, 37, 40, 4), (1, 2, 2, 5, 80, 5, 5, 1),
+                   (1, 2, 1, 1, 8, 1, 4, 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ATTENTION_CASES)
+def test_attention_matches_fp64(module, dtype, case):
+    batch, heads, kv_heads, new, d, length, capacity, bias_heads = case
+    gen = torch.Generator().manual_seed(length)
+    q = torch.randn(batch, heads, new, d, generator=gen).to(dtype)
+    keys, values = (torch.randn(batch, kv_heads, capacity, d, generator=gen).to(dtype) for _ in range(2))
+    bias = torch.randn(batch, bias_heads, new, length, generator=gen).to(dtype)
+    if length > 1:
+        bias[..., 0] = torch.finfo(dtype).min  # a masked slot, as the runtime marks them
+    y = module.attention(q, keys, values, bias, length, 0.3)
+    ref = F.scaled_dot_product_attention(q.double(), keys[:, :, :length].double(), values[:, :, :length].double(),
+                                         attn_mask=bias.double(), scale=0.3, enable_gqa=True)
+    ref = ref.transpose(1, 2).reshape(batch, new, heads * d)
+    assert y.shape == ref.shape and y.dtype == dtype
+    # fp32: summation order; bf16: the output's rounding (values are O(1))
+    assert (y.double() - ref).abs().max().item() <= (2e-6 if dtype == torch.float32 else 2.0**-7)
+
+
+def test_attention_bad_input(module):
+    q, cache, bias = torch.randn(1, 3, 1, 8), torch.randn(1, 2, 4, 8), torch.zeros(1, 1, 1, 4)
+    with pytest.raises(RuntimeError, match="H a multiple of KVH"):
+        module.attention(q, cache, cache, bias, 4, 1.0)
+    with pytest.raises(RuntimeError, match="length 5 outside 1..4"):
+        module.attention(torch.randn(1, 2, 1, 8), cache, cache, torch.zeros(1, 1, 1, 5), 5, 1.0)
