@@ -13,9 +13,10 @@ dequantized to bf16 one L2-sized panel at a time — at 430-460 GFLOP/s on 2 Zen
 CPUs, where torch's bf16 matmul is emulated) a tiled path unpacks about 2 MB of the weight at a time into a
 transposed fp32 tile and multiplies it with ``at::mm``.
 
-:func:`gated_activation` fuses a gated MLP's ``act(gate) * up`` (SiLU, tanh-GELU) and :func:`add_rms_norm` a
-residual add with the RMSNorm after it, on AVX-512: fp32 math, one rounding, one pass instead of 5-9 torch ops
-(tanh-GELU and multiply ~2.5x faster; the norm saves the per-op dispatch that dominates at decode).
+:func:`gated_activation` fuses a gated MLP's ``act(gate) * up`` (SiLU, tanh-GELU), :func:`add_rms_norm` a
+residual add with the RMSNorm after it, and :func:`attention` the attention of a few query rows over the KV
+cache (decode): fp32 math, one rounding, one pass instead of 5-9 torch ops or SDPA's ~300 µs a decode call.
+They are written once (``fused.h``) and compiled for both ISAs.
 
 Memory: the packed copy *replaces* the original weight. A :class:`PackedLinear` keeps no reference to the
 tensor it was built from (drop yours and its memory is freed); the only extra storage is row padding to a
@@ -59,43 +60,48 @@ def available() -> tuple[bool, str]:
     return (module is not None and isa is not None), reason
 
 
-def _avx512_module(x: torch.Tensor):
-    """The extension when the fused elementwise kernels (AVX-512 only) apply to CPU activations `x`, else None."""
+def _fused_kernels(x: torch.Tensor) -> tuple[object, int] | None:
+    """(extension, ISA code) when the fused kernels apply to CPU activations `x`, else None (torch ops then)."""
     if x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu":
         return None
     module, isa, _ = _build.select_isa()
-    return module if isa == "avx512" else None
+    return None if module is None or isa is None else (module, _build.ISA_CODES[isa])
 
 
 def gated_activation(h: torch.Tensor, activation: str) -> torch.Tensor | None:
-    """``act(gate) * up`` over the halves of h's last dimension with the compiled AVX-512 kernel; None where it
-    does not apply (activation, dtype, device, CPU or ``POLYLM_GEMV_ISA``), and the caller uses torch ops."""
-    module = _avx512_module(h) if activation in _GATED else None
-    return None if module is None else module.gated_activation(h.contiguous(), _GATED[activation])
+    """``act(gate) * up`` over the halves of h's last dimension with the compiled kernel; None where it does not
+    apply (activation, dtype, device, no extension or ``POLYLM_GEMV_ISA=none``), and the caller uses torch ops."""
+    fused = _fused_kernels(h) if activation in _GATED else None
+    if fused is None:
+        return None
+    module, isa = fused
+    return module.gated_activation(h.contiguous(), _GATED[activation], isa)
 
 
 def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, length: int,
               scale: float) -> torch.Tensor | None:
     """``softmax(scale · q kᵀ + bias) v`` of q [B, H, T, d] over the first `length` slots of the cache
     keys/values [B, KVH, cap, d] (grouped heads), bias [B, 1|H, T, length]; [B, T, H·d] from the compiled
-    AVX-512 kernel (fp32 math; for decode, where torch's SDPA costs ~300 µs a call), or None where it does not
-    apply, as for :func:`gated_activation`."""
-    module = _avx512_module(q)
-    if module is None or keys.dtype != q.dtype or q.shape[-1] > 256 or not (keys.is_contiguous() and values.is_contiguous()):
+    kernel (fp32 math; for decode, where torch's SDPA costs ~300 µs a call), or None where it does not apply,
+    as for :func:`gated_activation`."""
+    fused = _fused_kernels(q)
+    if fused is None or keys.dtype != q.dtype or q.shape[-1] > 256 or not (keys.is_contiguous() and values.is_contiguous()):
         return None
-    return module.attention(q.contiguous(), keys, values, bias.contiguous(), length, scale)
+    module, isa = fused
+    return module.attention(q.contiguous(), keys, values, bias.contiguous(), length, scale, isa)
 
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(x + delta, RMSNorm(x + delta))`` (``x`` and its norm without a delta) with the compiled AVX-512
-    kernel: fp32 math, ``weight`` (and ``bias``) fp32 multiplied in before the one rounding, like the torch ops
-    they replace; None where it does not apply, as for :func:`gated_activation`."""
-    module = _avx512_module(x)
-    if module is None or (delta is not None and (delta.dtype != x.dtype or delta.shape != x.shape)):
+    """``(x + delta, RMSNorm(x + delta))`` (``x`` and its norm without a delta) with the compiled kernel: fp32
+    math, ``weight`` (and ``bias``) fp32 multiplied in before the one rounding, like the torch ops they replace;
+    None where it does not apply, as for :func:`gated_activation`."""
+    fused = _fused_kernels(x)
+    if fused is None or (delta is not None and (delta.dtype != x.dtype or delta.shape != x.shape)):
         return None
+    module, isa = fused
     return module.add_rms_norm(x.contiguous(), None if delta is None else delta.contiguous(), weight.float(),
-                               None if bias is None else bias.float(), eps)
+                               None if bias is None else bias.float(), eps, isa)
 
 
 def _warn_fallback(reason: str) -> None:

@@ -31,7 +31,7 @@ import torch
 
 _SOURCE_DIR = Path(__file__).resolve().parent
 _SOURCES = ("gemv.cpp", "kernels.cpp")
-_HEADERS = ("kernels.h",)
+_HEADERS = ("kernels.h", "fused.h")
 _CFLAGS = ("-O3", "-ffp-contract=off", "-fopenmp", "-fno-math-errno")
 _LDFLAGS = ("-fopenmp",)  # links libgomp.so.1, the same runtime (soname) torch already loaded: one thread pool
 _CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16")

@@ -478,10 +478,16 @@ static int64_t stream_read(const at::Tensor& t, int64_t streams) {
   return static_cast<int64_t>(seen.load() & 0x7FFFFFFF);
 }
 
-// act(gate) * up over the halves of h [..., 2 * inter] (fp32 or bf16) on the AVX-512 path; act: GatedAct.
-static at::Tensor gated_activation(const at::Tensor& h, int64_t act) {
-  const auto fn = kernels_for(kIsaAvx512).gated;
-  TORCH_CHECK(cpu_has("avx512") && fn != nullptr, "gated_activation: needs an AVX-512 CPU");
+// The fused kernels (fused.h) of an ISA this CPU has.
+static const Kernels& fused_kernels(int64_t isa) {
+  TORCH_CHECK(isa == kIsaAvx2 || isa == kIsaAvx512, "polylm cpu_gemv: unknown isa ", isa);
+  TORCH_CHECK(cpu_has(isa == kIsaAvx512 ? "avx512" : "avx2"), "polylm cpu_gemv: this CPU lacks the requested ISA");
+  return kernels_for(static_cast<int>(isa));
+}
+
+// act(gate) * up over the halves of h [..., 2 * inter] (fp32 or bf16); act: GatedAct.
+static at::Tensor gated_activation(const at::Tensor& h, int64_t act, int64_t isa) {
+  const auto fn = fused_kernels(isa).gated;
   TORCH_CHECK(act == kSilu || act == kGeluTanh, "gated_activation: unknown activation ", act);
   TORCH_CHECK(h.device().is_cpu() && h.is_contiguous() && h.dim() >= 1 && h.size(-1) % 2 == 0 &&
                   (h.scalar_type() == at::kFloat || h.scalar_type() == at::kBFloat16),
@@ -498,12 +504,12 @@ static at::Tensor gated_activation(const at::Tensor& h, int64_t act) {
 }
 
 // (x + delta, RMSNorm of it) for contiguous fp32/bf16 x and delta of one shape (delta None: (x, norm of x));
-// weight and bias fp32 [hidden]. AVX-512 path.
+// weight and bias fp32 [hidden].
 static std::pair<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& delta,
                                                       const at::Tensor& weight,
-                                                      const std::optional<at::Tensor>& bias, double eps) {
-  const auto fn = kernels_for(kIsaAvx512).add_rms_norm;
-  TORCH_CHECK(cpu_has("avx512") && fn != nullptr, "add_rms_norm: needs an AVX-512 CPU");
+                                                      const std::optional<at::Tensor>& bias, double eps,
+                                                      int64_t isa) {
+  const auto fn = fused_kernels(isa).add_rms_norm;
   TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.dim() >= 1 &&
                   (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "add_rms_norm: x must be a contiguous fp32/bf16 CPU tensor");
@@ -531,11 +537,10 @@ static std::pair<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const
 }
 
 // Attention of q [B, H, T, d] over the first `length` slots of keys/values [B, KVH, cap, d] with an additive
-// bias [B, 1|H, T, length]; returns [B, T, H * d]. For few query rows (decode), AVX-512 path.
+// bias [B, 1|H, T, length]; returns [B, T, H * d]. For few query rows (decode).
 static at::Tensor attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
-                            const at::Tensor& bias, int64_t length, double scale) {
-  const auto fn = kernels_for(kIsaAvx512).attention;
-  TORCH_CHECK(cpu_has("avx512") && fn != nullptr, "attention: needs an AVX-512 CPU");
+                            const at::Tensor& bias, int64_t length, double scale, int64_t isa) {
+  const auto fn = fused_kernels(isa).attention;
   const auto dt = q.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "attention: q must be fp32 or bf16");
   for (const at::Tensor* t : {&q, &keys, &values, &bias})
@@ -568,16 +573,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::call_guard<pybind11::gil_scoped_release>(),
         "Read every byte of a tensor with torch's threads, each as `streams` sequential streams (a benchmark "
         "baseline); returns a checksum.");
-  m.def("gated_activation", &g::gated_activation, pybind11::arg("h"), pybind11::arg("act"),
+  m.def("gated_activation", &g::gated_activation, pybind11::arg("h"), pybind11::arg("act"), pybind11::arg("isa"),
         pybind11::call_guard<pybind11::gil_scoped_release>(),
-        "act(gate) * up over the two halves of h's last dimension (act: 0 = SiLU, 1 = tanh-GELU), AVX-512.");
+        "act(gate) * up over the two halves of h's last dimension (act: 0 = SiLU, 1 = tanh-GELU).");
   m.def("add_rms_norm", &g::add_rms_norm, pybind11::arg("x"), pybind11::arg("delta"), pybind11::arg("weight"),
-        pybind11::arg("bias"), pybind11::arg("eps"), pybind11::call_guard<pybind11::gil_scoped_release>(),
-        "(x + delta, RMSNorm(x + delta) * weight + bias) in fp32 math, one rounding per output, AVX-512.");
+        pybind11::arg("bias"), pybind11::arg("eps"), pybind11::arg("isa"), pybind11::call_guard<pybind11::gil_scoped_release>(),
+        "(x + delta, RMSNorm(x + delta) * weight + bias) in fp32 math, one rounding per output.");
   m.def("attention", &g::attention, pybind11::arg("q"), pybind11::arg("keys"), pybind11::arg("values"),
-        pybind11::arg("bias"), pybind11::arg("length"), pybind11::arg("scale"),
+        pybind11::arg("bias"), pybind11::arg("length"), pybind11::arg("scale"), pybind11::arg("isa"),
         pybind11::call_guard<pybind11::gil_scoped_release>(),
-        "softmax(scale * q k^T + bias) v over the first `length` cache slots, fp32 math; [B, T, H * d]. AVX-512.");
+        "softmax(scale * q k^T + bias) v over the first `length` cache slots, fp32 math; [B, T, H * d].");
   m.def("cpu_has", &g::cpu_has, "Whether the CPU supports 'avx2', 'avx512' (F/BW/VL/DQ/VNNI) or 'avx512bf16'.");
   pybind11::class_<g::GemvBase>(m, "GemvBase")
       .def("__call__", &g::GemvBase::forward, pybind11::call_guard<pybind11::gil_scoped_release>())

@@ -341,148 +341,46 @@ static void quant_to_bf16(const UnpackArgs& a, int64_t b, int64_t b_end, uint8_t
   }
 }
 
-// exp(x) to about 1 ulp: x = n ln2 + r (two-part ln2), a degree-7 Taylor polynomial on |r| <= ln2 / 2, times
-// 2^n. NaN stays NaN; the clamp keeps large inputs finite (the callers only need 1 / (1 + exp) to saturate).
-static inline __m512 exp_ps(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-87.0f), _mm512_min_ps(_mm512_set1_ps(88.0f), x));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
-
-static inline __m512 load_act(const void* p, int64_t i, __mmask16 mask, bool bf16) {
-  if (bf16) {
-    const __m256i raw = _mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(p) + i);
+// The vector operations of fused.h on 16 fp32 lanes; a count of active lanes stands for a mask.
+struct V {
+  using F = __m512;
+  static constexpr int kLanes = 16;
+  static __mmask16 mask(int n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
+  static F zero() { return _mm512_setzero_ps(); }
+  static F set1(float v) { return _mm512_set1_ps(v); }
+  static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F fnmadd(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
+  static F min(F a, F b) { return _mm512_min_ps(a, b); }
+  static F max(F a, F b) { return _mm512_max_ps(a, b); }
+  static F max_active(F acc, F v, int n) { return _mm512_mask_max_ps(acc, mask(n), acc, v); }
+  static F keep_active(F v, int n) { return _mm512_maskz_mov_ps(mask(n), v); }
+  static F round(F v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static F scale2(F p, F n) { return _mm512_scalef_ps(p, n); }  // p * 2^n
+  // 1 / d for d >= 1: the 2^-14 estimate and one Newton step.
+  static F recip(F d) {
+    const F r = _mm512_rcp14_ps(d);
+    return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
+  }
+  static float sum(F v) { return _mm512_reduce_add_ps(v); }
+  static float top(F v) { return _mm512_reduce_max_ps(v); }
+  static F loadf(const float* p, int n) { return _mm512_maskz_loadu_ps(mask(n), p); }
+  static void storef(float* p, int n, F v) { _mm512_mask_storeu_ps(p, mask(n), v); }
+  // Element i.. of an fp32 or bf16 array, n lanes active (the rest zero).
+  static F load(const void* p, int64_t i, int n, bool bf16) {
+    if (!bf16) return loadf(static_cast<const float*>(p) + i, n);
+    const __m256i raw = _mm256_maskz_loadu_epi16(mask(n), static_cast<const uint16_t*>(p) + i);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
   }
-  return _mm512_maskz_loadu_ps(mask, static_cast<const float*>(p) + i);
-}
-
-static inline void store_act(void* p, int64_t i, __mmask16 mask, __m512 v, bool bf16) {
-  if (bf16)
-    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p) + i, mask, _mm512_cvtepi32_epi16(bf16_bits(v)));
-  else
-    _mm512_mask_storeu_ps(static_cast<float*>(p) + i, mask, v);
-}
-
-static inline __mmask16 tail_mask(int64_t left) {
-  return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
-}
-
-static void add_rms_norm(const void* x, const void* delta, void* res, const float* w, const float* b, void* out,
-                         int64_t hidden, int64_t r0, int64_t r1, float eps, bool bf16) {
-  const int64_t esize = bf16 ? 2 : 4;
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t off = r * hidden * esize;
-    const void* xr = static_cast<const uint8_t*>(x) + off;
-    void* rr = delta ? static_cast<uint8_t*>(res) + off : nullptr;
-    __m512 squares = _mm512_setzero_ps();
-    for (int64_t i = 0; i < hidden; i += 16) {
-      const __mmask16 mask = tail_mask(hidden - i);
-      __m512 v = load_act(xr, i, mask, bf16);
-      if (delta) {
-        v = _mm512_add_ps(v, load_act(static_cast<const uint8_t*>(delta) + off, i, mask, bf16));
-        store_act(rr, i, mask, v, bf16);
-        if (bf16) v = load_act(rr, i, mask, true);  // the rounded sum, as the next layer sees it
-      }
-      squares = _mm512_fmadd_ps(v, v, squares);
-    }
-    const __m512 scale = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(squares) / hidden + eps));
-    const void* src = delta ? rr : xr;
-    void* dst = static_cast<uint8_t*>(out) + off;
-    for (int64_t i = 0; i < hidden; i += 16) {
-      const __mmask16 mask = tail_mask(hidden - i);
-      __m512 v = _mm512_mul_ps(_mm512_mul_ps(load_act(src, i, mask, bf16), scale), _mm512_maskz_loadu_ps(mask, w + i));
-      if (b) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, b + i));
-      store_act(dst, i, mask, v, bf16);
-    }
+  static void store(void* p, int64_t i, int n, F v, bool bf16) {
+    if (!bf16) return storef(static_cast<float*>(p) + i, n, v);
+    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p) + i, mask(n), _mm512_cvtepi32_epi16(bf16_bits(v)));
   }
-}
+};
 
-static inline float dot(const void* a, const void* b, int64_t n, bool bf16) {
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 mask = tail_mask(n - i);
-    acc = _mm512_fmadd_ps(load_act(a, i, mask, bf16), load_act(b, i, mask, bf16), acc);
-  }
-  return _mm512_reduce_add_ps(acc);
-}
-
-// One query row at a time: scores, a max-subtracted softmax, and the weighted sum of values (d <= 256).
-static void attention(const AttentionArgs& a, int64_t u0, int64_t u1, float* scores) {
-  const int64_t es = a.bf16 ? 2 : 4, group = a.heads / a.kv_heads, nv = (a.d + 15) / 16;
-  for (int64_t u = u0; u < u1; ++u) {
-    const int64_t t = u % a.T, h = u / a.T % a.heads, b = u / (a.T * a.heads);
-    const uint8_t* q = static_cast<const uint8_t*>(a.q) + u * a.d * es;
-    const int64_t kv_off = (b * a.kv_heads + h / group) * a.cap * a.d * es;
-    const uint8_t* keys = static_cast<const uint8_t*>(a.keys) + kv_off;
-    const uint8_t* values = static_cast<const uint8_t*>(a.values) + kv_off;
-    const int64_t bias_row = ((b * a.bias_heads + (a.bias_heads == 1 ? 0 : h)) * a.T + t) * a.L;
-    __m512 vmax = _mm512_set1_ps(-INFINITY);
-    for (int64_t j = 0; j < a.L; ++j) scores[j] = a.scale * dot(q, keys + j * a.d * es, a.d, a.bf16);
-    for (int64_t j = 0; j < a.L; j += 16) {
-      const __mmask16 mask = tail_mask(a.L - j);
-      const __m512 s = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, scores + j),
-                                     load_act(a.bias, bias_row + j, mask, a.bias_bf16));
-      _mm512_mask_storeu_ps(scores + j, mask, s);
-      vmax = _mm512_mask_max_ps(vmax, mask, vmax, s);
-    }
-    const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
-    __m512 vsum = _mm512_setzero_ps();
-    for (int64_t j = 0; j < a.L; j += 16) {
-      const __mmask16 mask = tail_mask(a.L - j);
-      const __m512 e = _mm512_maskz_mov_ps(mask, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, scores + j), top)));
-      _mm512_mask_storeu_ps(scores + j, mask, e);
-      vsum = _mm512_add_ps(vsum, e);
-    }
-    const float inv = 1.0f / _mm512_reduce_add_ps(vsum);
-    __m512 acc[16];
-    for (int64_t v = 0; v < nv; ++v) acc[v] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < a.L; ++j) {
-      const __m512 p = _mm512_set1_ps(scores[j]);
-      const uint8_t* row = values + j * a.d * es;
-      for (int64_t v = 0; v < nv; ++v)
-        acc[v] = _mm512_fmadd_ps(p, load_act(row, v * 16, tail_mask(a.d - v * 16), a.bf16), acc[v]);
-    }
-    uint8_t* out = static_cast<uint8_t*>(a.out) + ((b * a.T + t) * a.heads + h) * a.d * es;
-    for (int64_t v = 0; v < nv; ++v)
-      store_act(out, v * 16, tail_mask(a.d - v * 16), _mm512_mul_ps(acc[v], _mm512_set1_ps(inv)), a.bf16);
-  }
-}
-
-// act(g) * u with act(g) = g * sigmoid(z): z = g for SiLU, z = 2 sqrt(2/pi) (g + 0.044715 g^3) for tanh-GELU
-// (0.5 (1 + tanh(a)) = sigmoid(2a)).
-static void gated(const void* h, void* out, int64_t inter, int64_t r0, int64_t r1, int act, bool bf16) {
-  const int64_t esize = bf16 ? 2 : 4;
-  for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* row = static_cast<const uint8_t*>(h) + r * 2 * inter * esize;
-    uint8_t* o = static_cast<uint8_t*>(out) + r * inter * esize;
-    for (int64_t i = 0; i < inter; i += 16) {
-      const __mmask16 mask = tail_mask(inter - i);
-      const __m512 g = load_act(row, i, mask, bf16), u = load_act(row + inter * esize, i, mask, bf16);
-      __m512 z = g;
-      if (act == kGeluTanh) {
-        const __m512 g3 = _mm512_mul_ps(_mm512_mul_ps(g, g), g);
-        z = _mm512_mul_ps(_mm512_fmadd_ps(g3, _mm512_set1_ps(0.044715f), g), _mm512_set1_ps(1.5957691216057308f));
-      }
-      // sigmoid(z) = 1 / d, d = 1 + exp(-z) in [1, 6e37]: reciprocal estimate (2^-14) and one Newton step.
-      const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), z)));
-      __m512 sig = _mm512_rcp14_ps(d);
-      sig = _mm512_mul_ps(sig, _mm512_fnmadd_ps(d, sig, _mm512_set1_ps(2.0f)));
-      store_act(o, i, mask, _mm512_mul_ps(_mm512_mul_ps(g, sig), u), bf16);
-    }
-  }
-}
+#include "fused.h"
 
 static void fill_kernels(Kernels& k) {
   k.float_blocks[kBF16][0] = &float_blocks<kBF16, 1, 2>;
@@ -514,9 +412,7 @@ static void fill_kernels(Kernels& k) {
   k.quant_to_bf16[kInt8] = &quant_to_bf16<kInt8>;
   k.quant_to_bf16[kInt4Sym] = &quant_to_bf16<kInt4Sym>;
   k.quant_to_bf16[kInt4Asym] = &quant_to_bf16<kInt4Asym>;
-  k.gated = &gated;
-  k.add_rms_norm = &add_rms_norm;
-  k.attention = &attention;
+  fill_fused(k);
   k.prep_digits = &prep_digits;
 }
 
@@ -810,13 +706,17 @@ static void quant_blocks(const QuantArgs& a, const int64_t* blk) {
     }
 }
 
+// 8 fp32 -> 8 bf16, rounded to nearest even like c10::BFloat16 (inputs here are finite).
+static inline __m128i bf16x8(__m256 v) {
+  __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  bits = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  return _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
+}
+
 static inline void store_row8(const UnpackArgs& a, int64_t k, int64_t col, __m256 v) {
   if (a.out_bf16) {
-    __m256i bits = _mm256_castps_si256(v);
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-    bits = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
-    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(a.out) + k * a.ldw + col), packed);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(a.out) + k * a.ldw + col), bf16x8(v));
   } else {
     _mm256_storeu_ps(static_cast<float*>(a.out) + k * a.ldw + col, v);
   }
@@ -893,6 +793,61 @@ static uint64_t read_streams(const uint8_t* p, int64_t bytes, int streams) {
   return out[0] | out[1] | out[2] | out[3];
 }
 
+// The vector operations of fused.h on 8 fp32 lanes; partial vectors (n < 8 active lanes) go through a
+// zero-padded copy, since AVX2 has no masked 16-bit loads or stores.
+struct V {
+  using F = __m256;
+  static constexpr int kLanes = 8;
+  static __m256i mask(int n) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
+  static F zero() { return _mm256_setzero_ps(); }
+  static F set1(float v) { return _mm256_set1_ps(v); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F fnmadd(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
+  static F min(F a, F b) { return _mm256_min_ps(a, b); }
+  static F max(F a, F b) { return _mm256_max_ps(a, b); }
+  static F max_active(F acc, F v, int n) { return _mm256_blendv_ps(acc, _mm256_max_ps(acc, v), _mm256_castsi256_ps(mask(n))); }
+  static F keep_active(F v, int n) { return _mm256_and_ps(v, _mm256_castsi256_ps(mask(n))); }
+  static F round(F v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  // p * 2^n for integral n in [-126, 127] (exp_v's clamp keeps it there): n added to the exponent field.
+  static F scale2(F p, F n) {
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  }
+  static F recip(F d) { return _mm256_div_ps(_mm256_set1_ps(1.0f), d); }
+  static float sum(F v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+  }
+  static float top(F v) {
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+  }
+  static F loadf(const float* p, int n) { return _mm256_maskload_ps(p, mask(n)); }
+  static void storef(float* p, int n, F v) { _mm256_maskstore_ps(p, mask(n), v); }
+  static F load(const void* p, int64_t i, int n, bool bf16) {
+    if (!bf16) return loadf(static_cast<const float*>(p) + i, n);
+    const uint16_t* src = static_cast<const uint16_t*>(p) + i;
+    uint16_t tmp[8] = {};
+    if (n < 8) src = static_cast<const uint16_t*>(std::memcpy(tmp, src, n * sizeof(uint16_t)));
+    return bf16x8_to_fp32(src);
+  }
+  static void store(void* p, int64_t i, int n, F v, bool bf16) {
+    if (!bf16) return storef(static_cast<float*>(p) + i, n, v);
+    uint16_t* dst = static_cast<uint16_t*>(p) + i;
+    if (n == 8) return _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), bf16x8(v));
+    uint16_t tmp[8];
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(tmp), bf16x8(v));
+    std::memcpy(dst, tmp, n * sizeof(uint16_t));
+  }
+};
+
+#include "fused.h"
+
 static void fill_kernels(Kernels& k) {
   k.float_blocks[kBF16][0] = &float_blocks<kBF16, 1, 4>;
   k.float_blocks[kBF16][1] = &float_blocks<kBF16, 2, 2>;
@@ -922,6 +877,7 @@ static void fill_kernels(Kernels& k) {
   k.quant_unpack[kInt4Asym] = &quant_unpack<kInt4Asym>;
   k.prep_digits = nullptr;
   k.read_streams = &read_streams;
+  fill_fused(k);
 }
 
 }  // namespace avx2

@@ -137,9 +137,9 @@ struct Kernels {
   UnpackFn quant_unpack[3];
   DequantBf16Fn quant_to_bf16[3];  // AVX-512 only
   GemmFn bf16_gemm;                // AVX512-BF16 only; null where unsupported
-  GatedFn gated;                   // AVX-512 only; null where unsupported
-  RmsFn add_rms_norm;              // AVX-512 only; null where unsupported
-  AttentionFn attention;           // AVX-512 only; null where unsupported
+  GatedFn gated;                   // fused elementwise kernels and decode attention (fused.h)
+  RmsFn add_rms_norm;
+  AttentionFn attention;
   PrepFn prep_digits;           // null on AVX2 (weights are converted to fp32 there instead)
   // Memory-read baseline for benchmarks: reads [p, p + bytes) as `streams` lockstep streams.
   uint64_t (*read_streams)(const uint8_t* p, int64_t bytes, int streams);
