@@ -1,11 +1,13 @@
-"""Side-by-side CPU benchmark: polylm (torch backend; bf16, int8, int4) against transformers bf16, and
-llama-cpp-python / mlx-lm when installed — same checkpoint, prompt, token counts and threads, one run.
+"""Side-by-side CPU benchmark: polylm (torch backend; bf16, fp32 compute, int8, int4) against transformers bf16,
+plus mlx-lm (bf16, when it imports) and llama.cpp through llama-cpp-python (when it imports and `--gguf` names
+a GGUF conversion of the same checkpoint) — same checkpoint, prompt, token counts and threads, one run.
 
     python benchmarks/bench_cpu.py [--model gemma-bench|bloom-bench] [--threads 2] [--prompt-tokens 128]
-                                   [--new-tokens 64] [--write RESULTS.md]
+                                   [--new-tokens 64] [--repeat 3] [--gguf FILE] [--write RESULTS.md]
 
 Each engine runs in its own process (so peak RSS and thread pools don't mix); ratios are against
-transformers bf16 in the same run.
+transformers bf16 in the same run. A GGUF is made with llama.cpp's `convert_hf_to_gguf.py DIR --outtype bf16`
+(no converter ships with polylm).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -51,9 +54,61 @@ print(json.dumps(dict(import_s=import_s, load_s=load_s, ttft_s=ttft, prefill_tok
                       model_rss_mb=None if before is None else peak - before)))
 """
 
+# A peer engine's script: argv = path, prompt tokens, new tokens, threads; prints the same JSON as the others.
+# Both time a greedy generation with their own loop: the first token is the prefill, the rest the decode.
+PEER_PRELUDE = """
+import json, sys, time
+start = time.perf_counter()
+import numpy as np
+from polylm.bench import current_rss_mb, peak_rss_mb
+{imports}
+import_s = time.perf_counter() - start
+path, prompt_tokens, new_tokens, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+before = current_rss_mb()
+start = time.perf_counter()
+{load}
+load_s = time.perf_counter() - start
+prompt = np.random.default_rng(0).integers(3, vocab, prompt_tokens).tolist()
+def timed(count):
+    start = time.perf_counter()
+    tokens = generate(prompt, count)
+    next(tokens)
+    first = time.perf_counter()
+    for _ in range(count - 1):
+        next(tokens)
+    return first - start, time.perf_counter() - first
+timed(4)
+ttft, decode = timed(new_tokens)
+peak = peak_rss_mb()
+print(json.dumps(dict(import_s=import_s, load_s=load_s, ttft_s=ttft, prefill_tok_s=prompt_tokens / ttft,
+                      decode_tok_s=(new_tokens - 1) / decode, peak_rss_mb=peak,
+                      model_rss_mb=None if before is None else peak - before)))
+"""
+MLX_LM_RUN = PEER_PRELUDE.format(imports="""
+import mlx.core as mx
+from pathlib import Path
+from bench_mlx import mlx_lm_engine""", load="""
+mx.set_default_device(mx.cpu)
+engine = mlx_lm_engine(Path(path), "bfloat16")
+vocab = 32000
+def generate(ids, count):
+    return engine(ids, count)""")
+LLAMA_CPP_RUN = PEER_PRELUDE.format(imports="from llama_cpp import Llama", load="""
+llm = Llama(model_path=path, n_threads=threads, n_ctx=prompt_tokens + new_tokens + 16, verbose=False)
+vocab = llm.n_vocab()
+def generate(ids, count):
+    llm.reset()  # no reuse of the previous run's cache
+    return llm.generate(ids, temp=0.0, reset=True)""")
+
+
+def importable(module: str) -> bool:
+    """Whether `module` imports in a fresh interpreter (peers are optional and run in their own process)."""
+    return subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True).returncode == 0
+
 
 def run(command: list[str], threads: int) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "POLYLM_QUIET": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "POLYLM_QUIET": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600)
     if result.returncode != 0:
         return {"error": (result.stderr.strip().splitlines() or ["failed"])[-1]}
@@ -66,11 +121,22 @@ def polylm_run(path: Path, args, quantize: str | None = None, dtype: str = "bflo
     return run(command + (["--quantize", quantize] if quantize else []), args.threads)
 
 
+def median_row(results: list[dict]) -> dict:
+    """Each figure's median over an engine's runs (figures a run could not measure stay None); the first error
+    if any run failed."""
+    failed = next((r for r in results if "error" in r), None)
+    if failed is not None:
+        return failed
+    return {key: None if value is None else statistics.median(r[key] for r in results)
+            for key, value in results[0].items()}
+
+
 def cpu_description() -> str:
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")), "?")
     isa = "AVX-512 BF16" if "avx512_bf16" in flags else "AVX-512" if "avx512f" in flags else "AVX2"
-    return f"{model} ({isa}), {os.cpu_count()} cores"
+    forced = os.environ.get("POLYLM_GEMV_ISA", "auto")
+    return f"{model} ({isa}), {os.cpu_count()} cores" + ("" if forced == "auto" else f", POLYLM_GEMV_ISA={forced}")
 
 
 def main() -> None:
@@ -79,6 +145,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="rounds over all engines (interleaved, so that a shared machine's slow spells hit "
+                             "every engine alike); the table shows each figure's median")
+    parser.add_argument("--gguf", default=None, metavar="FILE",
+                        help="a GGUF of the same checkpoint, for the llama.cpp row (needs llama-cpp-python)")
     parser.add_argument("--write", default=None, metavar="FILE", help="append the table to this Markdown file")
     args = parser.parse_args()
     path = build(args.model)
@@ -90,12 +161,25 @@ def main() -> None:
         "polylm int8": lambda: polylm_run(path, args, "int8"),
         "polylm int4": lambda: polylm_run(path, args, "int4"),
     }
-    rows = {name: measure() for name, measure in progress(engines.items(), total=len(engines), desc="engines")}
+    peer_args = [str(args.prompt_tokens), str(args.new_tokens), str(args.threads)]
+    if importable("mlx_lm"):
+        engines["mlx-lm bf16 (CPU)"] = lambda: run([sys.executable, "-c", MLX_LM_RUN, str(path), *peer_args],
+                                                   args.threads)
+    if args.gguf and importable("llama_cpp"):
+        engines["llama.cpp (GGUF)"] = lambda: run([sys.executable, "-c", LLAMA_CPP_RUN, args.gguf, *peer_args],
+                                                  args.threads)
+    elif args.gguf:
+        print("llama-cpp-python does not import: no llama.cpp row", file=sys.stderr)
+    rounds = [(name, measure) for _ in range(args.repeat) for name, measure in engines.items()]
+    runs: dict[str, list[dict]] = {name: [] for name in engines}
+    for name, measure in progress(rounds, total=len(rounds), desc="runs"):
+        runs[name].append(measure())
+    rows = {name: median_row(results) for name, results in runs.items()}
     base = rows["transformers bf16"]
     checkpoint_mb = sum(f.stat().st_size for f in path.glob("*.safetensors")) / (1024 * 1024)
     lines = [f"### {args.model}, {args.threads} threads, prompt {args.prompt_tokens}, {args.new_tokens} new tokens",
              "", f"{cpu_description()}; {time.strftime('%Y-%m-%d')}; `python benchmarks/bench_cpu.py --model "
-             f"{args.model} --threads {args.threads}`; model MB: peak RSS above the RSS after the framework's "
+             f"{args.model} --threads {args.threads} --repeat {args.repeat}`; medians of {args.repeat} interleaved runs; model MB: peak RSS above the RSS after the framework's "
              f"import, × the checkpoint's {checkpoint_mb:.0f} MB", "",
              "| engine | import s | load s | TTFT ms | prefill tok/s | decode tok/s | prefill × | decode × | "
              "peak RSS MB | model MB |",

@@ -17,6 +17,7 @@ from polylm.ir import Attention, MLP
 
 from .cpu_gemv import add_rms_norm, gated_activation
 from .cpu_gemv import attention as compiled_attention
+from .cpu_gemv import rope_and_cache as compiled_rope_and_cache
 from .params import NormParams, RowTable
 
 # Query rows up to which the compiled CPU attention runs (decode); longer steps use torch's flash attention,
@@ -141,6 +142,11 @@ class TorchOps:
         """Split the fused projection qkv [batch, new, (heads + 2·kv_heads)·head_dim] into heads, rotate q and k
         (cos/sin [batch, new, rotary_dim / 2], float32; None without RoPE), write k and v into the layer's
         cache [batch, kv_heads, capacity, head_dim] at the step's slots, and return q [batch, heads, new, head_dim]."""
+        interleaved = rotary is not None and attn.position.interleaved
+        fused = compiled_rope_and_cache(qkv, rotary, keys, values, step.past, attn.num_heads, attn.num_kv_heads,
+                                        attn.head_dim, attn.rotary_dim if rotary is not None else 0, interleaved)
+        if fused is not None:
+            return fused
         batch, new, _ = qkv.shape
         q_size, kv_size = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
         q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)

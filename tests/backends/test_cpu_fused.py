@@ -1,15 +1,20 @@
-"""The compiled fused kernels of the torch CPU path, on each ISA path this CPU runs: the gated activation act(gate) * up and the
-decode attention against fp64 references, and the residual add + RMSNorm against the torch ops it replaces."""
+"""The compiled fused kernels of the torch CPU path, on each ISA path this CPU runs: the gated activation
+act(gate) * up and the decode attention against fp64 references, the residual add + RMSNorm and the RoPE +
+cache write against the torch ops they replace."""
 
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from polylm.ir import Attention, RoPE
+from polylm_torch import cpu_gemv
 from polylm_torch.cpu_gemv import _build
+from polylm_torch.ops import TorchOps
 
 ACTIVATIONS = {0: F.silu, 1: lambda x: F.gelu(x, approximate="tanh")}
 
@@ -112,3 +117,26 @@ def test_attention_bad_input(module, isa):
         module.attention(q, cache, cache, bias, 4, 1.0, isa)
     with pytest.raises(RuntimeError, match="length 5 outside 1..4"):
         module.attention(torch.randn(1, 2, 1, 8), cache, cache, torch.zeros(1, 1, 1, 5), 5, 1.0, isa)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("rotary_dim", [0, 16, 24])  # none (ALiBi), partial, full
+def test_rope_and_cache_equals_torch_ops(monkeypatch, dtype, interleaved, rotary_dim):
+    batch, new, past, heads, kv_heads, d, capacity = 2, 3, 4, 4, 2, 24, 9
+    attn = Attention(num_heads=heads, num_kv_heads=kv_heads, head_dim=d,
+                     position=RoPE(theta=10000.0, max_positions=64, interleaved=interleaved,
+                                   rotary_fraction=max(rotary_dim, 2) / d))
+    gen = torch.Generator().manual_seed(rotary_dim + interleaved)
+    qkv = torch.randn(batch, new, (heads + 2 * kv_heads) * d, generator=gen).to(dtype)
+    angles = torch.rand(batch, new, max(rotary_dim, 2) // 2, generator=gen) * 20
+    rotary = (angles.cos(), angles.sin()) if rotary_dim else None
+    cache = [torch.randn(batch, kv_heads, capacity, d, generator=gen).to(dtype) for _ in range(2)]
+    step = SimpleNamespace(past=past)
+    fused_cache = [c.clone() for c in cache]
+    fused = TorchOps().rope_and_cache(qkv, *fused_cache, rotary, step, attn)
+    monkeypatch.setenv("POLYLM_GEMV_ISA", "none")  # the torch ops
+    assert cpu_gemv.rope_and_cache(qkv, rotary, *cache, past, heads, kv_heads, d, rotary_dim, interleaved) is None
+    expected = TorchOps().rope_and_cache(qkv, *cache, rotary, step, attn)
+    assert torch.equal(fused, expected)  # the same roundings, bit for bit
+    assert all(torch.equal(a, b) for a, b in zip(fused_cache, cache))

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from . import _build, _layout
 
-__all__ = ["available", "add_rms_norm", "attention", "gated_activation", "PackedLinear", "Int8Linear", "Int4Linear"]
+__all__ = ["available", "add_rms_norm", "attention", "gated_activation", "rope_and_cache", "PackedLinear", "Int8Linear", "Int4Linear"]
 
 _QUANT_KIND = {"int8": 0, "int4_sym": 1, "int4_asym": 2}
 _GATED = {"silu": 0, "gelu_tanh": 1}
@@ -89,6 +89,20 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: t
         return None
     module, isa = fused
     return module.attention(q.contiguous(), keys, values, bias.contiguous(), length, scale, isa)
+
+
+def rope_and_cache(qkv: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None, keys: torch.Tensor,
+                   values: torch.Tensor, past: int, heads: int, kv_heads: int, head_dim: int, rotary_dim: int,
+                   interleaved: bool) -> torch.Tensor | None:
+    """The torch path's ``TorchOps.rope_and_cache`` in one compiled pass (same roundings): q [B, H, T, d], with k
+    and v written into the caches at slots ``past..past+T``; None where it does not apply, as for
+    :func:`gated_activation`."""
+    if _fused_kernels(qkv) is None or keys.dtype != qkv.dtype or not (keys.is_contiguous() and values.is_contiguous()):
+        return None
+    module, _ = _build.load()
+    cos, sin = rotary if rotary is not None else (None, None)
+    return module.rope_and_cache(qkv.contiguous(), cos, sin, keys, values, past, heads, kv_heads, head_dim,
+                                 rotary_dim if rotary is not None else 0, interleaved)
 
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,

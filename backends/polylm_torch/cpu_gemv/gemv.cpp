@@ -564,6 +564,77 @@ static at::Tensor attention(const at::Tensor& q, const at::Tensor& keys, const a
   return out;
 }
 
+// Rounds like one elementwise torch op of dtype T (computed in fp32, stored as T).
+template <class T>
+static inline float rounded(float v) { return static_cast<float>(static_cast<T>(v)); }
+
+// One row of head_dim values rotated (RoPE with cos/sin [rot / 2], cast to T first, each product, sum and
+// difference rounded to T, exactly as the torch ops compute it) or copied, into dst.
+template <class T>
+static inline void rotate_row(const T* src, T* dst, const float* cos, const float* sin, int64_t d, int64_t rot,
+                              bool interleaved) {
+  const int64_t half = rot / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const int64_t a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
+    const float c = rounded<T>(cos[i]), s = rounded<T>(sin[i]);
+    const float x1 = static_cast<float>(src[a]), x2 = static_cast<float>(src[b]);
+    dst[a] = static_cast<T>(rounded<T>(x1 * c) - rounded<T>(x2 * s));
+    dst[b] = static_cast<T>(rounded<T>(x2 * c) + rounded<T>(x1 * s));
+  }
+  std::copy(src + rot, src + d, dst + rot);
+}
+
+template <class T>
+static void rope_rows(const at::Tensor& qkv, const float* cos, const float* sin, at::Tensor& keys, at::Tensor& values,
+                      at::Tensor& q, int64_t past, int64_t H, int64_t KVH, int64_t d, int64_t rot, bool interleaved) {
+  const int64_t B = qkv.size(0), T_ = qkv.size(1), cap = keys.size(2), width = (H + 2 * KVH) * d;
+  const T* src = qkv.const_data_ptr<T>();
+  T *qo = q.data_ptr<T>(), *ko = keys.data_ptr<T>(), *vo = values.data_ptr<T>();
+  at::parallel_for(0, B * T_, std::max<int64_t>(1, 4096 / width), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / T_, t = r % T_;
+      const T* row = src + r * width;
+      const float *c = cos + r * (rot / 2), *s = sin + r * (rot / 2);
+      for (int64_t h = 0; h < H; ++h) rotate_row(row + h * d, qo + ((b * H + h) * T_ + t) * d, c, s, d, rot, interleaved);
+      for (int64_t h = 0; h < KVH; ++h) {
+        const int64_t slot = ((b * KVH + h) * cap + past + t) * d;
+        rotate_row(row + (H + h) * d, ko + slot, c, s, d, rot, interleaved);
+        std::copy(row + (H + KVH + h) * d, row + (H + KVH + h + 1) * d, vo + slot);
+      }
+    }
+  });
+}
+
+// Splits qkv [B, T, (H + 2 KVH) d] into heads, rotates q and k by RoPE over their first `rot` dims (cos/sin fp32
+// [B, T, rot / 2]; rot 0: no rotation), writes k and v into the caches [B, KVH, cap, d] at slots past..past+T and
+// returns q [B, H, T, d] — the torch ops' results, in one pass.
+static at::Tensor rope_and_cache(const at::Tensor& qkv, const std::optional<at::Tensor>& cos,
+                                 const std::optional<at::Tensor>& sin, at::Tensor keys, at::Tensor values,
+                                 int64_t past, int64_t H, int64_t KVH, int64_t d, int64_t rot, bool interleaved) {
+  const auto dt = qkv.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "rope_and_cache: qkv must be fp32 or bf16");
+  TORCH_CHECK(qkv.device().is_cpu() && qkv.is_contiguous() && qkv.dim() == 3 && qkv.size(2) == (H + 2 * KVH) * d,
+              "rope_and_cache: qkv must be a contiguous [B, T, (H + 2 KVH) d] CPU tensor");
+  const int64_t B = qkv.size(0), T_ = qkv.size(1);
+  for (const at::Tensor* c : {&keys, &values})
+    TORCH_CHECK(c->is_contiguous() && c->scalar_type() == dt && c->dim() == 4 && c->size(0) == B &&
+                    c->size(1) == KVH && c->size(3) == d && past >= 0 && past + T_ <= c->size(2),
+                "rope_and_cache: caches must be contiguous [B, KVH, cap, d] of qkv's dtype with room for the step");
+  TORCH_CHECK(rot >= 0 && rot % 2 == 0 && rot <= d, "rope_and_cache: rotary dims must be even and <= head_dim");
+  at::Tensor c32, s32;
+  if (rot > 0) {
+    TORCH_CHECK(cos.has_value() && sin.has_value(), "rope_and_cache: rotation needs cos and sin");
+    c32 = cos->to(at::kFloat).expand({B, T_, rot / 2}).contiguous();
+    s32 = sin->to(at::kFloat).expand({B, T_, rot / 2}).contiguous();
+  }
+  at::Tensor q = at::empty({B, H, T_, d}, qkv.options());
+  const float* cp = rot > 0 ? c32.const_data_ptr<float>() : nullptr;
+  const float* sp = rot > 0 ? s32.const_data_ptr<float>() : nullptr;
+  if (dt == at::kFloat) rope_rows<float>(qkv, cp, sp, keys, values, q, past, H, KVH, d, rot, interleaved);
+  else rope_rows<c10::BFloat16>(qkv, cp, sp, keys, values, q, past, H, KVH, d, rot, interleaved);
+  return q;
+}
+
 }  // namespace polylm_gemv
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -583,6 +654,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("bias"), pybind11::arg("length"), pybind11::arg("scale"), pybind11::arg("isa"),
         pybind11::call_guard<pybind11::gil_scoped_release>(),
         "softmax(scale * q k^T + bias) v over the first `length` cache slots, fp32 math; [B, T, H * d].");
+  m.def("rope_and_cache", &g::rope_and_cache, pybind11::arg("qkv"), pybind11::arg("cos"), pybind11::arg("sin"),
+        pybind11::arg("keys"), pybind11::arg("values"), pybind11::arg("past"), pybind11::arg("heads"),
+        pybind11::arg("kv_heads"), pybind11::arg("head_dim"), pybind11::arg("rotary_dim"),
+        pybind11::arg("interleaved"), pybind11::call_guard<pybind11::gil_scoped_release>(),
+        "Split qkv into heads, RoPE-rotate q and k, write k and v into the caches; returns q [B, H, T, d].");
   m.def("cpu_has", &g::cpu_has, "Whether the CPU supports 'avx2', 'avx512' (F/BW/VL/DQ/VNNI) or 'avx512bf16'.");
   pybind11::class_<g::GemvBase>(m, "GemvBase")
       .def("__call__", &g::GemvBase::forward, pybind11::call_guard<pybind11::gil_scoped_release>())
