@@ -116,7 +116,8 @@ def test_activation_matches_torch(activation, gated):
     mlp = MLP(8, activation, gated)
     h = np.random.default_rng(0).normal(0, 2, (3, 16)).astype(np.float32)
     expected = TorchOps().activation(torch.from_numpy(h), mlp).numpy()
-    assert np.abs(np.array(ops.activation(mx.array(h), mlp)) - expected).max() <= 1e-6
+    # a few fp32 ulp of each value (the torch reference may run polylm's compiled kernel, another exp)
+    assert (np.abs(np.array(ops.activation(mx.array(h), mlp)) - expected) <= 1e-6 * (1 + np.abs(expected))).all()
 
 
 @pytest.mark.parametrize("kind,offset,bias", [("rms", 0.0, False), ("rms", 1.0, True), ("layer", 0.0, True),
