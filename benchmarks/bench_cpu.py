@@ -122,12 +122,12 @@ def polylm_run(path: Path, args, quantize: str | None = None, dtype: str = "bflo
 
 
 def median_row(results: list[dict]) -> dict:
-    """Each figure's median over an engine's runs (figures a run could not measure stay None); the first error
-    if any run failed."""
+    """Each figure's median over an engine's runs (labels, and figures a run could not measure — None — as the
+    first run gives them); the first error if any run failed."""
     failed = next((r for r in results if "error" in r), None)
     if failed is not None:
         return failed
-    return {key: None if value is None else statistics.median(r[key] for r in results)
+    return {key: statistics.median(r[key] for r in results) if isinstance(value, (int, float)) else value
             for key, value in results[0].items()}
 
 
