@@ -1,4 +1,5 @@
-"""Compiled CPU matrix-vector kernels for the decode path (batch 1 / few rows) of the torch backend.
+"""Compiled CPU kernels of the torch backend: matrix-vector products for decode (batch 1 / few rows), a bf16
+GEMM for prefill, and fused elementwise and decode-attention kernels.
 
 Decode at batch 1 is bound by the bytes of weight read per token. These layers repack a linear layer's
 weight once, at load, into blocks of 16 output rows that each form one contiguous stream (layout in
@@ -9,14 +10,15 @@ AVX-512 machine: faster than ``F.linear`` and than the tiled path up to 32 rows)
 bf16 ``x`` on a CPU with AVX512-BF16 and a bf16 or quantized weight, a register-tiled GEMM (6 rows of x by 64
 output columns per tile, ``vdpbf16ps``) runs straight on the packed bf16 blocks — int8/int4 blocks are
 dequantized to bf16 one L2-sized panel at a time — at 430-460 GFLOP/s on 2 Zen 4 cores, ~10% above
-``F.linear`` (oneDNN) and ~89% of the measured ``vdpbf16ps`` peak; otherwise (fp32/fp16 weights or x, AVX2
+``F.linear`` (oneDNN) and at the measured ``vdpbf16ps`` peak of a core; otherwise (fp32/fp16 weights or x, AVX2
 CPUs, where torch's bf16 matmul is emulated) a tiled path unpacks about 2 MB of the weight at a time into a
 transposed fp32 tile and multiplies it with ``at::mm``.
 
 :func:`gated_activation` fuses a gated MLP's ``act(gate) * up`` (SiLU, tanh-GELU), :func:`add_rms_norm` a
 residual add with the RMSNorm after it, and :func:`attention` the attention of a few query rows over the KV
 cache (decode): fp32 math, one rounding, one pass instead of 5-9 torch ops or SDPA's ~300 µs a decode call.
-They are written once (``fused.h``) and compiled for both ISAs.
+They are written once (``fused.h``) and compiled for both ISAs. :func:`rope_and_cache` (plain C++) splits the
+fused q/k/v projection, rotates q and k and writes the KV cache with the very roundings of the torch ops.
 
 Memory: the packed copy *replaces* the original weight. A :class:`PackedLinear` keeps no reference to the
 tensor it was built from (drop yours and its memory is freed); the only extra storage is row padding to a
@@ -24,12 +26,12 @@ multiple of 16 and K padding to 2 (bf16/fp16) — prefill reads the same packed 
 gathers its rows from them (:meth:`PackedLinear.rows`), so there is never a second full-size copy. bf16 and
 fp16 weights stay 2 bytes per value (fp16 is *not* rounded to bf16: it is converted exactly with F16C); fp32
 stays fp32. :class:`Int8Linear` stores 1 byte per weight plus one fp32 scale per row or per group;
-:class:`Int4Linear` stores half a byte per weight plus bf16 scale (and min) per group. Only when the extension is unavailable do the layers keep the original (or plainly quantized) tensors
-and use stock torch ops: ``F.linear`` for :class:`PackedLinear`, dequantize + ``F.linear`` for the others.
+:class:`Int4Linear` stores half a byte per weight plus bf16 scale (and min) per group. Only when the
+extension is unavailable do the layers keep the original (or plainly quantized) tensors and use stock torch ops: ``F.linear`` for :class:`PackedLinear`, dequantize + ``F.linear`` for the others.
 
 Numerics: the float kernels accumulate in fp32 (max |error| / max |y| against an fp64 reference with the same
-weights: about 3e-6 at K = 4096). The int8/int4 kernels multiply exactly in integers: on AVX-512 (VNNI) each activation row is turned
-into a 24-bit fixed-point number (three signed byte digits, one scale per row) and dotted with ``vpdpbusd``;
+weights: about 3e-6 at K = 4096). The int8/int4 kernels multiply exactly in integers: on AVX-512 (VNNI) each
+activation row is turned into a 24-bit fixed-point number (three signed byte digits, one scale per row) and dotted with ``vpdpbusd``;
 on AVX2 weights are converted to fp32 in registers. Both agree with ``F.linear(x, layer.dequantize())`` to
 a few 1e-7..1e-6 (same measure).
 
