@@ -27,7 +27,7 @@ from polylm.weights import TensorRef, Weights
 
 try:  # glibc's; elsewhere freed memory is left to the allocator
     _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
-except (OSError, AttributeError):
+except (OSError, AttributeError, TypeError):
     _MALLOC_TRIM = None
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
