@@ -179,8 +179,9 @@ def main() -> None:
     checkpoint_mb = sum(f.stat().st_size for f in path.glob("*.safetensors")) / (1024 * 1024)
     lines = [f"### {args.model}, {args.threads} threads, prompt {args.prompt_tokens}, {args.new_tokens} new tokens",
              "", f"{cpu_description()}; {time.strftime('%Y-%m-%d')}; `python benchmarks/bench_cpu.py --model "
-             f"{args.model} --threads {args.threads} --repeat {args.repeat}`; medians of {args.repeat} interleaved runs; model MB: peak RSS above the RSS after the framework's "
-             f"import, × the checkpoint's {checkpoint_mb:.0f} MB", "",
+             f"{args.model} --threads {args.threads} --repeat {args.repeat}`; medians of {args.repeat} interleaved "
+             f"runs; model MB: peak RSS above the RSS after the framework's import, × the checkpoint's "
+             f"{checkpoint_mb:.0f} MB", "",
              "| engine | import s | load s | TTFT ms | prefill tok/s | decode tok/s | prefill × | decode × | "
              "peak RSS MB | model MB |",
              "|---|---|---|---|---|---|---|---|---|---|"]

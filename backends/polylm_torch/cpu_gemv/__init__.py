@@ -1,43 +1,43 @@
-"""Compiled CPU kernels of the torch backend: matrix-vector products for decode (batch 1 / few rows), a bf16
-GEMM for prefill, and fused elementwise and decode-attention kernels.
+"""Compiled CPU kernels of the torch backend: matrix-vector products for decode (batch 1 / few rows), a bf16 GEMM for
+prefill, and fused elementwise and decode-attention kernels.
 
-Decode at batch 1 is bound by the bytes of weight read per token. These layers repack a linear layer's
-weight once, at load, into blocks of 16 output rows that each form one contiguous stream (layout in
-``_layout.py``), and run a hand-written AVX-512 or AVX2 kernel that keeps several such streams in flight per
-thread on torch's own OpenMP pool. ``x`` with at most ``max_kernel_rows`` rows (default 16) goes through the
-kernel with fp32 accumulation, 4 rows of x per call on each cache-resident set of weight blocks (measured on the
-AVX-512 machine: faster than ``F.linear`` and than the tiled path up to 32 rows). Larger ``x`` (prefill): with
-bf16 ``x`` on a CPU with AVX512-BF16 and a bf16 or quantized weight, a register-tiled GEMM (6 rows of x by 64
-output columns per tile, ``vdpbf16ps``) runs straight on the packed bf16 blocks — int8/int4 blocks are
-dequantized to bf16 one L2-sized panel at a time — at 430-460 GFLOP/s on 2 Zen 4 cores, ~10% above
-``F.linear`` (oneDNN) and at the measured ``vdpbf16ps`` peak of a core; otherwise (fp32/fp16 weights or x, AVX2
-CPUs, where torch's bf16 matmul is emulated) a tiled path unpacks about 2 MB of the weight at a time into a
-transposed fp32 tile and multiplies it with ``at::mm``.
+Decode at batch 1 is bound by the bytes of weight read per token. These layers repack a linear layer's weight once,
+at load, into blocks of 16 output rows that each form one contiguous stream (layout in ``_layout.py``), and run a
+hand-written AVX-512 or AVX2 kernel that keeps several such streams in flight per thread on torch's own OpenMP pool.
+``x`` with at most ``max_kernel_rows`` rows (default 16) goes through the kernel with fp32 accumulation, 4 rows of x
+per call on each cache-resident set of weight blocks (measured on the AVX-512 machine: faster than ``F.linear`` and
+than the tiled path up to 32 rows). Larger ``x`` (prefill): with bf16 ``x`` on a CPU with AVX512-BF16 and a bf16 or
+quantized weight, a register-tiled GEMM (6 rows of x by 64 output columns per tile, ``vdpbf16ps``) runs straight on
+the packed bf16 blocks — int8/int4 blocks are dequantized to bf16 one L2-sized panel at a time — at 430-460 GFLOP/s
+on 2 Zen 4 cores, 10-20% above ``F.linear`` (oneDNN) and at the measured ``vdpbf16ps`` peak of a core; otherwise
+(fp32/fp16 weights or x, AVX2 CPUs, where torch's bf16 matmul is emulated) a tiled path unpacks about 2 MB of the
+weight at a time into a transposed fp32 tile and multiplies it with ``at::mm``.
 
-:func:`gated_activation` fuses a gated MLP's ``act(gate) * up`` (SiLU, tanh-GELU), :func:`add_rms_norm` a
-residual add with the RMSNorm after it, and :func:`attention` the attention of a few query rows over the KV
-cache (decode): fp32 math, one rounding, one pass instead of 5-9 torch ops or SDPA's ~300 µs a decode call.
-They are written once (``fused.h``) and compiled for both ISAs. :func:`rope_and_cache` (plain C++) splits the
-fused q/k/v projection, rotates q and k and writes the KV cache with the very roundings of the torch ops.
+:func:`gated_activation` fuses a gated MLP's ``act(gate) * up`` (SiLU, tanh-GELU), :func:`add_rms_norm` a residual
+add with the RMSNorm after it, and :func:`attention` the attention of a few query rows over the KV cache (decode):
+fp32 math, one rounding, one pass instead of 5-9 torch ops or SDPA's ~300 µs a decode call. They are written once
+(``fused.h``) and compiled for both ISAs. :func:`rope_and_cache` (plain C++) splits the fused q/k/v projection,
+rotates q and k and writes the KV cache with the very roundings of the torch ops.
 
-Memory: the packed copy *replaces* the original weight. A :class:`PackedLinear` keeps no reference to the
-tensor it was built from (drop yours and its memory is freed); the only extra storage is row padding to a
-multiple of 16 and K padding to 2 (bf16/fp16) — prefill reads the same packed bytes, and an embedding lookup
-gathers its rows from them (:meth:`PackedLinear.rows`), so there is never a second full-size copy. bf16 and
-fp16 weights stay 2 bytes per value (fp16 is *not* rounded to bf16: it is converted exactly with F16C); fp32
-stays fp32. :class:`Int8Linear` stores 1 byte per weight plus one fp32 scale per row or per group;
-:class:`Int4Linear` stores half a byte per weight plus bf16 scale (and min) per group. Only when the
-extension is unavailable do the layers keep the original (or plainly quantized) tensors and use stock torch ops: ``F.linear`` for :class:`PackedLinear`, dequantize + ``F.linear`` for the others.
+Memory: the packed copy *replaces* the original weight. A :class:`PackedLinear` keeps no reference to the tensor it
+was built from (drop yours and its memory is freed); the only extra storage is row padding to a multiple of 16 and K
+padding to 2 (bf16/fp16) — prefill reads the same packed bytes, and an embedding lookup gathers its rows from them
+(:meth:`PackedLinear.rows`), so there is never a second full-size copy. bf16 and fp16 weights stay 2 bytes per value
+(fp16 is *not* rounded to bf16: it is converted exactly with F16C); fp32 stays fp32. :class:`Int8Linear` stores 1
+byte per weight plus one fp32 scale per row or per group; :class:`Int4Linear` stores half a byte per weight plus
+bf16 scale (and min) per group. Only when the extension is unavailable do the layers keep the original (or plainly
+quantized) tensors and use stock torch ops: ``F.linear`` for :class:`PackedLinear`, dequantize + ``F.linear`` for
+the others.
 
 Numerics: the float kernels accumulate in fp32 (max |error| / max |y| against an fp64 reference with the same
 weights: about 3e-6 at K = 4096). The int8/int4 kernels multiply exactly in integers: on AVX-512 (VNNI) each
-activation row is turned into a 24-bit fixed-point number (three signed byte digits, one scale per row) and dotted with ``vpdpbusd``;
-on AVX2 weights are converted to fp32 in registers. Both agree with ``F.linear(x, layer.dequantize())`` to
-a few 1e-7..1e-6 (same measure).
+activation row is turned into a 24-bit fixed-point number (three signed byte digits, one scale per row) and dotted
+with ``vpdpbusd``; on AVX2 weights are converted to fp32 in registers. Both agree with ``F.linear(x,
+layer.dequantize())`` to a few 1e-7..1e-6 (same measure).
 
-Environment: ``POLYLM_GEMV_ISA`` = ``auto`` | ``avx512`` | ``avx2`` | ``none`` picks the code path of layers
-built afterwards; ``POLYLM_CACHE_DIR`` moves the build cache; ``POLYLM_GEMV_VERBOSE=1`` shows the compiler.
-The layers are for inference: they do not record autograd history.
+Environment: ``POLYLM_GEMV_ISA`` = ``auto`` | ``avx512`` | ``avx2`` | ``none`` picks the code path of layers built
+afterwards; ``POLYLM_CACHE_DIR`` moves the build cache; ``POLYLM_GEMV_VERBOSE=1`` shows the compiler. The layers are
+for inference: they do not record autograd history.
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ import torch.nn.functional as F
 
 from . import _build, _layout
 
-__all__ = ["available", "add_rms_norm", "attention", "gated_activation", "rope_and_cache", "PackedLinear", "Int8Linear", "Int4Linear"]
+__all__ = ["available", "add_rms_norm", "attention", "gated_activation", "rope_and_cache",
+           "PackedLinear", "Int8Linear", "Int4Linear"]
 
 _QUANT_KIND = {"int8": 0, "int4_sym": 1, "int4_asym": 2}
 _GATED = {"silu": 0, "gelu_tanh": 1}
@@ -87,7 +88,9 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: t
     kernel (fp32 math; for decode, where torch's SDPA costs ~300 µs a call), or None where it does not apply,
     as for :func:`gated_activation`."""
     fused = _fused_kernels(q)
-    if fused is None or keys.dtype != q.dtype or q.shape[-1] > 256 or not (keys.is_contiguous() and values.is_contiguous()):
+    if fused is None or keys.dtype != q.dtype or q.shape[-1] > 256:
+        return None
+    if not (keys.is_contiguous() and values.is_contiguous()):
         return None
     module, isa = fused
     return module.attention(q.contiguous(), keys, values, bias.contiguous(), length, scale, isa)
