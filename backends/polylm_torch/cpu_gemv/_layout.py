@@ -32,6 +32,9 @@ def round_up(value: int, multiple: int) -> int:
 
 
 def _pad(t: torch.Tensor, rows: int, cols: int, value: float = 0.0) -> torch.Tensor:
+    """`t` padded to [rows, cols] with `value`; `t` itself when it has that shape (no copy)."""
+    if (rows, cols) == tuple(t.shape):
+        return t
     return F.pad(t, (0, cols - t.shape[1], 0, rows - t.shape[0]), value=value)
 
 
