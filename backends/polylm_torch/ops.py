@@ -66,7 +66,9 @@ def _lookup(table: torch.Tensor | RowTable, ids: torch.Tensor) -> torch.Tensor:
 
 
 class TorchOps:
-    """Reference implementations in plain torch."""
+    """Reference implementations in plain torch. On CPU tensors the compiled kernels of `cpu_gemv` (fused norm,
+    activation, RoPE + cache write, decode attention) take over where they apply; `POLYLM_GEMV_ISA=none` keeps
+    every op on torch."""
 
     #: a tensor-parallel rank's collectives (`polylm_torch.parallel.Collectives`); None runs unsharded
     collectives = None
@@ -144,7 +146,7 @@ class TorchOps:
         cache [batch, kv_heads, capacity, head_dim] at the step's slots, and return q [batch, heads, new, head_dim]."""
         interleaved = rotary is not None and attn.position.interleaved
         fused = compiled_rope_and_cache(qkv, rotary, keys, values, step.past, attn.num_heads, attn.num_kv_heads,
-                                        attn.head_dim, attn.rotary_dim if rotary is not None else 0, interleaved)
+                                        attn.head_dim, attn.rotary_dim, interleaved)
         if fused is not None:
             return fused
         batch, new, _ = qkv.shape
