@@ -104,11 +104,31 @@ class TensorReader:
         if self.plan is not None:
             tensor = self._read_part(name, ref)
         else:
-            try:
-                tensor = _read_whole(self._handle(ref.file, lambda: open(ref.file, "rb")), ref)
-            except OSError as exc:
-                raise WeightsError(f"{ref.file}: cannot read tensor data ({exc.strerror})") from None
+            tensor = torch.empty(ref.nbytes, dtype=torch.uint8)
+            self._read_into(ref, tensor)
+            tensor = tensor.view(TORCH_DTYPES[ref.dtype]).reshape(ref.shape)
         return tensor.to(device=self.device, dtype=self.dtype)
+
+    def rows(self, names: tuple[str, ...]) -> torch.Tensor:
+        """The row-wise concatenation of tensors `names` (alike but for their first dimension): read straight
+        into one tensor where no conversion is needed, so no second copy is made to join them."""
+        refs = [self.weights[name] for name in names]
+        direct = self.plan is None and torch.device(self.device).type == "cpu" and all(
+            TORCH_DTYPES[ref.dtype] == self.dtype and ref.shape[1:] == refs[0].shape[1:] for ref in refs)
+        if not direct:
+            return torch.cat([self.tensor(name) for name in names])
+        out = torch.empty(sum(ref.shape[0] for ref in refs), *refs[0].shape[1:], dtype=self.dtype)
+        data, start = out.view(-1).view(torch.uint8), 0
+        for ref in refs:
+            self._read_into(ref, data[start:start + ref.nbytes])
+            start += ref.nbytes
+        return out
+
+    def _read_into(self, ref: TensorRef, out: torch.Tensor) -> None:
+        try:
+            _read_whole(self._handle(ref.file, lambda: open(ref.file, "rb")), ref, out)
+        except OSError as exc:
+            raise WeightsError(f"{ref.file}: cannot read tensor data ({exc.strerror})") from None
 
     def optional(self, name: str) -> torch.Tensor | None:
         """The tensor `name`, or None when the model has none or the rank reads none of it."""
@@ -134,14 +154,13 @@ class TensorReader:
         return self._handles[path]
 
 
-def _read_whole(handle, ref: TensorRef) -> torch.Tensor:
-    """One tensor read with plain file reads into memory of its own: unlike a memory map, the file's pages are
-    not counted in this process's resident memory, which keeps the load's peak near the weights' size."""
-    data = torch.empty(ref.nbytes, dtype=torch.uint8)
+def _read_whole(handle, ref: TensorRef, out: torch.Tensor) -> None:
+    """One tensor's bytes read into `out` (uint8, `ref.nbytes` long) with plain file reads: unlike a memory map,
+    the file's pages are not counted in this process's resident memory, which keeps the load's peak near the
+    weights' size."""
     handle.seek(ref.offset)
-    if handle.readinto(data.numpy()) != ref.nbytes:
+    if handle.readinto(out.numpy()) != ref.nbytes:
         raise WeightsError(f"{ref.file}: tensor {ref.key!r} is cut short; the file is truncated")
-    return data.view(TORCH_DTYPES[ref.dtype]).reshape(ref.shape)
 
 
 def build_params(ir: ModelIR, read: TensorReader, prepare: Prepare | None = None) -> ModelParams:
@@ -200,5 +219,5 @@ def _layer(block: Block, read: TensorReader, prefix: str,
 
 def _fused(read: TensorReader, names: tuple[str, ...], row_order: np.ndarray | None = None) -> torch.Tensor:
     """The row-wise concatenation of `names` (see `polylm.lowering`), rows reordered when asked."""
-    fused = read.tensor(names[0]) if len(names) == 1 else torch.cat([read.tensor(name) for name in names])
+    fused = read.tensor(names[0]) if len(names) == 1 else read.rows(names)
     return (fused if row_order is None else fused[torch.from_numpy(row_order)]).contiguous()
