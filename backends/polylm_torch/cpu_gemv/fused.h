@@ -3,7 +3,8 @@
 // includes it inside each ISA's `#pragma GCC target` region and namespace, so each gets its own compilation.
 
 // exp(x) to about 1 ulp: x = n ln2 + r (two-part ln2), a degree-7 Taylor polynomial on |r| <= ln2 / 2, times
-// 2^n. NaN stays NaN; the clamp keeps large inputs finite (the callers only need 1 / (1 + exp) to saturate).
+// 2^n. NaN stays NaN; x is clamped to [-87, 88], which the callers tolerate: a sigmoid's 1 / (1 + exp) still
+// saturates, and a softmax weight below e^-87 becomes 1.6e-38 instead of 0.
 static inline V::F exp_v(V::F x) {
   x = V::max(V::set1(-87.0f), V::min(V::set1(88.0f), x));
   const V::F n = V::round(V::mul(x, V::set1(1.44269504088896341f)));
