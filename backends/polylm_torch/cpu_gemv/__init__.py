@@ -63,9 +63,12 @@ def available() -> tuple[bool, str]:
     return (module is not None and isa is not None), reason
 
 
-def _fused_kernels(x: torch.Tensor) -> tuple[object, int] | None:
-    """(extension, ISA code) when the fused kernels apply to CPU activations `x`, else None (torch ops then)."""
+def _fused_kernels(x: torch.Tensor, *caches: torch.Tensor) -> tuple[object, int] | None:
+    """(extension, ISA code) when the fused kernels apply to CPU activations `x` and the KV caches `caches` (which
+    they read or write in place: contiguous, of x's dtype), else None (torch ops then)."""
     if x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu":
+        return None
+    if any(cache.dtype != x.dtype or not cache.is_contiguous() for cache in caches):
         return None
     module, isa, _ = _build.select_isa()
     return None if module is None or isa is None else (module, _build.ISA_CODES[isa])
@@ -87,10 +90,8 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: t
     keys/values [B, KVH, cap, d] (grouped heads), bias [B, 1|H, T, length]; [B, T, H·d] from the compiled
     kernel (fp32 math; for decode, where torch's SDPA costs ~300 µs a call), or None where it does not apply,
     as for :func:`gated_activation`."""
-    fused = _fused_kernels(q)
-    if fused is None or keys.dtype != q.dtype or q.shape[-1] > 256:
-        return None
-    if not (keys.is_contiguous() and values.is_contiguous()):
+    fused = _fused_kernels(q, keys, values)
+    if fused is None or q.shape[-1] > 256:
         return None
     module, isa = fused
     return module.attention(q.contiguous(), keys, values, bias.contiguous(), length, scale, isa)
@@ -102,9 +103,10 @@ def rope_and_cache(qkv: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] 
     """The torch path's ``TorchOps.rope_and_cache`` in one compiled pass (same roundings): q [B, H, T, d], with k
     and v written into the caches at slots ``past..past+T``; None where it does not apply, as for
     :func:`gated_activation`."""
-    if _fused_kernels(qkv) is None or keys.dtype != qkv.dtype or not (keys.is_contiguous() and values.is_contiguous()):
+    fused = _fused_kernels(qkv, keys, values)
+    if fused is None:
         return None
-    module, _ = _build.load()
+    module, _ = fused
     cos, sin = rotary if rotary is not None else (None, None)
     return module.rope_and_cache(qkv.contiguous(), cos, sin, keys, values, past, heads, kv_heads, head_dim,
                                  rotary_dim if rotary is not None else 0, interleaved)
