@@ -198,8 +198,12 @@ def test_cli_starts_its_ranks_and_prints_what_one_process_prints(make_ckpt):
 
 
 def test_killed_rank_ends_the_job_with_a_clear_error(make_ckpt):
-    process = subprocess.Popen(_cli(make_ckpt, "--max-new-tokens", "100000", "--tp", "2"), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=_env())
+    assert_killed_rank_is_named(_cli(make_ckpt, "--max-new-tokens", "100000", "--tp", "2"))
+
+
+def assert_killed_rank_is_named(command: list[str]) -> None:
+    """Kill rank 1 of a two-rank `polylm run` while rank 0 generates: the job must end with exit 2 and name it."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     try:
         process.stdout.read(1)  # rank 0 is generating
         children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()

@@ -6,17 +6,15 @@ One two-rank job loads every checkpoint in turn; its ranks get the environment `
 gives them (MLX_RANK, MLX_HOSTFILE)."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 import polylm
 from polylm.parallel import free_port
-from test_tensor_parallel import CASES, _case_dir, _env, assert_matches_one_process, run_two_ranks
+from test_tensor_parallel import (CASES, _case_dir, _env, assert_killed_rank_is_named, assert_matches_one_process,
+                                  run_two_ranks)
 
 
 # Run by both ranks: load each checkpoint sharded; rank 0 records what the tests compare, rank 1 only follows.
@@ -88,14 +86,4 @@ def test_cli_mlx_tp_prints_what_one_process_prints(make_ckpt):
 def test_killed_mlx_rank_ends_the_job_with_a_clear_error(make_ckpt):
     command = [sys.executable, "-m", "polylm", "run", "--backend", "mlx", "--tp", "2", "--model",
                str(make_ckpt("gemma")), "--max-new-tokens", "100000", "hello"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-    try:
-        process.stdout.read(1)  # rank 0 is generating
-        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
-        assert len(children) == 1
-        os.kill(int(children[0]), signal.SIGKILL)
-        _, err = process.communicate(timeout=30)
-    finally:
-        process.kill()
-    assert process.returncode == 2
-    assert f"rank 1 of 2 (pid {children[0]}) was killed by signal 9" in err
+    assert_killed_rank_is_named(command)
