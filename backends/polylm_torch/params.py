@@ -112,6 +112,8 @@ class TensorReader:
     def rows(self, names: tuple[str, ...]) -> torch.Tensor:
         """The row-wise concatenation of tensors `names` (alike but for their first dimension): read straight
         into one tensor where no conversion is needed, so no second copy is made to join them."""
+        if len(names) == 1:
+            return self.tensor(names[0])
         refs = [self.weights[name] for name in names]
         direct = self.plan is None and torch.device(self.device).type == "cpu" and all(
             TORCH_DTYPES[ref.dtype] == self.dtype and ref.shape[1:] == refs[0].shape[1:] for ref in refs)
@@ -219,5 +221,5 @@ def _layer(block: Block, read: TensorReader, prefix: str,
 
 def _fused(read: TensorReader, names: tuple[str, ...], row_order: np.ndarray | None = None) -> torch.Tensor:
     """The row-wise concatenation of `names` (see `polylm.lowering`), rows reordered when asked."""
-    fused = read.tensor(names[0]) if len(names) == 1 else read.rows(names)
+    fused = read.rows(names)
     return (fused if row_order is None else fused[torch.from_numpy(row_order)]).contiguous()
