@@ -90,7 +90,7 @@ from pathlib import Path
 from bench_mlx import mlx_lm_engine""", load="""
 mx.set_default_device(mx.cpu)
 engine = mlx_lm_engine(Path(path), "bfloat16")
-vocab = 32000
+vocab = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
 def generate(ids, count):
     return engine(ids, count)""")
 LLAMA_CPP_RUN = PEER_PRELUDE.format(imports="from llama_cpp import Llama", load="""
