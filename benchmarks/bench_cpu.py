@@ -30,7 +30,7 @@ TRANSFORMERS_RUN = """
 import json, sys, time
 start = time.perf_counter()
 import numpy as np, torch, transformers
-from polylm.bench import current_rss_mb, peak_rss_mb
+from polylm.cli.bench import current_rss_mb, peak_rss_mb
 import_s = time.perf_counter() - start
 path, prompt_tokens, new_tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 before = current_rss_mb()
@@ -60,7 +60,7 @@ PEER_PRELUDE = """
 import json, sys, time
 start = time.perf_counter()
 import numpy as np
-from polylm.bench import current_rss_mb, peak_rss_mb
+from polylm.cli.bench import current_rss_mb, peak_rss_mb
 {imports}
 import_s = time.perf_counter() - start
 path, prompt_tokens, new_tokens, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])

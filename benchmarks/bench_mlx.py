@@ -2,7 +2,7 @@
 
 Builds a Helium (or Gemma) checkpoint with random weights through transformers in a temporary directory, then
 runs one greedy generation per engine with the same prompt and token counts and prints tok/s side by side.
-polylm decodes through its backend-independent generation loop (`polylm.generation.decode_batch`), which
+polylm decodes through its backend-independent generation loop (`polylm.generate.scheduler.decode_batch`), which
 reads each step's logits on the host; mlx-lm through its own `generate_step`. mlx-lm is skipped when it does
 not import. Runs alternate between the engines and the best of `--repeats` is shown; on a busy shared
 machine `--clock cpu` (this process's CPU time) gives steadier ratios than wall-clock time.
@@ -57,7 +57,8 @@ def timed(tokens: Iterator[int], count: int, clock: Callable[[], float]) -> tupl
 
 def polylm_engine(directory: Path, dtype: str) -> Callable[[list[int], int], Iterator[int]]:
     import polylm
-    from polylm.generation import Sampling, decode_batch
+    from polylm.generate.sampling import Sampling
+    from polylm.generate.scheduler import decode_batch
 
     model = polylm.load(directory, backend="mlx", dtype=dtype)
 

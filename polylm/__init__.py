@@ -16,14 +16,14 @@ except PackageNotFoundError:  # running from a source tree without installing
 
 def backends() -> list[dict]:
     """Installed backends in auto-selection order, each with whether it runs here and why (not)."""
-    from .registry import registry
+    from .loading.registry import registry
 
     return [b.describe() for b in registry().ranked_backends()]
 
 
 def families() -> list[dict]:
     """Installed families: model types, tasks, and the distribution that registered each."""
-    from .registry import registry
+    from .loading.registry import registry
 
     return [{"model_type": t, "family": f.name, "tasks": f.tasks, "distribution": info.distribution,
              "version": info.version} for t, (f, info) in sorted(registry().families.items())]

@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .checkpoint.weights import Weights
 from .errors import BackendError
 from .ir import ModelIR
-from .weights import Weights
 
 if TYPE_CHECKING:
-    from .parallel import Shard, ShardPlan, ShardRuntime
+    from .backend import ShardRuntime
+    from .parallel.plan import Shard, ShardPlan
 
 API_VERSION = 1
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
@@ -72,6 +73,24 @@ class Runtime(ABC):
 
         With a cache, the new keys/values are appended at slot `cache.length` and `length` advances.
         """
+
+
+class ShardRuntime(Runtime):
+    """A backend's runtime for one rank of a tensor-parallel group (see `Backend.lower_shard`)."""
+
+    plan: ShardPlan
+
+    def broadcast(self, message: Any) -> Any:
+        """Send a picklable `message` from rank 0 to every rank; every rank returns it. Waits as long as it
+        takes (a server idles between requests) but fails at once when a rank's connection closes."""
+        raise NotImplementedError
+
+    def held_bytes(self) -> int:
+        """Bytes of weights this rank holds."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Leave the group's resources (called once the job ends)."""
 
 
 class Backend(ABC):

@@ -9,10 +9,13 @@ import numpy as np
 
 from .backend import Runtime, Step
 from .errors import InputError, TaskError, TokenizerError
-from .generation import Sampling, TextStream
+from .generate import tasks
+from .generate.chat import find_template, render
+from .generate.sampling import Sampling
+from .generate.scheduler import STOP, Scheduler
+from .generate.stream import TextStream
+from .generate.tokenizer import Tokenizer
 from .ir import ModelIR
-from .scheduler import STOP, Scheduler
-from .tokenizer import Tokenizer
 
 
 class Model:
@@ -91,32 +94,24 @@ class Model:
             mask = mask.astype(bool)
         return ids.astype(np.int64), mask
 
-    # -- task pipelines (see polylm.tasks) ------------------------------------------------------------------
+    # -- task pipelines (see polylm.generate.tasks) ------------------------------------------------------------------
 
     def classify(self, texts: str | Sequence[str]) -> list:
         """The best label and its score for each text (sequence-classification checkpoints)."""
-        from .tasks import classify
-
-        return classify(self, texts)
+        return tasks.classify(self, texts)
 
     def tag(self, text: str) -> list:
         """(token text, label, score, start, end) per token of `text` (token-classification checkpoints)."""
-        from .tasks import tag
-
-        return tag(self, text)
+        return tasks.tag(self, text)
 
     def answer(self, question: str, context: str, **options: Any):
         """The best answer span of `context` for `question` (question-answering checkpoints)."""
-        from .tasks import answer
-
-        return answer(self, question, context, **options)
+        return tasks.answer(self, question, context, **options)
 
     # -- chat ------------------------------------------------------------------------------------------------
 
     def chat_prompt(self, messages: Sequence[dict], *, template: str | None = None) -> list[int]:
         """Token ids of `messages` rendered through the checkpoint's chat template (or `template`)."""
-        from .chat import find_template, render
-
         tokenizer = self._need_tokenizer()
         template = template or find_template(self.path, tokenizer.settings)
         if template is None:

@@ -13,7 +13,7 @@ from polylm.backend import Availability, Backend
 from polylm.cli import main
 from polylm.errors import (BackendError, ConfigError, InputError, IRError, TaskError, TokenizerError,
                            WeightsError)
-from polylm.registry import PluginInfo, registry
+from polylm.loading.registry import PluginInfo, registry
 
 # -- mutations of a valid checkpoint ------------------------------------------------------------------------
 

@@ -8,8 +8,8 @@ import torch
 import checkpoints
 import polylm
 from polylm.errors import InputError
-from polylm.generation import Sampler, Sampling, adjust_scores, log_softmax
-from polylm.scheduler import Scheduler
+from polylm.generate.sampling import Sampler, Sampling, adjust_scores, log_softmax
+from polylm.generate.scheduler import Scheduler
 from test_parity import BACKENDS
 
 PROMPTS = [[1, 5, 9, 44, 21], [1, 70], [1, 33, 2, 8, 9, 10, 11, 12]]

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 import polylm
-from polylm.chat import render
+from polylm.generate.chat import render
 from polylm.cli import main
 from polylm.errors import ConfigError, TokenizerError
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 import polylm
-from polylm.generation import Sampling, TextStream, pick_tokens
+from polylm.generate.sampling import Sampler, Sampling
+from polylm.generate.stream import TextStream
 
 
 @pytest.fixture(scope="module")
@@ -69,15 +70,15 @@ def test_top_k_one_is_greedy(model):
 
 def test_top_p_keeps_the_smallest_nucleus():
     logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]]))
-    rng = np.random.default_rng(0)
-    picks = {int(pick_tokens(logits, Sampling(temperature=1.0, top_p=0.7), rng)[0]) for _ in range(200)}
+    sampler = Sampler(Sampling(temperature=1.0, top_p=0.7, seed=0))
+    picks = {sampler.pick(logits[0]).token for _ in range(200)}
     assert picks == {0, 1}
 
 
 def test_top_k_filters():
     logits = np.log(np.array([[0.4, 0.3, 0.2, 0.1]]))
-    rng = np.random.default_rng(0)
-    picks = {int(pick_tokens(logits, Sampling(temperature=1.0, top_k=2), rng)[0]) for _ in range(200)}
+    sampler = Sampler(Sampling(temperature=1.0, top_k=2, seed=0))
+    picks = {sampler.pick(logits[0]).token for _ in range(200)}
     assert picks == {0, 1}
 
 

@@ -6,7 +6,7 @@ import pytest
 from polylm.config import ConfigView, read_rope
 from polylm.errors import ConfigError, IRError
 from polylm.ir import MLP, ALiBi, Attention, Norm, RoPE
-from polylm.positions import alibi_slopes
+from polylm.numerics.positions import alibi_slopes
 
 
 def rope():

@@ -9,7 +9,7 @@ import pytest
 
 import polylm
 from polylm.errors import BackendError, ConfigError
-from polylm.registry import Registry
+from polylm.loading.registry import Registry
 
 
 def install_fake_distribution(root, name, entry_points, modules=None):

@@ -24,8 +24,8 @@ import uvicorn
 
 import polylm
 from polylm.cli import main
-from polylm.generation import log_softmax
-from polylm.server import bind, create_app
+from polylm.generate.sampling import log_softmax
+from polylm.serve.app import bind, create_app
 
 NAME = "tiny-helium"
 KEY = "sekret"

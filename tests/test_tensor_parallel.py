@@ -20,7 +20,8 @@ import checkpoints
 import polylm
 from polylm.errors import ParallelError
 from polylm.ir import ModelIR
-from polylm.parallel import Shard, TensorSlice, free_port, plan_shards
+from polylm.parallel.plan import Shard, TensorSlice, plan_shards
+from polylm.parallel.launch import free_port
 from test_heads import qa_checkpoint
 
 CASES = [(family, "causal-lm") for family in checkpoints.FAMILIES] + [

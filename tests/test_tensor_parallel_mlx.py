@@ -12,7 +12,7 @@ import sys
 import pytest
 
 import polylm
-from polylm.parallel import free_port
+from polylm.parallel.launch import free_port
 from test_tensor_parallel import (CASES, _case_dir, _env, assert_killed_rank_is_named, assert_matches_one_process,
                                   run_two_ranks)
 

@@ -38,7 +38,7 @@ def linear(x: mx.array, weight: Matrix, bias: mx.array | None = None) -> mx.arra
 
 def rotary(positions: mx.array, inv_freq: mx.array, factor: float, dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
     """cos and sin [batch, 1, new, rotary_dim / 2] in `dtype` for query `positions` [batch, new];
-    `inv_freq` is [batch or 1, rotary_dim / 2] (see `polylm.positions.rope_frequencies_per_row`)."""
+    `inv_freq` is [batch or 1, rotary_dim / 2] (see `polylm.numerics.positions.rope_frequencies_per_row`)."""
     angles = positions.astype(mx.float32)[..., None] * inv_freq[:, None, :]
     cos, sin = mx.cos(angles), mx.sin(angles)
     if factor != 1.0:

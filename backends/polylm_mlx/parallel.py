@@ -25,8 +25,10 @@ import numpy as np
 
 from polylm.errors import ParallelError, WeightsError
 from polylm.ir import ModelIR
-from polylm.parallel import Shard, ShardPlan, ShardRuntime, rank_env, watch_parent
-from polylm.weights import Weights
+from polylm.parallel.plan import Shard, ShardPlan
+from polylm.backend import ShardRuntime
+from polylm.parallel.launch import rank_env, watch_parent
+from polylm.checkpoint.weights import Weights
 
 from .params import _arrays
 from .runtime import MLXRuntime
@@ -120,7 +122,7 @@ def read_slices(weights: Weights, dtype: mx.Dtype, plan: ShardPlan) -> dict[str,
 def _header(path: Path) -> tuple[dict[str, Any], int]:
     with open(path, "rb") as fh:
         (length,) = struct.unpack("<Q", fh.read(8))
-        return json.loads(fh.read(length)), 8 + length  # validated by `polylm.weights.read_header` already
+        return json.loads(fh.read(length)), 8 + length  # validated by `polylm.checkpoint.weights.read_header` already
 
 
 # ---------------------------------------------------------------------------------------------- the runtime

@@ -1,6 +1,6 @@
 """Reading canonical tensors from safetensors straight into MLX arrays, in the layout the runtime computes with.
 
-Each layer gets one [q; k; v] and one [gate; up] matrix (see `polylm.lowering`); norm weights carry their
+Each layer gets one [q; k; v] and one [gate; up] matrix (see `polylm.numerics.layouts`); norm weights carry their
 offset already. `mx.load` reads safetensors itself, so bf16 weights never pass through numpy or torch. With
 `ir.quantization` the projection matrices and an untied head become `QuantizedMatrix` records (see `quantize`);
 embeddings, norms and biases keep the compute dtype, and a tied head stays the (unquantized) embedding.
@@ -19,8 +19,8 @@ import mlx.core as mx
 
 from polylm.errors import WeightsError
 from polylm.ir import Block, ModelIR, Norm, Quantization
-from polylm.lowering import qkv_parts, qkv_row_order, up_parts
-from polylm.weights import Weights
+from polylm.numerics.layouts import qkv_parts, qkv_row_order, up_parts
+from polylm.checkpoint.weights import Weights
 
 from .quantize import QuantizedMatrix, quantize
 

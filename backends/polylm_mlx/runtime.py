@@ -15,10 +15,10 @@ import numpy as np
 from polylm.backend import Cache, Runtime, Step
 from polylm.errors import InputError
 from polylm.ir import ModelIR, RoPE
-from polylm.lowering import attention_bias
-from polylm.parallel import ShardPlan
-from polylm.positions import rope_frequencies_per_row
-from polylm.weights import Weights
+from polylm.numerics.masks import attention_bias
+from polylm.parallel.plan import ShardPlan
+from polylm.numerics.positions import rope_frequencies_per_row
+from polylm.checkpoint.weights import Weights
 
 from . import ops
 from .params import MX_DTYPES, LayerParams, build_params, read_tensors

@@ -6,8 +6,9 @@ from polylm.backend import Availability, Backend, Runtime
 from polylm.errors import BackendError
 from polylm.hookspecs import hookimpl
 from polylm.ir import ModelIR
-from polylm.parallel import Shard, ShardPlan, ShardRuntime
-from polylm.weights import Weights
+from polylm.parallel.plan import Shard, ShardPlan
+from polylm.backend import ShardRuntime
+from polylm.checkpoint.weights import Weights
 
 
 class TorchBackend(Backend):

@@ -14,8 +14,10 @@ import torch.distributed as dist
 
 from polylm.errors import ParallelError
 from polylm.ir import ModelIR
-from polylm.parallel import Shard, ShardPlan, ShardRuntime, rank_env, watch_parent
-from polylm.weights import Weights
+from polylm.parallel.plan import Shard, ShardPlan
+from polylm.backend import ShardRuntime
+from polylm.parallel.launch import rank_env, watch_parent
+from polylm.checkpoint.weights import Weights
 
 from .ops import TorchOps
 from .params import Prepare

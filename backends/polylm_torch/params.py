@@ -2,7 +2,7 @@
 at a time, each matrix handed to the backend's `Prepare` (packing, quantization) as soon as it is built.
 
 The q/k/v projections become one [q; k; v] matrix (BLOOM's per-head interleaving undone) and a gated MLP's
-gate and up one [gate; up] matrix, so each is a single matmul — the recipes of `polylm.lowering`, shared with
+gate and up one [gate; up] matrix, so each is a single matmul — the recipes of `polylm.numerics.layouts`, shared with
 the other backends. Norm weights carry their offset already.
 """
 
@@ -20,10 +20,10 @@ from safetensors import safe_open
 
 from polylm.errors import WeightsError
 from polylm.ir import Block, ModelIR, Norm, Quantization
-from polylm.lowering import qkv_parts, qkv_row_order, up_parts
-from polylm.parallel import ShardPlan
+from polylm.numerics.layouts import qkv_parts, qkv_row_order, up_parts
+from polylm.parallel.plan import ShardPlan
 from polylm.progress import progress
-from polylm.weights import TensorRef, Weights
+from polylm.checkpoint.weights import TensorRef, Weights
 
 try:  # glibc's; elsewhere freed memory is left to the allocator
     _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
@@ -220,6 +220,6 @@ def _layer(block: Block, read: TensorReader, prefix: str,
 
 
 def _fused(read: TensorReader, names: tuple[str, ...], row_order: np.ndarray | None = None) -> torch.Tensor:
-    """The row-wise concatenation of `names` (see `polylm.lowering`), rows reordered when asked."""
+    """The row-wise concatenation of `names` (see `polylm.numerics.layouts`), rows reordered when asked."""
     fused = read.rows(names)
     return (fused if row_order is None else fused[torch.from_numpy(row_order)]).contiguous()

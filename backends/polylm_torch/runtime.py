@@ -10,9 +10,9 @@ import torch
 from polylm.backend import Cache, Runtime, Step
 from polylm.errors import InputError
 from polylm.ir import ALiBi, ModelIR
-from polylm.parallel import ShardPlan
-from polylm.positions import alibi_slopes, rope_frequencies_per_row
-from polylm.weights import Weights
+from polylm.parallel.plan import ShardPlan
+from polylm.numerics.positions import alibi_slopes, rope_frequencies_per_row
+from polylm.checkpoint.weights import Weights
 
 from .ops import StepTensors, TorchOps
 from .params import TORCH_DTYPES, LayerParams, Prepare, TensorReader, build_params

@@ -14,7 +14,7 @@ import torch
 
 from polylm.backend import Step
 from polylm.errors import BackendError, InputError
-from polylm.positions import rope_frequencies_per_row
+from polylm.numerics.positions import rope_frequencies_per_row
 from polylm_torch.ops import StepTensors
 from polylm_torch.runtime import TorchCache, TorchRuntime
 

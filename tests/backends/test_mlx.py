@@ -18,7 +18,7 @@ import polylm_mlx.runtime
 from parity import SEQUENCES, hf_greedy, max_diff_padded, padded
 from polylm.errors import BackendError
 from polylm.ir import MLP, Norm
-from polylm.registry import Registry
+from polylm.loading.registry import Registry
 from polylm_mlx import ops
 from polylm_mlx.params import NormParams
 from polylm_torch.ops import TorchOps

@@ -15,7 +15,7 @@ import polylm
 from parity import SEQUENCES, padded
 from polylm.backend import Step
 from polylm.errors import BackendError
-from polylm.registry import Registry
+from polylm.loading.registry import Registry
 from polylm_triton import TritonBackend, interpreting
 from polylm_triton.graph import DecodeGraph
 

@@ -15,7 +15,7 @@ import torch
 
 from polylm.backend import Step
 from polylm.ir import ALiBi, Attention, MLP, Norm, RoPE
-from polylm.positions import alibi_slopes, rope_frequencies_per_row
+from polylm.numerics.positions import alibi_slopes, rope_frequencies_per_row
 from polylm_torch.ops import StepTensors, TorchOps
 from polylm_torch.params import NormParams
 from polylm_triton import interpreting

@@ -5,15 +5,15 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from .backend import DTYPES
-from .config import ConfigView
-from .hub import resolve_model
-from .errors import BackendError, TaskError, WeightsError
-from .ir import QUANTIZATIONS, TASKS, ModelIR
-from .model import Model
+from ..backend import DTYPES
+from ..checkpoint.hub import resolve_model
+from ..checkpoint.weights import Checkpoint, resolve
+from ..config import ConfigView
+from ..errors import BackendError, TaskError, WeightsError
+from ..generate.tokenizer import Tokenizer
+from ..ir import QUANTIZATIONS, TASKS, ModelIR
+from ..model import Model
 from .registry import registry
-from .tokenizer import Tokenizer
-from .weights import Checkpoint, resolve
 
 _ARCHITECTURE_SUFFIXES = {
     "ForCausalLM": "causal-lm",
@@ -56,7 +56,7 @@ def load(path: str | Path, *, backend: str = "auto", task: str | None = None, dt
         ir = replace(ir, quantization=QUANTIZATIONS[quantize])
     plan = None
     if tensor_parallel is not None:  # checked before any tensor is read, and before joining the group
-        from .parallel import Shard, plan_shards, timeout_s
+        from ..parallel.plan import Shard, plan_shards, timeout_s
 
         plan_shards(ir, Shard(0, tensor_parallel))
         plan = plan_shards(ir, chosen.join_group(tensor_parallel, timeout_s()))
@@ -72,7 +72,7 @@ def load(path: str | Path, *, backend: str = "auto", task: str | None = None, dt
     if plan is None:
         runtime = chosen.lower(ir, weights, dtype)
     else:
-        from .parallel import wrap
+        from ..parallel.driver import wrap
 
         runtime = wrap(chosen.lower_shard(ir, weights, dtype, plan))
     has_tokenizer = (directory / "tokenizer.json").exists() and (plan is None or plan.shard.rank == 0)

@@ -1,14 +1,11 @@
-"""Framework-free recipes a backend follows when lowering the IR: which canonical tensors it fuses, and the
-additive attention bias it derives from a `Step`'s positions and mask.
-
-Written once in numpy so backends agree on them by construction; a backend only converts the results.
-"""
+"""The attention visibility rule as data: the additive bias a backend adds to a step's attention logits,
+derived from the step's positions and mask (causal, padding, ALiBi). Written once in numpy so backends agree."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from .ir import ALiBi, Attention, MLP
+from ..ir import ALiBi, Attention
 from .positions import alibi_slopes
 
 #: The most negative finite value of each compute dtype: the bias of a key a query must not see. Finite, so
@@ -18,31 +15,6 @@ LOWEST: dict[str, float] = {
     "bfloat16": -3.3895313892515355e38,
     "float16": float(np.finfo(np.float16).min),
 }
-
-
-def qkv_parts(attention: Attention, layer: str, param: str) -> tuple[str, ...]:
-    """Canonical tensors whose row-wise concatenation (then `qkv_row_order`) is the layer's [q; k; v] `param`
-    ("weight" or "bias"); `layer` is the canonical prefix, e.g. "layers.3"."""
-    if attention.qkv_layout == "separate":
-        return tuple(f"{layer}.attn.{name}.{param}" for name in "qkv")
-    return (f"{layer}.attn.qkv.{param}",)
-
-
-def qkv_row_order(attention: Attention) -> np.ndarray | None:
-    """Row permutation taking the concatenated `qkv_parts` to [q; k; v] rows, or None when already in order.
-
-    BLOOM's fused tensor holds rows [heads, 3, head_dim]; the runtime wants [3, heads, head_dim].
-    """
-    if attention.qkv_layout == "separate":
-        return None
-    heads, head_dim = attention.num_heads, attention.head_dim
-    return np.arange(3 * heads * head_dim).reshape(heads, 3, head_dim).transpose(1, 0, 2).reshape(-1)
-
-
-def up_parts(mlp: MLP, layer: str, param: str) -> tuple[str, ...]:
-    """Canonical tensors whose row-wise concatenation is the layer's [gate; up] (gated) or up `param`."""
-    names = ("gate", "up") if mlp.gated else ("up",)
-    return tuple(f"{layer}.mlp.{name}.{param}" for name in names)
 
 
 def attention_bias(attention: Attention, positions: np.ndarray, mask: np.ndarray, past: int, dtype: str,

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import ConfigView, read_json
-from .errors import InputError, TokenizerError
+from ..config import ConfigView, read_json
+from ..errors import InputError, TokenizerError
 
 
 class Tokenizer:
@@ -65,6 +65,3 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._fast.decode(list(ids), skip_special_tokens=skip_special_tokens)
-
-    def token_text(self, token_id: int) -> str:
-        return self._fast.id_to_token(token_id) or ""

@@ -22,13 +22,13 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
-from .backend import Cache, Runtime, Step
-from .errors import InputError
-from .generation import Sampler, Sampling, TokenChoice
+from ..backend import Cache, Runtime, Step
+from ..errors import InputError
+from .sampling import Sampler, Sampling, TokenChoice
 
 STOP, LENGTH, CANCELLED = "stop", "length", "cancelled"
 #: Steps over which demand (running and waiting requests) is remembered when sizing a fresh cache's batch.
@@ -373,3 +373,18 @@ def _common_prefix(history: list[int], prompt: list[int], limit: int) -> int:
         return 0
     differ = np.flatnonzero(np.asarray(history[:count]) != np.asarray(prompt[:count]))
     return int(differ[0]) if differ.size else count
+
+
+def decode_batch(runtime: Runtime, prompts: Sequence[Sequence[int]], sampling: Sampling,
+                 eos_ids: Sequence[int], capacity: int) -> Iterator[list[int | None]]:
+    """Generate for a batch of prompts together (left-padded, each row seeded with `sampling.seed`); yields, per
+    step, each row's new token or None once that row has finished (eos, or `capacity` positions used).
+
+    `capacity` is the longest sequence (prompt and new tokens) a row may grow to.
+    """
+    scheduler = Scheduler(runtime, max_batch=len(prompts), context_length=capacity, eos_ids=eos_ids)
+    requests = [scheduler.submit(prompt, sampling) for prompt in prompts]
+    while scheduler.busy:
+        made = {out.request.id: out.choice.token for out in scheduler.step() if out.choice is not None}
+        if made:
+            yield [made.get(request.id) for request in requests]

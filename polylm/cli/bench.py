@@ -10,9 +10,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .generation import Sampling, decode_batch
-from .loading import load
-from .registry import registry
+from ..generate.sampling import Sampling
+from ..generate.scheduler import decode_batch
+from ..loading import load
+from ..loading.registry import registry
 
 
 @dataclass(frozen=True)

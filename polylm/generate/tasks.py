@@ -7,14 +7,32 @@ with no aggregation, question-answering with `max_answer_len` 15 and overlapping
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from pathlib import Path
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from .errors import InputError, TaskError
+from ..errors import InputError, TaskError
+from ..ir import ModelIR
+from .tokenizer import Tokenizer
 
-if TYPE_CHECKING:
-    from .model import Model
+
+class Model(Protocol):
+    """What the pipelines use of a `polylm.model.Model` (which calls them)."""
+
+    ir: ModelIR
+    path: Path
+
+    @property
+    def task(self) -> str: ...
+
+    def forward(self, input_ids: Any, attention_mask: Any = None) -> Any: ...
+
+    def _encode_prompt(self, prompt: Any) -> list[int]: ...
+
+    def _check_batch(self, input_ids: Any, attention_mask: Any) -> Any: ...
+
+    def _need_tokenizer(self) -> Tokenizer: ...
 
 
 @dataclass(frozen=True)
@@ -45,7 +63,7 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def _require_task(model: "Model", task: str, call: str) -> None:
+def _require_task(model: Model, task: str, call: str) -> None:
     if model.task != task:
         raise TaskError(f"{model.path} holds a {model.task} model; {call} needs a {task} checkpoint")
 
@@ -59,7 +77,7 @@ def _left_padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray
     return ids, mask
 
 
-def classify(model: "Model", texts: str | Sequence[str]) -> list[Label]:
+def classify(model: Model, texts: str | Sequence[str]) -> list[Label]:
     """The best label and its score for each text (sigmoid for a single-output head, softmax otherwise)."""
     _require_task(model, "sequence-classification", "classify")
     texts = [texts] if isinstance(texts, str) else list(texts)
@@ -75,7 +93,7 @@ def classify(model: "Model", texts: str | Sequence[str]) -> list[Label]:
     return [Label(labels[int(p.argmax())], float(p.max())) for p in probs]
 
 
-def tag(model: "Model", text: str) -> list[TaggedToken]:
+def tag(model: Model, text: str) -> list[TaggedToken]:
     """A label per token of `text`, with the token's characters in `text` (special tokens left out)."""
     _require_task(model, "token-classification", "tag")
     if not isinstance(text, str) or not text:
@@ -93,7 +111,7 @@ def tag(model: "Model", text: str) -> list[TaggedToken]:
     return tokens
 
 
-def answer(model: "Model", question: str, context: str, *, max_answer_len: int = 15,
+def answer(model: Model, question: str, context: str, *, max_answer_len: int = 15,
            window: int | None = None, stride: int = 64) -> Answer:
     """The best answer span of `context` for `question`.
 

@@ -18,12 +18,12 @@ from typing import Iterable
 
 import pluggy
 
-from . import backend as backend_api
-from . import family as family_api
-from . import hookspecs
-from .backend import Backend
-from .errors import BackendError, ConfigError, PluginError
-from .family import Family
+from .. import backend as backend_api
+from .. import family as family_api
+from .. import hookspecs
+from ..backend import Backend
+from ..errors import BackendError, ConfigError, PluginError
+from ..family import Family
 
 GROUP = "polylm"
 BUILTIN_DISTRIBUTION = "polylm"

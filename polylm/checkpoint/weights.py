@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
-from .config import read_json
-from .errors import TaskError, WeightsError
-from .progress import progress
+from ..config import read_json
+from ..errors import TaskError, WeightsError
+from ..progress import progress
 
 #: safetensors dtype → (polylm dtype name, bytes per element). Only float weights are model weights.
 FLOAT_DTYPES = {"F32": ("float32", 4), "BF16": ("bfloat16", 2), "F16": ("float16", 2)}

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from .ir import ALiBi, Attention, RoPE
+from ..ir import ALiBi, Attention, RoPE
 
 
 def rope_frequencies(attention: Attention, seq_len: int) -> tuple[np.ndarray, float]:

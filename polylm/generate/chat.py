@@ -8,8 +8,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import read_json
-from .errors import InputError, TokenizerError
+from ..config import read_json
+from ..errors import InputError, TokenizerError
 
 _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 

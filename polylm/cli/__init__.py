@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .errors import InputError, PolylmError
+from ..errors import InputError, PolylmError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -28,7 +28,7 @@ def _formatter(prog: str) -> argparse.HelpFormatter:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
 
     parser = _Parser(prog="polylm", description="Run decoder language models on MLX, Triton or torch.",
                      formatter_class=_formatter)
@@ -222,7 +222,7 @@ def _serve(args: argparse.Namespace) -> None:
             raise InputError(f"--{name.replace('_', '-')} must be ≥ {low}{' and ≤ 65535' if name == 'port' else ''}, "
                              f"got {getattr(args, name)}")
     try:
-        from .server import bind, serve
+        from ..serve.app import bind, serve
     except ImportError as exc:
         raise InputError(f"polylm serve needs starlette and uvicorn ({exc.name} is missing): "
                          "pip install 'polylm[serve]'") from None
@@ -233,7 +233,7 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _plugins(args: argparse.Namespace) -> None:
-    from .registry import registry
+    from ..loading.registry import registry
 
     plugins = registry()
     print("families:")
@@ -251,14 +251,14 @@ def _plugins(args: argparse.Namespace) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from .loading import load
+    from ..loading import load
 
     if args.model is None:  # only `run` lets --model be left out
-        from .demo import DEMO_MODEL
+        from ..demo import DEMO_MODEL
 
         args.model = str(DEMO_MODEL)
     if args.tp != 1:
-        from .parallel import load_ranked
+        from ..parallel.launch import load_ranked
 
         return load_ranked(args.model, args.tp, args.argv, backend=args.backend, dtype=args.dtype)
     return load(args.model, backend=args.backend, dtype=args.dtype)
@@ -294,14 +294,14 @@ def _answer(args: argparse.Namespace) -> None:
 
 
 def _families(args: argparse.Namespace) -> None:
-    from . import families
+    from .. import families
 
     for row in families():
         print(f"{row['model_type']:<12} {row['distribution']} {row['version']}  tasks: {', '.join(row['tasks'])}")
 
 
 def _backends(args: argparse.Namespace) -> None:
-    from . import backends
+    from .. import backends
 
     for rank, row in enumerate(backends(), 1):
         state = "available" if row["available"] else "unavailable"

@@ -1,18 +1,15 @@
-"""Backend-independent generation: sampling settings, how one sequence picks its tokens, text streaming.
-
-Batching lives in `polylm.scheduler`; `decode_batch` here is the simple fixed-batch view of it.
-"""
+"""How one sequence picks its tokens: sampling settings with transformers' meaning, and a per-sequence sampler
+with its own random generator and log-probabilities."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from .backend import Runtime
-from .errors import InputError
+from ..errors import InputError
 
 #: The most top alternatives a token's logprobs may list (OpenAI's limit).
 MAX_TOP_LOGPROBS = 20
@@ -165,74 +162,3 @@ class Sampler:
         ids = np.fromiter((t for t in self._seen if 0 <= t < vocab), dtype=np.int64)
         mask[0, ids] = True
         return mask
-
-
-def pick_tokens(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> np.ndarray:
-    """One token id per row of `logits` [batch, vocab], all rows sharing `sampling` and `rng` (no penalty)."""
-    if sampling.greedy:
-        return logits.argmax(axis=-1)
-    probs = _softmax(adjust_scores(logits, sampling))
-    return np.array([rng.choice(probs.shape[-1], p=row) for row in probs])
-
-
-def decode_batch(runtime: Runtime, prompts: Sequence[Sequence[int]], sampling: Sampling,
-                 eos_ids: Sequence[int], capacity: int) -> Iterator[list[int | None]]:
-    """Generate for a batch of prompts together (left-padded, each row seeded with `sampling.seed`); yields, per
-    step, each row's new token or None once that row has finished (eos, or `capacity` positions used).
-
-    `capacity` is the longest sequence (prompt and new tokens) a row may grow to.
-    """
-    from .scheduler import Scheduler
-
-    scheduler = Scheduler(runtime, max_batch=len(prompts), context_length=capacity, eos_ids=eos_ids)
-    requests = [scheduler.submit(prompt, sampling) for prompt in prompts]
-    while scheduler.busy:
-        made = {out.request.id: out.choice.token for out in scheduler.step() if out.choice is not None}
-        if made:
-            yield [made.get(request.id) for request in requests]
-
-
-class TextStream:
-    """Turns token ids into text pieces that never split a UTF-8 character and never show a stop string."""
-
-    def __init__(self, tokenizer, stop: Sequence[str] = ()) -> None:
-        self.tokenizer = tokenizer
-        self.stop = [s for s in stop if s]
-        self.ids: list[int] = []
-        self.emitted = 0
-        self.stopped = False
-
-    def push(self, token_id: int) -> str:
-        """Add a token; return the text that is now final."""
-        self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids)
-        cut = self._stop_at(text)
-        if cut is not None:
-            self.stopped = True
-            return self._emit(text[:cut])
-        complete = text.rstrip("\ufffd")
-        hold = max((_overlap(complete, s) for s in self.stop), default=0)
-        return self._emit(complete[:len(complete) - hold])
-
-    def finish(self) -> str:
-        """The rest of the text once generation ended (an unfinished character is dropped)."""
-        if self.stopped:
-            return ""
-        return self._emit(self.tokenizer.decode(self.ids).rstrip("\ufffd"))
-
-    def _stop_at(self, text: str) -> int | None:
-        hits = [i for i in (text.find(s, max(0, self.emitted - len(s))) for s in self.stop) if i >= 0]
-        return min(hits) if hits else None
-
-    def _emit(self, upto: str) -> str:
-        piece = upto[self.emitted:]
-        self.emitted = max(self.emitted, len(upto))
-        return piece
-
-
-def _overlap(text: str, stop: str) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of `stop`."""
-    for size in range(min(len(stop) - 1, len(text)), 0, -1):
-        if text.endswith(stop[:size]):
-            return size
-    return 0

@@ -1,0 +1,1 @@
+"""Reading a model directory: validated safetensors headers, canonical tensor names, Hub cache lookup."""

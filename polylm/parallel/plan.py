@@ -1,0 +1,160 @@
+"""The tensor-parallel plan, framework-free: which slice of each canonical tensor a rank holds.
+
+The plan is Megatron's, derived from the IR alone (no family code): attention heads are split across ranks
+(q/k/v rows by local head, the output projection by the matching columns; KV heads split, or each rank keeps
+the one KV head its query heads share when there are fewer KV heads than ranks), the MLP's gate/up rows and
+down columns by a range of the intermediate size, the embedding and a vocabulary head by a range of the
+vocabulary (a tied head with it); norms and small task heads are replicated. The two row-parallel outputs
+(attention output, MLP down) are summed over the ranks, so their biases are read on rank 0 only.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from typing import Mapping
+
+from ..errors import ParallelError
+from ..ir import ModelIR
+from ..numerics.layouts import qkv_parts, up_parts
+
+#: Seconds a collective (and the initial connection of all ranks) may wait before the job fails.
+DEFAULT_TIMEOUT_S = 120.0
+
+
+def timeout_s() -> float:
+    """The collective timeout: POLYLM_TP_TIMEOUT seconds, else `DEFAULT_TIMEOUT_S`."""
+    value = os.environ.get("POLYLM_TP_TIMEOUT")
+    try:
+        return float(value) if value else DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise ParallelError(f"POLYLM_TP_TIMEOUT must be a number of seconds, got {value!r}") from None
+
+
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One rank of a tensor-parallel group of `world_size` ranks."""
+
+    rank: int
+    world_size: int
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.world_size, int) and self.world_size >= 1):
+            raise ParallelError(f"tensor-parallel world size must be an integer ≥ 1, got {self.world_size!r}")
+        if not (isinstance(self.rank, int) and 0 <= self.rank < self.world_size):
+            raise ParallelError(f"rank must be in [0, {self.world_size}), got {self.rank!r}")
+
+
+@dataclass(frozen=True)
+class TensorSlice:
+    """Indices [start, stop) of dimension `dim` of a checkpoint tensor."""
+
+    dim: int
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """What one rank holds and computes.
+
+    `slices` maps a canonical tensor name to the part the rank reads, or to None when the rank reads nothing
+    of it (a row-parallel bias off rank 0); a name it does not list is read whole (replicated).
+    `local_ir` is the model the rank computes with: its own heads, intermediate and vocabulary sizes.
+    `head_rows` is the vocabulary range of a vocab-parallel head, None when the head is replicated.
+    """
+
+    shard: Shard
+    ir: ModelIR
+    local_ir: ModelIR
+    heads: range
+    kv_heads: range
+    intermediate: range
+    vocab: range
+    head_rows: range | None
+    slices: Mapping[str, TensorSlice | None]
+
+    def reads(self, name: str) -> bool:
+        return name not in self.slices or self.slices[name] is not None
+
+    def part(self, name: str) -> TensorSlice | None:
+        """The slice of `name` this rank reads; None for the whole tensor."""
+        return self.slices.get(name)
+
+    @property
+    def head_sizes(self) -> tuple[int, ...]:
+        """Every rank's share of a vocab-parallel head's outputs, in rank order."""
+        return tuple(len(r) for r in split(self.ir.head.out_features, self.shard.world_size))
+
+
+
+def split(size: int, parts: int) -> list[range]:
+    """`size` indices in `parts` contiguous ranges whose lengths differ by at most one."""
+    return [range(i * size // parts, (i + 1) * size // parts) for i in range(parts)]
+
+
+def plan_shards(ir: ModelIR, shard: Shard) -> ShardPlan:
+    """The Megatron plan of `ir` for `shard`; raises `ParallelError` naming the numbers when it cannot shard."""
+    world, rank = shard.world_size, shard.rank
+    attn, mlp = ir.attention, ir.block.mlp
+    if attn.num_heads % world:
+        raise ParallelError(f"tensor parallelism over {world} ranks needs the attention heads to split evenly, "
+                            f"but the model has {attn.num_heads} heads ({attn.num_heads} % {world} = "
+                            f"{attn.num_heads % world}); choose a world size that divides {attn.num_heads}")
+    if attn.num_kv_heads % world and world % attn.num_kv_heads:
+        raise ParallelError(f"tensor parallelism over {world} ranks needs the {attn.num_kv_heads} key/value heads "
+                            f"to split evenly or each to be shared by whole ranks; choose a world size that "
+                            f"divides or is a multiple of {attn.num_kv_heads}")
+    for what, size in (("intermediate size", mlp.intermediate_size), ("vocabulary", ir.embedding.vocab_size)):
+        if size < world:
+            raise ParallelError(f"tensor parallelism over {world} ranks: the {what} ({size}) is smaller than the "
+                                f"world size")
+    local_heads = attn.num_heads // world
+    heads = range(rank * local_heads, (rank + 1) * local_heads)
+    if attn.num_kv_heads % world == 0:
+        local_kv = attn.num_kv_heads // world
+        kv_heads = range(rank * local_kv, (rank + 1) * local_kv)
+    else:  # fewer KV heads than ranks: keep the one KV head this rank's query heads read
+        group = attn.num_heads // attn.num_kv_heads
+        kv_heads = range(heads.start // group, heads.start // group + 1)
+    intermediate = split(mlp.intermediate_size, world)[rank]
+    vocab = split(ir.embedding.vocab_size, world)[rank]
+    # A vocabulary head is split like the embedding; a classifier's few outputs are cheaper to replicate.
+    head_sharded = ir.head.tied_to_embedding or ir.head.task == "causal-lm"
+    head_rows = split(ir.head.out_features, world)[rank] if head_sharded else None
+
+    slices: dict[str, TensorSlice | None] = {"embed.weight": TensorSlice(0, vocab.start, vocab.stop)}
+    d = attn.head_dim
+    q_rows, kv_rows = TensorSlice(0, heads.start * d, heads.stop * d), TensorSlice(0, kv_heads.start * d,
+                                                                                 kv_heads.stop * d)
+    for i in range(ir.num_layers):
+        layer = f"layers.{i}"
+        for param in ("weight", "bias") if attn.qkv_bias else ("weight",):
+            parts = qkv_parts(attn, layer, param)
+            if attn.qkv_layout == "separate":
+                slices.update(zip(parts, (q_rows, kv_rows, kv_rows)))
+            else:  # rows [heads, 3, head_dim]: a rank's heads are one contiguous block
+                slices[parts[0]] = TensorSlice(0, heads.start * 3 * d, heads.stop * 3 * d)
+        slices[f"{layer}.attn.o.weight"] = TensorSlice(1, heads.start * d, heads.stop * d)
+        for param in ("weight", "bias") if mlp.bias else ("weight",):
+            for name in up_parts(mlp, layer, param):
+                slices[name] = TensorSlice(0, intermediate.start, intermediate.stop)
+        slices[f"{layer}.mlp.down.weight"] = TensorSlice(1, intermediate.start, intermediate.stop)
+        if rank != 0:  # summed over the ranks: added once
+            slices[f"{layer}.attn.o.bias"] = None
+            slices[f"{layer}.mlp.down.bias"] = None
+    if head_rows is not None:
+        for name in ("head.weight", "head.bias"):
+            slices[name] = TensorSlice(0, head_rows.start, head_rows.stop)
+    shapes = ir.tensor_shapes()
+    slices = {name: part for name, part in slices.items() if name in shapes}
+
+    local_attention = replace(attn, num_heads=len(heads), num_kv_heads=len(kv_heads))
+    local_mlp = replace(mlp, intermediate_size=len(intermediate))
+    local_ir = replace(ir, embedding=replace(ir.embedding, vocab_size=len(vocab)),
+                       block=replace(ir.block, attention=local_attention, mlp=local_mlp),
+                       head=replace(ir.head, out_features=len(head_rows), labels=())
+                       if head_rows is not None else ir.head)
+    return ShardPlan(shard, ir, local_ir, heads, kv_heads, intermediate, vocab, head_rows, slices)
