@@ -1,12 +1,13 @@
-"""What a family plugin supplies: its model types, the config → IR mapping and the tensor-name table."""
+"""What a family plugin supplies: its model types, the config → IR mapping and the tensor-name table; and
+`llama_like`, the mapping of Llama-shaped families, which a family calls with only what differs from Llama."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping
 
-from .config import ConfigView
-from .ir import ModelIR
+from .config import ConfigView, read_activation, read_head, read_heads, read_rope
+from .ir import MLP, Attention, Block, Embedding, ModelIR, Norm
 
 API_VERSION = 1
 
@@ -38,7 +39,8 @@ LLAMA_MODULE_NAMES: Mapping[str, str] = {
 class Family:
     """A model family, as a record of data and one mapping function.
 
-    - `to_ir(config, task)` maps config.json to a `ModelIR` (use `polylm.config.read_rope` / `read_head`).
+    - `to_ir(config, task)` maps config.json to a `ModelIR` (`llama_like` for Llama-shaped families; else
+      the readers of `polylm.config`).
     - `module_names` maps canonical module names (`embed`, `layers.{i}.attn.q`, …; see
       `ModelIR.tensor_shapes`) to the checkpoint's, without the base-model prefix; `.weight` / `.bias` are
       appended to both sides.
@@ -59,3 +61,47 @@ class Family:
     @property
     def tasks(self) -> tuple[str, ...]:
         return tuple(self.head_names)
+
+
+def llama_like(config: ConfigView, task: str, *, family: str,
+               norm: Norm = Norm("rms", 1e-6), eps_keys: tuple[str, ...] = ("rms_norm_eps",),
+               default_theta: float = 10000.0, default_fraction: float = 1.0, interleaved: bool = False,
+               qkv_bias: bool | None = None, out_bias: bool | None = None,
+               activation: str | Callable[[ConfigView], str] = "silu", gated: bool = True,
+               mlp_bias: bool | None = None, tie_default: bool = False, context_default: int = 2048) -> ModelIR:
+    """The IR of a Llama-shaped decoder (pre-norm blocks, separate q/k/v, RoPE, one norm kind throughout).
+
+    Every keyword's default is Llama's, so a family passes only what differs:
+    - `norm`: the norm of every block and the final one; its `eps` is replaced by the first of `eps_keys`
+      present in the config (so `norm.eps` is their default).
+    - `default_theta`, `default_fraction`, `interleaved`: passed to `read_rope`.
+    - `qkv_bias`, `out_bias`: fixed biases; None reads `attention_bias` (default false).
+    - `activation`: the default of `hidden_act` (a transformers name), or a function that reads the IR
+      activation from the config itself; `gated`: whether the MLP is gated.
+    - `mlp_bias`: a fixed MLP bias; None reads `mlp_bias` (default false).
+    - `tie_default`: the default of `tie_word_embeddings` (`read_head`).
+    - `context_default`: the default of `max_position_embeddings` as the context limit (`ModelIR.max_positions`).
+    The keys are read in that order, after `hidden_size`, `vocab_size` and `read_heads`' keys, and before
+    `num_hidden_layers` and the head's; rarer differences are a `dataclasses.replace` of the result.
+    """
+    hidden = config.positive("hidden_size")
+    vocab = config.positive("vocab_size")
+    heads, kv_heads, head_dim = read_heads(config, hidden)
+    norm = replace(norm, eps=config.get(*eps_keys, kind=float, default=norm.eps))
+    if qkv_bias is None or out_bias is None:
+        bias = config.get("attention_bias", kind=bool, default=False)
+        qkv_bias, out_bias = bias if qkv_bias is None else qkv_bias, bias if out_bias is None else out_bias
+    rope = read_rope(config, interleaved=interleaved, default_theta=default_theta, default_fraction=default_fraction)
+    attention = Attention(heads, kv_heads, head_dim, rope, qkv_bias=qkv_bias, out_bias=out_bias)
+    intermediate = config.positive("intermediate_size")
+    if isinstance(activation, str):
+        activation = read_activation(config, "hidden_act", default=activation)
+    else:
+        activation = activation(config)
+    if mlp_bias is None:
+        mlp_bias = config.get("mlp_bias", kind=bool, default=False)
+    mlp = MLP(intermediate, activation, gated=gated, bias=mlp_bias)
+    return ModelIR(family, Embedding(vocab, hidden), Block(norm, attention, norm, mlp),
+                   config.positive("num_hidden_layers"), norm,
+                   read_head(config, task, vocab_size=vocab, tie_default=tie_default),
+                   config.positive("max_position_embeddings", default=context_default))

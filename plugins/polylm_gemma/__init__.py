@@ -1,29 +1,25 @@
 """Google's Gemma: (1 + w) RMSNorm, embeddings × √hidden, tanh-GELU gated MLP, MQA, tied embeddings."""
 
-from polylm.config import ConfigView, read_activation, read_head, read_heads, read_rope
-from polylm.family import LLAMA_MODULE_NAMES, Family
+from dataclasses import replace
+
+from polylm.config import ConfigView, read_activation
+from polylm.family import LLAMA_MODULE_NAMES, Family, llama_like
 from polylm.hookspecs import hookimpl
-from polylm.ir import MLP, Attention, Block, Embedding, ModelIR, Norm
+from polylm.ir import ModelIR, Norm
 
 
 def to_ir(config: ConfigView, task: str) -> ModelIR:
-    hidden = config.positive("hidden_size")
-    vocab = config.positive("vocab_size")
-    heads, kv_heads, head_dim = read_heads(config, hidden)
-    norm = Norm("rms", config.get("rms_norm_eps", kind=float, default=1e-6), weight_offset=1.0)
-    bias = config.get("attention_bias", kind=bool, default=False)
-    attention = Attention(heads, kv_heads, head_dim, read_rope(config), qkv_bias=bias, out_bias=bias)
+    ir = llama_like(config, task, family="gemma", norm=Norm("rms", 1e-6, weight_offset=1.0), activation=_activation,
+                    mlp_bias=False, tie_default=True, context_default=8192)
+    return replace(ir, embedding=replace(ir.embedding, scale=ir.hidden_size ** 0.5))
+
+
+def _activation(config: ConfigView) -> str:
     # Official configs say hidden_act "gelu" but mean the tanh approximation, as transformers reads them;
     # an explicit legacy hidden_activation is taken at its word.
     if config.has("hidden_activation"):
-        activation = read_activation(config, "hidden_activation", default="gelu_pytorch_tanh")
-    else:
-        activation = read_activation(config, "hidden_act", default="gelu_pytorch_tanh", legacy={"gelu": "gelu_tanh"})
-    mlp = MLP(config.positive("intermediate_size"), activation, gated=True)
-    return ModelIR("gemma", Embedding(vocab, hidden, scale=hidden ** 0.5), Block(norm, attention, norm, mlp),
-                   config.positive("num_hidden_layers"), norm,
-                   read_head(config, task, vocab_size=vocab, tie_default=True),
-                   config.positive("max_position_embeddings", default=8192))
+        return read_activation(config, "hidden_activation", default="gelu_pytorch_tanh")
+    return read_activation(config, "hidden_act", default="gelu_pytorch_tanh", legacy={"gelu": "gelu_tanh"})
 
 
 FAMILY = Family("gemma", ("gemma",), to_ir, LLAMA_MODULE_NAMES)

@@ -1,26 +1,15 @@
 """NVIDIA's Nemotron: LayerNorm1P (1 + w, with bias), non-gated ReLU² MLP, RoPE over half of each head."""
 
-from polylm.config import ConfigView, read_activation, read_head, read_heads, read_rope
-from polylm.family import LLAMA_MODULE_NAMES, Family
+from polylm.config import ConfigView
+from polylm.family import LLAMA_MODULE_NAMES, Family, llama_like
 from polylm.hookspecs import hookimpl
-from polylm.ir import MLP, Attention, Block, Embedding, ModelIR, Norm
+from polylm.ir import ModelIR, Norm
 
 
 def to_ir(config: ConfigView, task: str) -> ModelIR:
-    hidden = config.positive("hidden_size")
-    vocab = config.positive("vocab_size")
-    heads, kv_heads, head_dim = read_heads(config, hidden)
-    norm = Norm("layer", config.get("norm_eps", "layer_norm_eps", kind=float, default=1e-5), weight_offset=1.0,
-                bias=True)
-    bias = config.get("attention_bias", kind=bool, default=False)
-    attention = Attention(heads, kv_heads, head_dim, read_rope(config, default_fraction=0.5),
-                          qkv_bias=bias, out_bias=bias)
-    mlp = MLP(config.positive("intermediate_size"), read_activation(config, "hidden_act", default="relu2"),
-              gated=False, bias=config.get("mlp_bias", kind=bool, default=False))
-    return ModelIR("nemotron", Embedding(vocab, hidden), Block(norm, attention, norm, mlp),
-                   config.positive("num_hidden_layers"), norm,
-                   read_head(config, task, vocab_size=vocab, tie_default=False),
-                   config.positive("max_position_embeddings", default=4096))
+    return llama_like(config, task, family="nemotron", norm=Norm("layer", 1e-5, weight_offset=1.0, bias=True),
+                      eps_keys=("norm_eps", "layer_norm_eps"), default_fraction=0.5, activation="relu2",
+                      gated=False, context_default=4096)
 
 
 FAMILY = Family("nemotron", ("nemotron",), to_ir, LLAMA_MODULE_NAMES, base_prefixes=("model.", "transformer."))
