@@ -1,0 +1,1 @@
+"""Framework-free numerics every backend obeys: positions, attention visibility, tensor layouts, quantization."""
