@@ -59,7 +59,7 @@ class QuantizedMatrix:
 def quantize(stored: mx.array, spec: Quantization, where: str) -> QuantizedMatrix:
     """`stored` [out, in] quantized by the core reference and packed for `mx.quantized_matmul`; `where` names it
     in errors."""
-    out_features, in_features = stored.shape
+    in_features = stored.shape[1]
     # the IR's group, as a width over the (padded) input features
     if spec.group_size is None:
         ir_group = -(-in_features // 32) * 32
