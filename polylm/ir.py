@@ -231,8 +231,9 @@ class Head:
 class Quantization:
     """Weight-only quantization of the block and head matrices (embeddings and norms stay as they are).
 
-    Symmetric per-group scales over `group_size` consecutive input features (None: one scale per output row).
-    Activations keep the compute dtype; each backend picks its own storage layout.
+    Symmetric per-group scales over `group_size` consecutive input features (None: one scale per output row),
+    stored in `scale_dtype` whatever the compute dtype; `polylm.numerics.quantization` is the reference every
+    backend stores exactly. Activations keep the compute dtype; each backend picks its own storage layout.
     """
 
     bits: Literal[8, 4]
@@ -243,6 +244,17 @@ class Quantization:
         _require(self.bits == 8 or self.group_size is not None, "int4 quantization needs a group size")
         if self.group_size is not None:
             _positive_int(self.group_size, "quantization group size")
+
+    @property
+    def qmax(self) -> int:
+        """The largest |q|: 127 (int8) or 7 (int4); codes are symmetric, −qmax..qmax."""
+        return 2 ** (self.bits - 1) - 1
+
+    @property
+    def scale_dtype(self) -> Literal["float32", "bfloat16"]:
+        """How scales are stored on every backend: float32 for int8, bfloat16 for int4 (half the bytes where a
+        scale serves only 32 weights of half a byte each; what the torch CPU kernels read)."""
+        return "float32" if self.bits == 8 else "bfloat16"
 
 
 QUANTIZATIONS: dict[str, Quantization] = {"int8": Quantization(8), "int4": Quantization(4, group_size=32)}

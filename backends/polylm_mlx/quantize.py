@@ -1,15 +1,16 @@
 """Weight-only int8/int4 projections for MLX: the IR's symmetric scheme stored in MLX's own affine format.
 
-The IR quantizes symmetrically: per group of input features, scale = max|w| / qmax and q = clamp(round(w /
-scale), −qmax, qmax) (qmax 127 for int8, 7 for int4). MLX's affine format stores unsigned codes u with a scale
-and a bias per group and reads w = scale·u + bias. With u = q + 2^(bits−1) and bias = −2^(bits−1)·scale that is
-exactly scale·q, so `mx.quantized_matmul` computes the symmetric scheme itself; the biases cost one extra scale
-per group.
+The codes q and scales come from the core reference (`polylm.numerics.quantization`); this module only packs
+them. MLX's affine format stores unsigned codes u with a scale and a bias per group and reads w = scale·u + bias.
+With u = q + 2^(bits−1) and bias = −2^(bits−1)·scale that is exactly scale·q, so `mx.quantized_matmul` computes
+the symmetric scheme itself; the biases cost one extra scale per group. Scales (and biases) keep the scheme's
+scale dtype (float32 for int8, bfloat16 for int4) whatever the activations' dtype; the product is cast back to
+the activations' dtype.
 
 MLX groups 32, 64 or 128 input features. IR groups that are multiples of 32 map onto those by repeating each
 group's scale; one scale per output row (int8's default) likewise becomes that scale repeated over every group
-of the row — both exact. Input features are zero-padded to whole groups (a zero changes no max|w| and is
-stored as q = 0); the activations are then padded to match, which real checkpoints never need.
+of the row — both exact. Input features are zero-padded to whole groups (q = 0 there); the activations are then
+padded to match, which real checkpoints never need.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import mlx.core as mx
+import numpy as np
 
 from polylm.errors import BackendError
 from polylm.ir import Quantization
+from polylm.numerics import quantization
 
 #: the group sizes `mx.quantize` supports, largest (fewest scales to read) first
 MLX_GROUP_SIZES = (128, 64, 32)
@@ -30,7 +33,7 @@ class QuantizedMatrix:
     """A [out, in] projection in MLX's affine quantized layout, the operand of `x @ w.T`."""
 
     weight: mx.array  # uint32 [out, padded_in · bits / 32]: codes q + 2^(bits−1), packed from the low bits up
-    scales: mx.array  # [out, padded_in / group_size] in the compute dtype
+    scales: mx.array  # [out, padded_in / group_size] in the scheme's scale dtype
     biases: mx.array  # −2^(bits−1) · scales
     group_size: int  # MLX's group size
     bits: int
@@ -41,8 +44,9 @@ class QuantizedMatrix:
         padding = self.scales.shape[-1] * self.group_size - self.in_features
         if padding:
             x = mx.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, padding)])
-        return mx.quantized_matmul(x, self.weight, self.scales, self.biases, transpose=True,
-                                   group_size=self.group_size, bits=self.bits)
+        y = mx.quantized_matmul(x, self.weight, self.scales, self.biases, transpose=True,
+                                group_size=self.group_size, bits=self.bits)
+        return y.astype(x.dtype)  # float32 scales promote a bfloat16 or float16 product
 
     def dequantize(self) -> mx.array:
         """The [out, in] float32 weight this matrix multiplies with (scale · q)."""
@@ -53,8 +57,9 @@ class QuantizedMatrix:
 
 
 def quantize(stored: mx.array, spec: Quantization, where: str) -> QuantizedMatrix:
-    """The symmetric quantization of `stored` [out, in] (scales in its dtype); `where` names it in errors."""
-    out_features, in_features = stored.shape
+    """`stored` [out, in] quantized by the core reference and packed for `mx.quantized_matmul`; `where` names it
+    in errors."""
+    in_features = stored.shape[1]
     # the IR's group, as a width over the (padded) input features
     if spec.group_size is None:
         ir_group = -(-in_features // 32) * 32
@@ -65,19 +70,12 @@ def quantize(stored: mx.array, spec: Quantization, where: str) -> QuantizedMatri
                            f"features; int{spec.bits} with groups of {spec.group_size} is not a multiple of 32")
     group_size = next(size for size in MLX_GROUP_SIZES if ir_group % size == 0)
     padded = -(-in_features // ir_group) * ir_group
-    w = stored.astype(mx.float32)
-    if padded != in_features:
-        w = mx.pad(w, [(0, 0), (0, padded - in_features)])
-    qmax, offset = 2 ** (spec.bits - 1) - 1, 2 ** (spec.bits - 1)
-    groups = w.reshape(out_features, padded // ir_group, ir_group)
-    # the scale as stored (rounded to the compute dtype) is the one q is computed against
-    scales = (mx.abs(groups).max(axis=-1, keepdims=True) / qmax).astype(stored.dtype)
-    divisor = scales.astype(mx.float32)
-    divisor = mx.where(divisor > 0, divisor, 1.0)  # an all-zero group: q = 0 under any scale
-    q = mx.clip(mx.round(groups / divisor), -qmax, qmax).reshape(out_features, padded)
-    codes = (q + offset).astype(mx.uint32)
-    per_word = 32 // spec.bits
-    shifts = mx.arange(per_word, dtype=mx.uint32) * spec.bits
-    packed = (codes.reshape(out_features, padded // per_word, per_word) << shifts).sum(axis=-1).astype(mx.uint32)
-    scales = mx.repeat(scales[..., 0], ir_group // group_size, axis=1)
+    reference = quantization.quantize(np.asarray(stored.astype(mx.float32)), spec)
+    offset = 2 ** (spec.bits - 1)
+    codes = np.pad(reference.codes, ((0, 0), (0, padded - in_features))).view(np.uint8) + np.uint8(offset)
+    if spec.bits == 4:  # two codes a byte, the even feature in the low nibble
+        codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    packed = mx.array(codes.view(np.uint32))  # little-endian bytes: the first code in the lowest bits
+    scales = mx.array(reference.scales).astype(getattr(mx, spec.scale_dtype))
+    scales = mx.repeat(scales, ir_group // group_size, axis=1)
     return QuantizedMatrix(packed, scales, scales * -offset, group_size, spec.bits, in_features)

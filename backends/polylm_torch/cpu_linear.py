@@ -1,5 +1,6 @@
 """The torch backend's CPU matrices: repacked for the compiled decode kernel (`cpu_gemv`), or quantized to
-weight-only int8/int4 when the IR asks for it. Biases move into the layers."""
+weight-only int8/int4 by the core reference (`polylm.numerics.quantization`) when the IR asks for it. Biases move
+into the layers."""
 
 from __future__ import annotations
 
@@ -17,6 +18,5 @@ def kernel_layer(weight: torch.Tensor, bias: torch.Tensor | None,
     embedding lookup."""
     if quantization is None:
         return PackedLinear(weight, bias)
-    if quantization.bits == 8:
-        return Int8Linear.from_float(weight, bias, group_size=quantization.group_size)
-    return Int4Linear.from_float(weight, bias, group_size=quantization.group_size, symmetric=True)
+    layer = Int8Linear if quantization.bits == 8 else Int4Linear
+    return layer.from_float(weight, bias, group_size=quantization.group_size)

@@ -2,10 +2,10 @@
 Triton matmul that reads it (integers dequantized in registers, float32 accumulation).
 
 The scheme is the IR's (`polylm.ir.Quantization`): symmetric, one scale per `group_size` consecutive input
-features (per output row without a group size), scale = max|w| / qmax and q = clamp(round(w / scale), −qmax,
-qmax) with qmax 127 (int8) or 7 (int4). Scales are stored in the compute dtype and q is computed against the
-stored scale, so the weight multiplied with is exactly scale · q. int4 packs two codes q + 8 per byte, the even
-input feature in the low nibble.
+features (per output row without a group size). The codes q and scales come from the core reference
+(`polylm.numerics.quantization`) and are only packed here: int8 codes as they are, int4 as two codes q + 8 per
+byte, the even input feature in the low nibble; scales in the scheme's scale dtype (float32 for int8, bfloat16
+for int4) whatever the compute dtype. The weight multiplied with is exactly scale · q.
 
 One kernel serves every shape. Up to `SMALL_ROWS` rows (decode) a program multiplies its few rows by a weight
 tile with a broadcast product and a row sum, reading each weight byte once for all rows; more rows (prefill)
@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from polylm.ir import ModelIR, Quantization
+from polylm.numerics import quantization
 from polylm_torch.params import ModelParams
 
 #: Up to this many rows of x, the broadcast-and-sum path; above it, `tl.dot` tiles.
@@ -40,7 +41,7 @@ class QuantizedWeight:
     """A [out, in] projection quantized symmetrically, as `TritonOps.linear` reads it."""
 
     data: torch.Tensor  # int8 [out, in]; int4: uint8 [out, ⌈in / 2⌉], codes q + 8, even feature in the low nibble
-    scales: torch.Tensor  # [out, ⌈in / group_size⌉] (one column without a group size), in the compute dtype
+    scales: torch.Tensor  # [out, ⌈in / group_size⌉] (one column without a group size), in the scale dtype
     bits: int
     group_size: int | None
     in_features: int
@@ -60,22 +61,15 @@ class QuantizedWeight:
 
 
 def quantize(weight: torch.Tensor, spec: Quantization) -> QuantizedWeight:
-    """`weight` [out, in] quantized as `spec` says, scales in its dtype, on its device."""
-    out_features, in_features = weight.shape
-    group = spec.group_size or in_features
-    padded = triton.cdiv(in_features, group) * group  # a zero changes no group's max|w| and becomes q = 0
-    groups = F.pad(weight.float(), (0, padded - in_features)).view(out_features, padded // group, group)
-    qmax = 2 ** (spec.bits - 1) - 1
-    scales = (groups.abs().amax(dim=-1) / qmax).to(weight.dtype)
-    divisor = scales.float()
-    divisor = torch.where(divisor > 0, divisor, 1.0)  # an all-zero group: q = 0 under any scale
-    q = torch.round(groups / divisor[..., None]).clamp_(-qmax, qmax).view(out_features, padded)[:, :in_features]
-    if spec.bits == 8:
-        data = q.to(torch.int8)
-    else:
-        codes = F.pad((q + 8).to(torch.uint8), (0, in_features % 2), value=8)
-        data = codes[:, 0::2] | (codes[:, 1::2] << 4)
-    return QuantizedWeight(data.contiguous(), scales.contiguous(), spec.bits, spec.group_size, in_features)
+    """`weight` [out, in] quantized by the core reference and packed for the kernel, on its device."""
+    reference = quantization.quantize(weight.detach().float().cpu().numpy(), spec)
+    codes = torch.from_numpy(reference.codes)
+    if spec.bits == 4:  # q + 8, two a byte (an odd last feature pairs with q = 0)
+        codes = F.pad((codes + 8).to(torch.uint8), (0, codes.shape[1] % 2), value=8)
+        codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    scales = torch.from_numpy(reference.scales).to(getattr(torch, spec.scale_dtype))
+    return QuantizedWeight(codes.contiguous().to(weight.device), scales.to(weight.device), spec.bits,
+                           spec.group_size, weight.shape[1])
 
 
 def quantize_params(params: ModelParams, ir: ModelIR) -> None:

@@ -1,7 +1,7 @@
 """Weight-only int8/int4 on the MLX and Triton backends.
 
 Exactness: a quantized model gives the logits of the same checkpoint with its block matrices and untied head
-replaced by their dequantized values (computed here in numpy from the IR's scheme, run on the torch backend),
+replaced by their dequantized values (the core reference, `polylm.numerics.quantization`, run on the torch backend),
 so each backend quantizes what the IR says, as it says. Closeness: against the same backend unquantized, the
 stated logit tolerance, top-1 agreement and greedy continuations. And the Triton kernel against dequantize +
 matmul over awkward shapes. Everything computes in float32.
@@ -20,6 +20,7 @@ import polylm
 from parity import SEQUENCES, padded
 from polylm.errors import BackendError
 from polylm.ir import QUANTIZATIONS, Quantization
+from polylm.numerics import quantization
 
 BACKENDS = ["mlx", "triton"]
 BITS = list(QUANTIZATIONS)
@@ -43,17 +44,8 @@ def load(directory, backend, quantize=None):
 
 
 def fake_quantize(weight: np.ndarray, spec: Quantization) -> np.ndarray:
-    """The IR's scheme in numpy: symmetric, max|w| / qmax per group of input features (or per row), then
-    dequantized back to float32."""
-    rows, features = weight.shape
-    group = spec.group_size or features
-    padded_features = -(-features // group) * group
-    groups = np.pad(weight.astype(np.float32), ((0, 0), (0, padded_features - features)))
-    groups = groups.reshape(rows, -1, group)
-    qmax = 2 ** (spec.bits - 1) - 1
-    scale = np.abs(groups).max(axis=-1, keepdims=True) / np.float32(qmax)
-    q = np.clip(np.rint(groups / np.where(scale > 0, scale, 1)), -qmax, qmax)
-    return (q * scale).reshape(rows, padded_features)[:, :features].astype(np.float32)
+    """The IR's scheme (the core reference), dequantized back to float32."""
+    return quantization.quantize(weight, spec).dequantize()
 
 
 @pytest.fixture(scope="session")
@@ -193,7 +185,7 @@ def test_triton_quantized_matmul_matches_dequantize_and_matmul(spec, rows):
 
 
 def test_triton_quantized_matmul_in_float16():
-    """Half-precision activations and scales: float32 accumulation, one rounding at the end."""
+    """Half-precision activations (the scales stay float32 or bfloat16): float32 accumulation, one rounding."""
     from polylm_triton.quantized import linear, quantize
 
     generator = torch.Generator().manual_seed(0)

@@ -25,9 +25,10 @@ padding to 2 (bf16/fp16) — prefill reads the same packed bytes, and an embeddi
 (:meth:`PackedLinear.rows`), so there is never a second full-size copy. bf16 and fp16 weights stay 2 bytes per value
 (fp16 is *not* rounded to bf16: it is converted exactly with F16C); fp32 stays fp32. :class:`Int8Linear` stores 1
 byte per weight plus one fp32 scale per row or per group; :class:`Int4Linear` stores half a byte per weight plus
-bf16 scale (and min) per group. Only when the extension is unavailable do the layers keep the original (or plainly
-quantized) tensors and use stock torch ops: ``F.linear`` for :class:`PackedLinear`, dequantize + ``F.linear`` for
-the others.
+one bf16 scale per group. Their ``from_float`` quantizes with the core reference (`polylm.numerics.quantization`)
+and only packs its codes and scales. Only when the extension is unavailable do the layers keep the original (or
+plainly quantized) tensors and use stock torch ops: ``F.linear`` for :class:`PackedLinear`, dequantize +
+``F.linear`` for the others.
 
 Numerics: the float kernels accumulate in fp32 (max |error| / max |y| against an fp64 reference with the same
 weights: about 3e-6 at K = 4096). The int8/int4 kernels multiply exactly in integers: on AVX-512 (VNNI) each
@@ -47,12 +48,15 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from polylm.ir import Quantization
+from polylm.numerics import quantization
+
 from . import _build, _layout
 
 __all__ = ["available", "add_rms_norm", "attention", "gated_activation", "rope_and_cache",
            "PackedLinear", "Int8Linear", "Int4Linear"]
 
-_QUANT_KIND = {"int8": 0, "int4_sym": 1, "int4_asym": 2}
+_QUANT_KIND = {8: 0, 4: 1}  # QuantKind in kernels.h, by bits
 _GATED = {"silu": 0, "gelu_tanh": 1}
 _warned = False
 
@@ -244,38 +248,58 @@ class PackedLinear(_KernelLinear):
 
 
 class _QuantLinear(_KernelLinear):
-    """Shared construction of the weight-only quantized layers from plainly laid out quantized tensors."""
+    """Shared construction of the weight-only quantized layers from signed integer codes and their scales."""
 
-    def _setup(self, kind: str, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
-               group_size: int, bias: torch.Tensor | None, max_kernel_rows: int) -> None:
-        self.out_features, self.in_features = q.shape
-        self.group_size = group_size
+    bits: int
+    _scale_dtype: torch.dtype
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                 group_size: int | None, max_kernel_rows: int) -> None:
+        _check_weight(qweight, (torch.int8,))
+        self.out_features, self.in_features = qweight.shape
+        qmin, qmax = -2 ** (self.bits - 1), 2 ** (self.bits - 1) - 1
+        if self.bits == 4 and qweight.numel() and not qmin <= int(qweight.min()) <= int(qweight.max()) <= qmax:
+            raise ValueError(f"int4 qweight values must be in {qmin}..{qmax}, found "
+                             f"{int(qweight.min())}..{int(qweight.max())}")
+        self.group_size = _layout.int8_group_size(self.in_features, group_size)
+        _layout.check_group(self.group_size)
+        groups = -(-self.in_features // self.group_size)
+        if scales.shape != (self.out_features, groups):
+            raise ValueError(f"scales must have shape {(self.out_features, groups)}, got {tuple(scales.shape)}")
+        q, scales = qweight.detach(), scales.detach().to(self._scale_dtype).contiguous()
         bias32 = _check_bias(bias, self.out_features)
         module, isa, reason = _build.select_isa()
         if module is None or isa is None:
             self.isa, self._impl = "torch", None
-            self._plain = (q, scales, mins)
-            self._bias = bias32
-            self.nbytes = _nbytes(q, scales, mins)
+            self._plain, self._bias = (q, scales), bias32
+            self.nbytes = _nbytes(q, scales)
             _warn_fallback(reason)
             return
         self.isa = isa
-        packed_q = (_layout.pack_int8 if kind == "int8" else _layout.pack_int4)(q, group_size)
-        packed_mins = None if mins is None else _layout.pack_group_params(mins)
-        self.nbytes = _nbytes(packed_q, scales, mins)
-        self._impl = module.QuantGemv(packed_q, _layout.pack_group_params(scales), packed_mins, _QUANT_KIND[kind],
-                                      group_size, self.out_features, self.in_features, bias32,
-                                      _build.ISA_CODES[isa], max_kernel_rows)
+        pack = _layout.pack_int8 if self.bits == 8 else _layout.pack_int4
+        self._packed = (pack(q, self.group_size), _layout.pack_group_params(scales))  # shared with the kernel
+        self.nbytes = _nbytes(*self._packed)
+        self._impl = module.QuantGemv(*self._packed, _QUANT_KIND[self.bits], self.group_size, self.out_features,
+                                      self.in_features, bias32, _build.ISA_CODES[isa], max_kernel_rows)
         self._forward = self._impl
+
+    @classmethod
+    def _quantized(cls, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int | None,
+                   max_kernel_rows: int) -> _QuantLinear:
+        """`weight` quantized by the core reference (`polylm.numerics.quantization`), then packed."""
+        _check_weight(weight, (torch.bfloat16, torch.float16, torch.float32))
+        _layout.check_group(_layout.int8_group_size(weight.shape[1], group_size))
+        quantized = quantization.quantize(weight.detach().float().numpy(), Quantization(cls.bits, group_size))
+        return cls(torch.from_numpy(quantized.codes), torch.from_numpy(quantized.scales), bias, group_size,
+                   max_kernel_rows=max_kernel_rows)
 
     def dequantize(self) -> torch.Tensor:
         """The dequantized [out_features, in_features] weight in fp32 (the exact values the layer computes with)."""
         if self._impl is not None:
             return self._impl.unpacked()
-        return self._dequantize_plain(*self._plain)
-
-    def _dequantize_plain(self, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None) -> torch.Tensor:
-        raise NotImplementedError
+        q, scales = self._plain
+        return torch.from_numpy(quantization.QuantizedArrays(q.numpy(), scales.float().numpy(),
+                                                              self.group_size).dequantize())
 
     def _fallback(self, x: torch.Tensor) -> torch.Tensor:
         return _linear_fp32(x, self.dequantize(), self._bias)
@@ -286,70 +310,48 @@ class Int8Linear(_QuantLinear):
 
     Args:
         qweight: [out_features, in_features] int8 in [-127, 127] (or -128).
-        scales: [out_features, groups] fp32; groups = 1 for per-channel scales.
+        scales: [out_features, groups] (stored as fp32); groups = 1 for per-channel scales.
         bias: optional [out_features].
         group_size: inputs per group (a multiple of 16), or None for per-channel scales.
         max_kernel_rows: as for :class:`PackedLinear`.
     """
 
+    bits = 8
+    _scale_dtype = torch.float32
+
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
                  group_size: int | None = None, *, max_kernel_rows: int = 16) -> None:
-        _check_weight(qweight, (torch.int8,))
-        group = _layout.int8_group_size(qweight.shape[1], group_size)
-        _layout.check_group(group)
-        groups = -(-qweight.shape[1] // group)
-        if scales.shape != (qweight.shape[0], groups):
-            raise ValueError(f"scales must have shape {(qweight.shape[0], groups)}, got {tuple(scales.shape)}")
-        self._setup("int8", qweight.detach(), scales.detach().float().contiguous(), None, group, bias,
-                    max_kernel_rows)
+        super().__init__(qweight, scales, bias, group_size, max_kernel_rows)
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, group_size: int | None = None,
                    *, max_kernel_rows: int = 16) -> Int8Linear:
-        """Quantize a float [out_features, in_features] weight symmetrically (absmax / 127)."""
-        _check_weight(weight, (torch.bfloat16, torch.float16, torch.float32))
-        q, scales = _layout.quantize_int8(weight.detach(), group_size)
-        return cls(q, scales, bias, group_size, max_kernel_rows=max_kernel_rows)
-
-    def _dequantize_plain(self, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None) -> torch.Tensor:
-        return _layout.dequantize_int8(q, scales, self.group_size)
+        """Quantize a float [out_features, in_features] weight as the IR's int8 scheme says (absmax / 127)."""
+        return cls._quantized(weight, bias, group_size, max_kernel_rows)
 
 
 class Int4Linear(_QuantLinear):
-    """Weight-only int4 linear layer with bf16 group parameters: ``w = (q - 8) * scale`` (symmetric) or
-    ``w = q * scale + min`` (asymmetric), q in 0..15.
+    """Weight-only int4 linear layer with bf16 group scales: ``w = q * scale``, q in -8..7 (the IR's scheme
+    uses -7..7).
 
     Args:
-        qweight: [out_features, in_features] uint8 holding values 0..15.
+        qweight: [out_features, in_features] int8 holding values -8..7.
         scales: [out_features, groups] (stored as bf16).
-        mins: [out_features, groups] for asymmetric quantization, None for symmetric.
         bias: optional [out_features].
         group_size: inputs per group, a multiple of 16 (32..128 usual).
         max_kernel_rows: as for :class:`PackedLinear`.
     """
 
-    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None = None,
-                 bias: torch.Tensor | None = None, group_size: int = 32, *, max_kernel_rows: int = 16) -> None:
-        _check_weight(qweight, (torch.uint8,))
-        groups = -(-qweight.shape[1] // group_size)
-        for name, p in (("scales", scales), ("mins", mins)):
-            if p is not None and p.shape != (qweight.shape[0], groups):
-                raise ValueError(f"{name} must have shape {(qweight.shape[0], groups)}, got {tuple(p.shape)}")
-        if qweight.numel() and int(qweight.max()) > 15:
-            raise ValueError(f"int4 qweight values must be in 0..15, found {int(qweight.max())}")
-        _layout.check_group(group_size)
-        scales = scales.detach().to(torch.bfloat16).contiguous()
-        mins = None if mins is None else mins.detach().to(torch.bfloat16).contiguous()
-        kind = "int4_sym" if mins is None else "int4_asym"
-        self._setup(kind, qweight.detach(), scales, mins, group_size, bias, max_kernel_rows)
+    bits = 4
+    _scale_dtype = torch.bfloat16
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
+                 group_size: int = 32, *, max_kernel_rows: int = 16) -> None:
+        super().__init__(qweight, scales, bias, group_size, max_kernel_rows)
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, group_size: int = 32,
-                   symmetric: bool = True, *, max_kernel_rows: int = 16) -> Int4Linear:
-        """Quantize a float [out_features, in_features] weight group-wise (see :func:`_layout.quantize_int4`)."""
-        _check_weight(weight, (torch.bfloat16, torch.float16, torch.float32))
-        q, scales, mins = _layout.quantize_int4(weight.detach(), group_size, symmetric)
-        return cls(q, scales, mins, bias, group_size, max_kernel_rows=max_kernel_rows)
-
-    def _dequantize_plain(self, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None) -> torch.Tensor:
-        return _layout.dequantize_int4(q, scales, mins, self.group_size)
+                   *, max_kernel_rows: int = 16) -> Int4Linear:
+        """Quantize a float [out_features, in_features] weight as the IR's int4 scheme says (absmax / 7 per
+        group, bf16 scales)."""
+        return cls._quantized(weight, bias, group_size, max_kernel_rows)

@@ -1,4 +1,4 @@
-"""Weight quantization and the 16-row block layout of the compiled kernels, in plain torch.
+"""The 16-row block layout of the compiled kernels, in plain torch.
 
 A packed weight is cut into blocks of 16 output rows (rows padded with zeros to a multiple of 16). Each block
 is one contiguous run of 64-byte chunks; chunk ``c`` holds 4 bytes of every row of the block, in row order:
@@ -7,11 +7,10 @@ is one contiguous run of 64-byte chunks; chunk ``c`` holds 4 bytes of every row 
 - fp16: ``k=2c`` for rows 0..15, then ``k=2c+1`` for rows 0..15 (so ``vcvtph2ps`` yields a vector of rows);
 - fp32: ``k=c`` of each row;
 - int8: ``k=4c..4c+3`` of each row, stored as ``q + 128`` (unsigned, as ``vpdpbusd`` wants it);
-- int4: ``k=8c..8c+7`` of each row, byte ``i`` = ``q[8c+i] | q[8c+4+i] << 4`` with ``q`` in 0..15.
+- int4: ``k=8c..8c+7`` of each row, byte ``i`` = ``u[8c+i] | u[8c+4+i] << 4`` with ``u = q + 8`` in 0..15.
 
-Group parameters (scales, mins) are stored ``[block, group, 16 rows]``. The functions here are the single
-definition of that layout (the C++ side only reads it) and of the quantization math, which also serves as the
-reference in the tests and as the fallback when the extension is unavailable.
+Group scales are stored ``[block, group, 16 rows]``. The functions here are the single definition of that layout
+(the C++ side only reads it); the codes and scales they pack come from `polylm.numerics.quantization`.
 """
 
 from __future__ import annotations
@@ -77,13 +76,6 @@ def _row_lanes(packed: torch.Tensor) -> torch.Tensor:
     return packed.view(nb, chunks, ROWS_PER_BLOCK, kk)
 
 
-def unpack_float(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """Inverse of :func:`pack_float`: the [N, K] weight."""
-    w = _row_lanes(packed)
-    nb, chunks, _, kk = w.shape
-    return w.permute(0, 2, 1, 3).reshape(nb * ROWS_PER_BLOCK, chunks * kk)[:n, :k]
-
-
 def gather_rows(packed: torch.Tensor, k: int, rows: torch.Tensor) -> torch.Tensor:
     """Rows ``rows`` (an integer tensor of any shape) of a :func:`pack_float` weight with K = ``k``, as
     ``weight[rows]`` gives them: [*rows.shape, k], read from the packed copy alone."""
@@ -93,23 +85,6 @@ def gather_rows(packed: torch.Tensor, k: int, rows: torch.Tensor) -> torch.Tenso
 
 
 # ------------------------------------------------------------------------------------------ quantized weights
-def _grouped(weight: torch.Tensor, group_size: int) -> torch.Tensor:
-    """fp32 [N, K] -> [N, groups, group_size]; the last group is padded by repeating its last value so that
-    padding changes neither the group's range nor its scale."""
-    n, k = weight.shape
-    k_pad = round_up(k, group_size)
-    w = weight.float()
-    if k_pad != k:
-        w = F.pad(w[None], (0, k_pad - k), mode="replicate")[0]
-    return w.reshape(n, k_pad // group_size, group_size)
-
-
-def _absmax(groups: torch.Tensor) -> torch.Tensor:
-    """The largest |w| of each group (last axis), without a temporary |w| (quantizing a matrix at load costs
-    fewer full-size float temporaries, so less memory and time)."""
-    return torch.maximum(groups.amax(dim=-1), groups.amin(dim=-1).neg_())
-
-
 def check_group(group_size: int) -> None:
     """Raise ValueError unless group_size is a positive multiple of GROUP_MULTIPLE, at most MAX_GROUP."""
     if group_size <= 0 or group_size % GROUP_MULTIPLE or group_size > MAX_GROUP:
@@ -122,76 +97,18 @@ def int8_group_size(k: int, group_size: int | None) -> int:
     return round_up(k, GROUP_MULTIPLE) if group_size is None else group_size
 
 
-def quantize_int8(weight: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8: ``w ~= q * scale`` with q in [-127, 127] and one fp32 scale per row (``group_size=None``)
-    or per row and group of ``group_size`` inputs. Returns ``(q [N, K] int8, scales [N, groups] fp32)``."""
-    k = weight.shape[1]
-    group = int8_group_size(k, group_size)
-    check_group(group)
-    w = _grouped(weight, group)
-    scales = _absmax(w) / 127.0
-    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-    q = (w / safe[..., None]).round_().clamp_(-127, 127).to(torch.int8)
-    return q.reshape(q.shape[0], -1)[:, :k].contiguous(), scales
-
-
-def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
-    """fp32 [N, K] weight of :func:`quantize_int8` output (``group_size`` as from :func:`int8_group_size`)."""
-    n, k = q.shape
-    w = _grouped(q, group_size) * scales[..., None]
-    return w.reshape(n, -1)[:, :k]
-
-
-def quantize_int4(
-    weight: torch.Tensor, group_size: int = 32, symmetric: bool = True
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Group-wise int4 with bf16 group parameters. Symmetric: ``w ~= (q - 8) * scale``, scale = absmax / 7;
-    asymmetric: ``w ~= q * scale + min`` over the group's [min, max]. q in 0..15.
-    Returns ``(q [N, K] uint8, scales [N, groups] bf16, mins [N, groups] bf16 or None)``."""
-    check_group(group_size)
-    k = weight.shape[1]
-    w = _grouped(weight, group_size)
-    if symmetric:
-        scales = (_absmax(w) / 7.0).to(torch.bfloat16)
-        s = scales.float()
-        safe = torch.where(s > 0, s, torch.ones_like(s))
-        q = (w / safe[..., None]).round_().clamp_(-8, 7).add_(8)
-        mins = None
-    else:
-        lo, hi = w.amin(dim=-1), w.amax(dim=-1)
-        scales = ((hi - lo) / 15.0).to(torch.bfloat16)
-        mins = lo.to(torch.bfloat16)
-        s = scales.float()
-        safe = torch.where(s > 0, s, torch.ones_like(s))
-        q = (w - mins.float()[..., None]).div_(safe[..., None]).round_().clamp_(0, 15)
-    q = q.to(torch.uint8).reshape(q.shape[0], -1)[:, :k].contiguous()
-    return q, scales, mins
-
-
-def dequantize_int4(
-    q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, group_size: int
-) -> torch.Tensor:
-    """fp32 [N, K] weight of :func:`quantize_int4` output."""
-    n, k = q.shape
-    w = _grouped(q, group_size)
-    if mins is None:
-        w = (w - 8.0) * scales.float()[..., None]
-    else:
-        w = w * scales.float()[..., None] + mins.float()[..., None]
-    return w.reshape(n, -1)[:, :k]
-
-
 def pack_int8(q: torch.Tensor, group_size: int) -> torch.Tensor:
-    """int8 [N, K] -> [N_pad/16, K_pad/4, 64] uint8 holding ``q + 128`` (K_pad: multiple of the group)."""
+    """int8 codes [N, K] -> [N_pad/16, K_pad/4, 64] uint8 holding ``q + 128`` (K_pad: multiple of the group)."""
     n, k = q.shape
     u = (_pad(q, round_up(n, ROWS_PER_BLOCK), round_up(k, group_size)).to(torch.int16) + 128).to(torch.uint8)
     return _block_words(u)
 
 
 def pack_int4(q: torch.Tensor, group_size: int) -> torch.Tensor:
-    """uint8 [N, K] in 0..15 -> [N_pad/16, K_pad/8, 64] uint8, two values per byte (see module docstring)."""
+    """int8 codes [N, K] in -8..7 -> [N_pad/16, K_pad/8, 64] uint8 holding ``q + 8``, two per byte (see the module
+    docstring)."""
     n, k = q.shape
-    u = _pad(q, round_up(n, ROWS_PER_BLOCK), round_up(k, group_size))
+    u = _pad((q + 8).to(torch.uint8), round_up(n, ROWS_PER_BLOCK), round_up(k, group_size), value=8)
     u = u.reshape(u.shape[0], -1, 2, 4)  # [N_pad, K_pad / 8, low/high nibbles, 4]
     return _block_words((u[:, :, 0] | (u[:, :, 1] << 4)).reshape(u.shape[0], -1))
 

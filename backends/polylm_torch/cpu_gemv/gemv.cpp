@@ -346,14 +346,13 @@ class FloatGemv : public GemvBase {
 
 class QuantGemv : public GemvBase {
  public:
-  // packed: [NB, K_pad / chunk_k, 64] uint8; scales: [NB, NG, 16] fp32 (int8) or bf16 (int4);
-  // mins: [NB, NG, 16] bf16 for asymmetric int4.  group: k-values per group (K rounded up to 16 for
-  // per-channel int8).
-  QuantGemv(at::Tensor packed, at::Tensor scales, std::optional<at::Tensor> mins, int kind, int64_t group, int64_t N,
-            int64_t K, std::optional<at::Tensor> bias, int isa, int64_t kernel_rows)
+  // packed: [NB, K_pad / chunk_k, 64] uint8; scales: [NB, NG, 16] fp32 (int8) or bf16 (int4).
+  // group: k-values per group (K rounded up to 16 for per-channel int8).
+  QuantGemv(at::Tensor packed, at::Tensor scales, int kind, int64_t group, int64_t N, int64_t K,
+            std::optional<at::Tensor> bias, int isa, int64_t kernel_rows)
       : GemvBase(std::move(packed), N, K, std::move(bias), isa, kernel_rows),
         scales_(std::move(scales)), kind_(kind), group_(group) {
-    TORCH_CHECK(kind >= kInt8 && kind <= kInt4Asym, "polylm cpu_gemv: unknown quantization kind ", kind);
+    TORCH_CHECK(kind == kInt8 || kind == kInt4, "polylm cpu_gemv: unknown quantization kind ", kind);
     TORCH_CHECK(group % 16 == 0 && group > 0, "polylm cpu_gemv: group size ", group, " is not a multiple of 16");
     // Integer dot products per digit and group stay below 2^31: group * 255 * 128.
     TORCH_CHECK(group <= 65536, "polylm cpu_gemv: group of ", group, " values would overflow int32 accumulators");
@@ -365,12 +364,6 @@ class QuantGemv : public GemvBase {
     TORCH_CHECK(scales_.is_contiguous() && scales_.numel() == nblocks_ * ngroups_ * kRows &&
                     scales_.scalar_type() == (kind == kInt8 ? at::kFloat : at::kBFloat16),
                 "polylm cpu_gemv: scales have the wrong dtype or size");
-    if (kind == kInt4Asym) {
-      TORCH_CHECK(mins.has_value() && mins->is_contiguous() && mins->scalar_type() == at::kBFloat16 &&
-                      mins->numel() == scales_.numel(),
-                  "polylm cpu_gemv: asymmetric int4 needs bf16 mins shaped like the scales");
-      mins_ = *mins;
-    }
   }
 
  protected:
@@ -378,32 +371,22 @@ class QuantGemv : public GemvBase {
     const int64_t M = x2.size(0);
     const auto [gm, mk] = kernel_rows(M);
     const int slot = m_slot(gm);
-    const bool asym = kind_ == kInt4Asym;
     const bool digits = kernels_->prep_digits != nullptr;
-    // x: fp32 [mk][kpad] | digits [mk][3][kpad] | corrections [mk][NG][3] | xsum [mk][NG] | sx [mk]
+    // x: fp32 [mk][kpad] | digits [mk][3][kpad] | corrections [mk][NG][3] | sx [mk]
     const int64_t xf = round_up(mk * kpad_ * 4, 64);
     const int64_t dg = digits ? round_up(mk * kDigits * kpad_, 64) : 0;
-    const int64_t cr = round_up(mk * ngroups_ * kDigits * 4, 64), xs = round_up(mk * ngroups_ * 4, 64);
-    const PassBuffers pb = pass_buffers(static_cast<size_t>(xf + dg + cr + xs + mk * 4), M, mk, out, N_, n_pad_);
+    const int64_t cr = round_up(mk * ngroups_ * kDigits * 4, 64);
+    const PassBuffers pb = pass_buffers(static_cast<size_t>(xf + dg + cr + mk * 4), M, mk, out, N_, n_pad_);
     float* xfp = reinterpret_cast<float*>(pb.x);
     int8_t* dig = reinterpret_cast<int8_t*>(pb.x + xf);
     int32_t* corr = reinterpret_cast<int32_t*>(pb.x + xf + dg);
-    float* xsum = reinterpret_cast<float*>(pb.x + xf + dg + cr);
-    float* sx = reinterpret_cast<float*>(pb.x + xf + dg + cr + xs);
+    float* sx = reinterpret_cast<float*>(pb.x + xf + dg + cr);
     x_to_fp32(x2, M, K_, kpad_, xfp);
     if (digits) {
-      const int zero_point = kind_ == kInt8 ? 128 : kind_ == kInt4Sym ? 8 : 0;
+      const int zero_point = kind_ == kInt8 ? 128 : 8;
       for (int64_t m = 0; m < mk; ++m)
-        kernels_->prep_digits(xfp + m * kpad_, kpad_, group_, zero_point, asym, dig + m * kDigits * kpad_,
-                              corr + m * ngroups_ * kDigits, xsum + m * ngroups_, sx + m);
-    } else if (asym) {
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t g = 0; g < ngroups_; ++g) {
-          const float* p = xfp + m * kpad_ + g * group_;
-          float s = 0.0f;
-          for (int64_t k = 0; k < group_; ++k) s += p[k];
-          xsum[m * ngroups_ + g] = s;
-        }
+        kernels_->prep_digits(xfp + m * kpad_, kpad_, group_, zero_point, dig + m * kDigits * kpad_,
+                              corr + m * ngroups_ * kDigits, sx + m);
     }
     std::vector<QuantArgs> groups(mk / gm);
     for (size_t g = 0; g < groups.size(); ++g) {
@@ -413,9 +396,7 @@ class QuantGemv : public GemvBase {
       a.chunks_per_group = group_ / quant_chunk_k(kind_);
       a.ngroups = ngroups_;
       a.scales = scales_.const_data_ptr();
-      a.mins = asym ? static_cast<const uint16_t*>(mins_.const_data_ptr()) : nullptr;
       a.bias = bias_.const_data_ptr<float>();
-      a.xsum = xsum + m0 * ngroups_;
       a.y = pb.y + m0 * pb.ldy;
       a.ldy = pb.ldy;
       if (digits) {
@@ -438,7 +419,6 @@ class QuantGemv : public GemvBase {
     ua.chunks_per_group = group_ / quant_chunk_k(kind_);
     ua.ngroups = ngroups_;
     ua.scales = scales_.const_data_ptr();
-    ua.mins = kind_ == kInt4Asym ? static_cast<const uint16_t*>(mins_.const_data_ptr()) : nullptr;
     ua.K = K_;
     return ua;
   }
@@ -458,7 +438,7 @@ class QuantGemv : public GemvBase {
   int64_t block_bytes() const override { return kpad_ / quant_chunk_k(kind_) * kChunkBytes; }
 
  private:
-  at::Tensor scales_, mins_;
+  at::Tensor scales_;
   int kind_;
   int64_t group_, kpad_ = 0, ngroups_ = 0;
 };
@@ -668,6 +648,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<g::FloatGemv, g::GemvBase>(m, "FloatGemv")
       .def(pybind11::init<at::Tensor, int64_t, int64_t, std::optional<at::Tensor>, int, int64_t>());
   pybind11::class_<g::QuantGemv, g::GemvBase>(m, "QuantGemv")
-      .def(pybind11::init<at::Tensor, at::Tensor, std::optional<at::Tensor>, int, int64_t, int64_t, int64_t,
-                          std::optional<at::Tensor>, int, int64_t>());
+      .def(pybind11::init<at::Tensor, at::Tensor, int, int64_t, int64_t, int64_t, std::optional<at::Tensor>, int,
+                          int64_t>());
 }

@@ -86,8 +86,7 @@ static void float_blocks(const FloatArgs& a, const int64_t* blk) {
 // exact integer dot products per digit, one float combination per group.
 template <int KIND, int M, int S>
 static void quant_blocks(const QuantArgs& a, const int64_t* blk) {
-  constexpr bool kInt4 = KIND != kInt8;
-  constexpr bool kAsym = KIND == kInt4Asym;
+  constexpr bool kIsInt4 = KIND == kInt4;
   const int64_t cpg = a.chunks_per_group, ng = a.ngroups;
   const int32_t* xd = a.xdigits;
   const int64_t ldx = a.ldx;
@@ -113,7 +112,7 @@ static void quant_blocks(const QuantArgs& a, const int64_t* blk) {
       for (int s = 0; s < S; ++s) {
         const uint8_t* p = wp[s] + c * kChunkBytes;
         const __m512i raw = _mm512_loadu_si512(p);
-        if constexpr (!kInt4) {
+        if constexpr (!kIsInt4) {
 #pragma GCC unroll 4
           for (int m = 0; m < M; ++m)
 #pragma GCC unroll 3
@@ -137,23 +136,18 @@ static void quant_blocks(const QuantArgs& a, const int64_t* blk) {
     for (int s = 0; s < S; ++s) {
       const int64_t so = (blk[s] * ng + g) * kRows;
       __m512 sc;
-      if constexpr (kInt4) sc = load_scales(static_cast<const uint16_t*>(a.scales) + so);
+      if constexpr (kIsInt4) sc = load_scales(static_cast<const uint16_t*>(a.scales) + so);
       else sc = load_scales(static_cast<const float*>(a.scales) + so);
 #pragma GCC unroll 4
       for (int m = 0; m < M; ++m) {
-        __m512i p0 = P[s][m][0], p1 = P[s][m][1], p2 = P[s][m][2];
-        if constexpr (!kAsym) {
-          const int32_t* cr = a.corr + (m * ng + g) * kDigits;
-          p0 = _mm512_sub_epi32(p0, _mm512_set1_epi32(cr[0]));
-          p1 = _mm512_sub_epi32(p1, _mm512_set1_epi32(cr[1]));
-          p2 = _mm512_sub_epi32(p2, _mm512_set1_epi32(cr[2]));
-        }
+        const int32_t* cr = a.corr + (m * ng + g) * kDigits;
+        const __m512i p0 = _mm512_sub_epi32(P[s][m][0], _mm512_set1_epi32(cr[0]));
+        const __m512i p1 = _mm512_sub_epi32(P[s][m][1], _mm512_set1_epi32(cr[1]));
+        const __m512i p2 = _mm512_sub_epi32(P[s][m][2], _mm512_set1_epi32(cr[2]));
         __m512 f = _mm512_cvtepi32_ps(p0);
         f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p1), _mm512_set1_ps(256.0f), f);
         f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p2), _mm512_set1_ps(65536.0f), f);
         acc[s][m] = _mm512_fmadd_ps(f, sc, acc[s][m]);
-        if constexpr (kAsym)
-          acc[s][m] = _mm512_fmadd_ps(bf16x16_to_fp32(a.mins + so), _mm512_set1_ps(a.xsum[m * ng + g]), acc[s][m]);
       }
     }
   }
@@ -166,14 +160,12 @@ static void quant_blocks(const QuantArgs& a, const int64_t* blk) {
   }
 }
 
-static inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 static inline int32_t hsum(__m512i v) { return _mm512_reduce_add_epi32(v); }
 
 // Quantize one activation row (fp32, zero-padded to a multiple of 16 and of the group size) into 3 balanced
-// byte digits, the per-group digit sums times zero_point, and (asymmetric) the per-group sums of x / sx.
-static void prep_digits(const float* x, int64_t kpad, int64_t group, int zero_point, bool want_xsum,
-                        int8_t* digits /* [3][kpad] */, int32_t* corr /* [NG][3] */, float* xsum /* [NG] */,
-                        float* sx_out) {
+// byte digits and the per-group digit sums times zero_point.
+static void prep_digits(const float* x, int64_t kpad, int64_t group, int zero_point,
+                        int8_t* digits /* [3][kpad] */, int32_t* corr /* [NG][3] */, float* sx_out) {
   __m512 vmax = _mm512_setzero_ps();
   __mmask16 unordered = 0;
   for (int64_t k = 0; k < kpad; k += 16) {
@@ -187,7 +179,6 @@ static void prep_digits(const float* x, int64_t kpad, int64_t group, int zero_po
     // All zeros: y = bias. NaN/inf: a NaN scale makes every output NaN, as the float paths would (roughly).
     std::memset(digits, 0, static_cast<size_t>(kDigits * kpad));
     std::memset(corr, 0, static_cast<size_t>(ng * kDigits) * sizeof(int32_t));
-    if (want_xsum) std::memset(xsum, 0, static_cast<size_t>(ng) * sizeof(float));
     *sx_out = amax == 0.0f && !unordered ? 0.0f : std::nanf("");
     return;
   }
@@ -199,10 +190,8 @@ static void prep_digits(const float* x, int64_t kpad, int64_t group, int zero_po
   const __m512i c128 = _mm512_set1_epi32(128), c255 = _mm512_set1_epi32(255);
   for (int64_t g = 0; g < ng; ++g) {
     __m512i e_sum[kDigits] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
-    __m512 x_sum = _mm512_setzero_ps();
     for (int64_t k = g * group; k < (g + 1) * group; k += 16) {
       const __m512 v = _mm512_loadu_ps(x + k);
-      x_sum = _mm512_add_ps(x_sum, v);
       __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v, vinv));  // round to nearest even
       q = _mm512_min_epi32(_mm512_max_epi32(q, qmin), qmax);
 #pragma GCC unroll 3
@@ -215,7 +204,6 @@ static void prep_digits(const float* x, int64_t kpad, int64_t group, int zero_po
       }
     }
     for (int d = 0; d < kDigits; ++d) corr[g * kDigits + d] = zero_point * hsum(e_sum[d]);
-    if (want_xsum) xsum[g] = hsum(x_sum) / sx;
   }
   *sx_out = sx;
 }
@@ -265,30 +253,27 @@ static inline void store_row(const UnpackArgs& a, int64_t k, int64_t col, __m512
   }
 }
 
-// Group parameters of block b, group g: scales and (asymmetric int4) mins as fp32 row vectors.
+// The scales of block b, group g as an fp32 row vector.
 template <int KIND>
-static inline void group_params(const UnpackArgs& a, int64_t b, int64_t g, __m512& sc, __m512& mn) {
+static inline __m512 group_scales(const UnpackArgs& a, int64_t b, int64_t g) {
   const int64_t so = (b * a.ngroups + g) * kRows;
-  sc = KIND == kInt8 ? load_scales(static_cast<const float*>(a.scales) + so)
-                     : load_scales(static_cast<const uint16_t*>(a.scales) + so);
-  mn = KIND == kInt4Asym ? bf16x16_to_fp32(a.mins + so) : _mm512_setzero_ps();
+  return KIND == kInt8 ? load_scales(static_cast<const float*>(a.scales) + so)
+                       : load_scales(static_cast<const uint16_t*>(a.scales) + so);
 }
 
-// The 16 rows' weights at k-value j of a quantized chunk: q * s (int8, q = stored - 128), (q - 8) * s
-// (symmetric int4), q * s + m (asymmetric int4).
+// The 16 rows' weights at k-value j of a quantized chunk: q * s (int8, q = stored - 128; int4, q = stored - 8).
 template <int KIND>
-static inline __m512 dequant_at(__m512i raw, int j, __m512 sc, __m512 mn) {
+static inline __m512 dequant_at(__m512i raw, int j, __m512 sc) {
   __m512i q;
   if constexpr (KIND == kInt8) {
     q = _mm512_sub_epi32(_mm512_and_si512(_mm512_srli_epi32(raw, 8 * j), _mm512_set1_epi32(0xFF)),
                          _mm512_set1_epi32(128));
   } else {
     const int bit = j < 4 ? 8 * j : 8 * (j - 4) + 4;
-    q = _mm512_and_si512(_mm512_srli_epi32(raw, bit), _mm512_set1_epi32(0xF));
-    if constexpr (KIND == kInt4Sym) q = _mm512_sub_epi32(q, _mm512_set1_epi32(8));
+    q = _mm512_sub_epi32(_mm512_and_si512(_mm512_srli_epi32(raw, bit), _mm512_set1_epi32(0xF)),
+                         _mm512_set1_epi32(8));
   }
-  const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(q), sc);
-  return KIND == kInt4Asym ? _mm512_add_ps(v, mn) : v;
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(q), sc);
 }
 
 // Transposed dequantize.
@@ -299,15 +284,14 @@ static void quant_unpack(const UnpackArgs& a, int64_t b0, int64_t b, int64_t b_e
     const uint8_t* base = a.w + b * a.ngroups * a.chunks_per_group * kChunkBytes;
     const int64_t col = (b - b0) * kRows;
     for (int64_t g = 0; g < a.ngroups; ++g) {
-      __m512 sc, mn;
-      group_params<KIND>(a, b, g, sc, mn);
+      const __m512 sc = group_scales<KIND>(a, b, g);
       for (int64_t c = g * a.chunks_per_group; c < (g + 1) * a.chunks_per_group; ++c) {
         const __m512i raw = _mm512_loadu_si512(base + c * kChunkBytes);
         const int64_t k0 = c * kK;
 #pragma GCC unroll 8
         for (int j = 0; j < kK; ++j) {
           if (k0 + j >= a.K) break;
-          store_row(a, k0 + j, col, dequant_at<KIND>(raw, j, sc, mn));
+          store_row(a, k0 + j, col, dequant_at<KIND>(raw, j, sc));
         }
       }
     }
@@ -323,16 +307,15 @@ static void quant_to_bf16(const UnpackArgs& a, int64_t b, int64_t b_end, uint8_t
     const uint8_t* base = a.w + b * a.ngroups * a.chunks_per_group * kChunkBytes;
     uint8_t* o = out + i * out_chunks * kChunkBytes;
     for (int64_t g = 0; g < a.ngroups; ++g) {
-      __m512 sc, mn;
-      group_params<KIND>(a, b, g, sc, mn);
+      const __m512 sc = group_scales<KIND>(a, b, g);
       for (int64_t c = g * a.chunks_per_group; c < (g + 1) * a.chunks_per_group; ++c) {
         const __m512i raw = _mm512_loadu_si512(base + c * kChunkBytes);
         const int64_t k0 = c * kK;
 #pragma GCC unroll 4
         for (int j = 0; j < kK; j += 2) {
           const __m512 zero = _mm512_setzero_ps();
-          const __m512 lo = k0 + j < a.K ? dequant_at<KIND>(raw, j, sc, mn) : zero;
-          const __m512 hi = k0 + j + 1 < a.K ? dequant_at<KIND>(raw, j + 1, sc, mn) : zero;
+          const __m512 lo = k0 + j < a.K ? dequant_at<KIND>(raw, j, sc) : zero;
+          const __m512 hi = k0 + j + 1 < a.K ? dequant_at<KIND>(raw, j + 1, sc) : zero;
           const __m512i pair = _mm512_or_si512(bf16_bits(lo), _mm512_slli_epi32(bf16_bits(hi), 16));
           _mm512_storeu_si512(o + (k0 + j) / 2 * kChunkBytes, pair);
         }
@@ -395,23 +378,18 @@ static void fill_kernels(Kernels& k) {
   k.quant_blocks[kInt8][0] = &quant_blocks<kInt8, 1, 2>;
   k.quant_blocks[kInt8][1] = &quant_blocks<kInt8, 2, 2>;
   k.quant_blocks[kInt8][2] = &quant_blocks<kInt8, 4, 1>;
-  k.quant_blocks[kInt4Sym][0] = &quant_blocks<kInt4Sym, 1, 2>;
-  k.quant_blocks[kInt4Sym][1] = &quant_blocks<kInt4Sym, 2, 2>;
-  k.quant_blocks[kInt4Sym][2] = &quant_blocks<kInt4Sym, 4, 1>;
-  k.quant_blocks[kInt4Asym][0] = &quant_blocks<kInt4Asym, 1, 2>;
-  k.quant_blocks[kInt4Asym][1] = &quant_blocks<kInt4Asym, 2, 2>;
-  k.quant_blocks[kInt4Asym][2] = &quant_blocks<kInt4Asym, 4, 1>;
+  k.quant_blocks[kInt4][0] = &quant_blocks<kInt4, 1, 2>;
+  k.quant_blocks[kInt4][1] = &quant_blocks<kInt4, 2, 2>;
+  k.quant_blocks[kInt4][2] = &quant_blocks<kInt4, 4, 1>;
   const int fs[3] = {2, 2, 2}, qs[3] = {2, 2, 1};
   for (int i = 0; i < 3; ++i) k.float_streams[i] = fs[i], k.quant_streams[i] = qs[i];
   k.float_unpack[kBF16] = &float_unpack<kBF16>;
   k.float_unpack[kF16] = &float_unpack<kF16>;
   k.float_unpack[kF32] = &float_unpack<kF32>;
   k.quant_unpack[kInt8] = &quant_unpack<kInt8>;
-  k.quant_unpack[kInt4Sym] = &quant_unpack<kInt4Sym>;
-  k.quant_unpack[kInt4Asym] = &quant_unpack<kInt4Asym>;
+  k.quant_unpack[kInt4] = &quant_unpack<kInt4>;
   k.quant_to_bf16[kInt8] = &quant_to_bf16<kInt8>;
-  k.quant_to_bf16[kInt4Sym] = &quant_to_bf16<kInt4Sym>;
-  k.quant_to_bf16[kInt4Asym] = &quant_to_bf16<kInt4Asym>;
+  k.quant_to_bf16[kInt4] = &quant_to_bf16<kInt4>;
   fill_fused(k);
   k.prep_digits = &prep_digits;
 }
@@ -613,18 +591,14 @@ static void float_blocks(const FloatArgs& a, const int64_t* blk) {
 }
 
 // Weight j of the chunk (k0 + j) for the 8 rows of a half, as exact fp32 integers.  `raw` has been xor-ed
-// so that signed values sit in place: int8 bytes ^ 0x80, symmetric int4 nibbles ^ 0x8 (two's complement).
+// so that signed values sit in place: int8 bytes ^ 0x80, int4 nibbles ^ 0x8 (two's complement).
 template <int KIND, int J>
 static inline __m256 weight_at(__m256i raw) {
   if constexpr (KIND == kInt8) {
     return _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(raw, 24 - 8 * J), 24));
   } else {
     constexpr int bit = J < 4 ? 8 * J : 8 * (J - 4) + 4;
-    if constexpr (KIND == kInt4Sym) {
-      return _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(raw, 28 - bit), 28));
-    } else {
-      return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(raw, bit), _mm256_set1_epi32(0xF)));
-    }
+    return _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(raw, 28 - bit), 28));
   }
 }
 
@@ -641,7 +615,7 @@ static inline void quant_fma(const uint8_t* const* wp, int64_t c, const float* x
     for (int h = 0; h < 2; ++h) {
       __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp[s] + c * kChunkBytes + 32 * h));
       if constexpr (KIND == kInt8) raw = _mm256_xor_si256(raw, _mm256_set1_epi32(static_cast<int>(0x80808080u)));
-      if constexpr (KIND == kInt4Sym) raw = _mm256_xor_si256(raw, _mm256_set1_epi32(static_cast<int>(0x88888888u)));
+      if constexpr (KIND == kInt4) raw = _mm256_xor_si256(raw, _mm256_set1_epi32(static_cast<int>(0x88888888u)));
       const __m256 w = weight_at<KIND, J>(raw);
 #pragma GCC unroll 4
       for (int m = 0; m < M; ++m) part[s][m][h] = _mm256_fmadd_ps(w, xv[m], part[s][m][h]);
@@ -656,8 +630,6 @@ static inline void quant_chunk(const uint8_t* const* wp, int64_t c, const float*
 
 template <int KIND, int M, int S>
 static void quant_blocks(const QuantArgs& a, const int64_t* blk) {
-  constexpr bool kInt4 = KIND != kInt8;
-  constexpr bool kAsym = KIND == kInt4Asym;
   const int64_t cpg = a.chunks_per_group, ng = a.ngroups;
   const uint8_t* wp[S];
   __m256 acc[S][M][2];
@@ -685,14 +657,10 @@ static void quant_blocks(const QuantArgs& a, const int64_t* blk) {
       for (int h = 0; h < 2; ++h) {
         const int64_t so = (blk[s] * ng + g) * kRows + 8 * h;
         __m256 sc;
-        if constexpr (kInt4) sc = load_scales(static_cast<const uint16_t*>(a.scales) + so);
+        if constexpr (KIND == kInt4) sc = load_scales(static_cast<const uint16_t*>(a.scales) + so);
         else sc = load_scales(static_cast<const float*>(a.scales) + so);
 #pragma GCC unroll 4
-        for (int m = 0; m < M; ++m) {
-          acc[s][m][h] = _mm256_fmadd_ps(part[s][m][h], sc, acc[s][m][h]);
-          if constexpr (kAsym)
-            acc[s][m][h] = _mm256_fmadd_ps(bf16x8_to_fp32(a.mins + so), _mm256_set1_ps(a.xsum[m * ng + g]), acc[s][m][h]);
-        }
+        for (int m = 0; m < M; ++m) acc[s][m][h] = _mm256_fmadd_ps(part[s][m][h], sc, acc[s][m][h]);
       }
   }
 #pragma GCC unroll 8
@@ -749,7 +717,6 @@ static void quant_unpack(const UnpackArgs& a, int64_t b0, int64_t b, int64_t b_e
         const int64_t so = (b * a.ngroups + g) * kRows + 8 * h;
         const __m256 sc = KIND == kInt8 ? load_scales(static_cast<const float*>(a.scales) + so)
                                         : load_scales(static_cast<const uint16_t*>(a.scales) + so);
-        const __m256 mn = KIND == kInt4Asym ? bf16x8_to_fp32(a.mins + so) : _mm256_setzero_ps();
         for (int64_t c = g * a.chunks_per_group; c < (g + 1) * a.chunks_per_group; ++c) {
           const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + c * kChunkBytes + 32 * h));
           const int64_t k0 = c * kK;
@@ -762,12 +729,11 @@ static void quant_unpack(const UnpackArgs& a, int64_t b0, int64_t b, int64_t b_e
                                    _mm256_set1_epi32(128));
             } else {
               const int bit = j < 4 ? 8 * j : 8 * (j - 4) + 4;
-              q = _mm256_and_si256(_mm256_srlv_epi32(raw, _mm256_set1_epi32(bit)), _mm256_set1_epi32(0xF));
-              if constexpr (KIND == kInt4Sym) q = _mm256_sub_epi32(q, _mm256_set1_epi32(8));
+              q = _mm256_sub_epi32(
+                  _mm256_and_si256(_mm256_srlv_epi32(raw, _mm256_set1_epi32(bit)), _mm256_set1_epi32(0xF)),
+                  _mm256_set1_epi32(8));
             }
-            __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(q), sc);
-            if constexpr (KIND == kInt4Asym) v = _mm256_add_ps(v, mn);
-            store_row8(a, k0 + j, (b - b0) * kRows + 8 * h, v);
+            store_row8(a, k0 + j, (b - b0) * kRows + 8 * h, _mm256_mul_ps(_mm256_cvtepi32_ps(q), sc));
           }
         }
       }
@@ -861,20 +827,16 @@ static void fill_kernels(Kernels& k) {
   k.quant_blocks[kInt8][0] = &quant_blocks<kInt8, 1, 2>;
   k.quant_blocks[kInt8][1] = &quant_blocks<kInt8, 2, 1>;
   k.quant_blocks[kInt8][2] = &quant_blocks<kInt8, 4, 1>;
-  k.quant_blocks[kInt4Sym][0] = &quant_blocks<kInt4Sym, 1, 2>;
-  k.quant_blocks[kInt4Sym][1] = &quant_blocks<kInt4Sym, 2, 1>;
-  k.quant_blocks[kInt4Sym][2] = &quant_blocks<kInt4Sym, 4, 1>;
-  k.quant_blocks[kInt4Asym][0] = &quant_blocks<kInt4Asym, 1, 2>;
-  k.quant_blocks[kInt4Asym][1] = &quant_blocks<kInt4Asym, 2, 1>;
-  k.quant_blocks[kInt4Asym][2] = &quant_blocks<kInt4Asym, 4, 1>;
+  k.quant_blocks[kInt4][0] = &quant_blocks<kInt4, 1, 2>;
+  k.quant_blocks[kInt4][1] = &quant_blocks<kInt4, 2, 1>;
+  k.quant_blocks[kInt4][2] = &quant_blocks<kInt4, 4, 1>;
   const int fs[3] = {4, 2, 1}, qs[3] = {2, 1, 1};
   for (int i = 0; i < 3; ++i) k.float_streams[i] = fs[i], k.quant_streams[i] = qs[i];
   k.float_unpack[kBF16] = &float_unpack<kBF16>;
   k.float_unpack[kF16] = &float_unpack<kF16>;
   k.float_unpack[kF32] = &float_unpack<kF32>;
   k.quant_unpack[kInt8] = &quant_unpack<kInt8>;
-  k.quant_unpack[kInt4Sym] = &quant_unpack<kInt4Sym>;
-  k.quant_unpack[kInt4Asym] = &quant_unpack<kInt4Asym>;
+  k.quant_unpack[kInt4] = &quant_unpack<kInt4>;
   k.prep_digits = nullptr;
   k.read_streams = &read_streams;
   fill_fused(k);

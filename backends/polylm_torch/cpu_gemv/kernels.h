@@ -4,8 +4,8 @@
 // contiguous run of 64-byte chunks, and chunk c holds, for each of the 16 rows, the 4 bytes of that row's next
 // k-values (bf16: a pair, fp32: one value, int8: 4 values stored +128, int4: 8 nibbles; fp16 chunks hold k0 for
 // rows 0..15 then k1 for rows 0..15 so that vcvtph2ps yields a row vector). A SIMD lane is one output row, so
-// there are no horizontal reductions and each block is one sequential stream. Group parameters (scales, mins)
-// are stored [block][group][16].
+// there are no horizontal reductions and each block is one sequential stream. Group scales are stored
+// [block][group][16].
 #pragma once
 
 #include <cstdint>
@@ -21,7 +21,7 @@ constexpr int kGemmRows = 6;        // x rows per GEMM register tile (6 x 4 accu
 
 enum Isa : int { kIsaNone = 0, kIsaAvx2 = 1, kIsaAvx512 = 2 };
 enum FloatKind : int { kBF16 = 0, kF16 = 1, kF32 = 2 };
-enum QuantKind : int { kInt8 = 0, kInt4Sym = 1, kInt4Asym = 2 };
+enum QuantKind : int { kInt8 = 0, kInt4 = 1 };
 enum GatedAct : int { kSilu = 0, kGeluTanh = 1 };
 
 constexpr int chunk_k(int float_kind) { return float_kind == kF32 ? 1 : 2; }
@@ -50,12 +50,10 @@ struct QuantArgs {
   int64_t chunks_per_group;
   int64_t ngroups;
   const void* scales;      // [NB][NG][16] fp32 (int8) or bf16 (int4)
-  const uint16_t* mins;    // [NB][NG][16] bf16 (asymmetric int4) or null
   const int32_t* xdigits;  // AVX-512: [M][3][ldx] int32 words of 4 signed digits
   const int32_t* corr;     // AVX-512: [M][NG][3] zero_point * sum of the digits over the group
   const float* x;          // AVX2: [M][ldx] fp32
   int64_t ldx;             // words per digit row (AVX-512) or floats per x row (AVX2)
-  const float* xsum;       // [M][NG] sum of x over the group (divided by sx on AVX-512); asymmetric only
   const float* sx;         // AVX-512: [M] activation scale
   const float* bias;
   float* y;
@@ -70,7 +68,6 @@ struct UnpackArgs {
   int64_t chunks_per_group;
   int64_t ngroups;
   const void* scales;
-  const uint16_t* mins;
   int64_t K;
   void* out;
   int64_t ldw;
@@ -122,20 +119,20 @@ struct AttentionArgs {
 using AttentionFn = void (*)(const AttentionArgs&, int64_t u0, int64_t u1, float* scores /* [L] */);
 // Computes output blocks [b, b_end) for all M rows; `w` points at block b, the next blocks follow it.
 using GemmFn = void (*)(const GemmArgs&, const uint8_t* w, int64_t b, int64_t b_end);
-// Turns one zero-padded fp32 activation row into digits, corrections and group sums (AVX-512 quant path).
-using PrepFn = void (*)(const float* x, int64_t kpad, int64_t group, int zero_point, bool want_xsum,
-                        int8_t* digits, int32_t* corr, float* xsum, float* sx);
+// Turns one zero-padded fp32 activation row into digits and corrections (AVX-512 quant path).
+using PrepFn = void (*)(const float* x, int64_t kpad, int64_t group, int zero_point, int8_t* digits, int32_t* corr,
+                        float* sx);
 
 struct Kernels {
   FloatFn float_blocks[3][3];   // [kind][m_slot]
   FloatFn bf16_dot_blocks[3];   // bf16 activations x bf16 weights (AVX512-BF16); null where unsupported
-  QuantFn quant_blocks[3][3];
+  QuantFn quant_blocks[2][3];   // [quant kind][m_slot]
   int float_streams[3];
   int dot_streams[3];
   int quant_streams[3];
   UnpackFn float_unpack[3];
-  UnpackFn quant_unpack[3];
-  DequantBf16Fn quant_to_bf16[3];  // AVX-512 only
+  UnpackFn quant_unpack[2];
+  DequantBf16Fn quant_to_bf16[2];  // AVX-512 only
   GemmFn bf16_gemm;                // AVX512-BF16 only; null where unsupported
   GatedFn gated;                   // fused elementwise kernels and decode attention (fused.h)
   RmsFn add_rms_norm;
