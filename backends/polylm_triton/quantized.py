@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from polylm.ir import ModelIR, Quantization
-from polylm_torch.params import ModelParams
+from polylm_torch_common.params import ModelParams
 
 #: Up to this many rows of x, the broadcast-and-sum path; above it, `tl.dot` tiles.
 SMALL_ROWS = 4
