@@ -60,7 +60,8 @@ def _lookup(table: torch.Tensor | RowTable, ids: torch.Tensor) -> torch.Tensor:
 
 
 class ReferenceOps:
-    """Reference implementations in plain torch, on any device; they call no compiled kernel."""
+    """Reference implementations in plain torch, on any device. They call no compiled kernel themselves; a matrix
+    that the runtime's `prepare` made a layer (`params.Prepare`) computes as that layer does."""
 
     #: a tensor-parallel rank's collectives (`parallel.Collectives`); None runs unsharded
     collectives = None
