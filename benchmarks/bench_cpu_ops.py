@@ -3,8 +3,8 @@
 - the prefill GEMM: :class:`PackedLinear` with bf16 x of `--rows` rows against ``F.linear`` (oneDNN) with the
   bf16 weight, in GFLOP/s, for the four matrices of a gemma-bench layer;
 - the fused decode ops, in µs a call: attention of one query over a 192-slot cache (16 heads, 1 KV head)
-  against ``F.scaled_dot_product_attention``; tanh-GELU(gate) × up and residual add + RMSNorm against the torch
-  ops of ``TorchOps`` (``POLYLM_GEMV_ISA=none``), at prefill and decode sizes.
+  against ``F.scaled_dot_product_attention``; tanh-GELU(gate) × up and residual add + RMSNorm of ``CpuOps``
+  against the plain-torch ``ReferenceOps``, at prefill and decode sizes.
 
 Methods alternate and each figure is the median of `--repeat` timed batches (the machines are shared).
 
@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from polylm.ir import MLP, Norm
 from polylm_torch import cpu_gemv
 from polylm_torch.cpu_gemv import PackedLinear
-from polylm_torch.ops import TorchOps
-from polylm_torch.params import NormParams
+from polylm_torch.cpu_ops import CpuOps
+from polylm_torch_common.ops import ReferenceOps
+from polylm_torch_common.params import NormParams
 
 SHAPES = {"q/k/v": (1152, 1024), "o": (1024, 1024), "gate/up": (8192, 1024), "down": (1024, 4096)}
 
@@ -43,17 +44,6 @@ def timed(pair: dict[str, Callable[[], object]], repeat: int, calls: int) -> dic
                 fn()
             samples[name].append((time.perf_counter() - start) / calls)
     return {name: statistics.median(s) for name, s in samples.items()}
-
-
-def stock(fn: Callable[[], object]) -> Callable[[], object]:
-    """`fn` run with the compiled ops switched off, i.e. on torch ops."""
-    def run() -> object:
-        os.environ["POLYLM_GEMV_ISA"] = "none"
-        try:
-            return fn()
-        finally:
-            os.environ.pop("POLYLM_GEMV_ISA")
-    return run
 
 
 def main() -> None:
@@ -73,7 +63,7 @@ def main() -> None:
         flop = 2 * args.rows * n * k
         print(f"  {name:8s} {n}x{k}: polylm {flop / t['packed'] / 1e9:6.0f}   "
               f"F.linear {flop / t['F.linear'] / 1e9:6.0f}   ×{t['F.linear'] / t['packed']:.2f}")
-    ops = TorchOps()
+    ops, reference = CpuOps(), ReferenceOps()
     q, cache = torch.randn(1, 16, 1, 64).bfloat16(), torch.randn(1, 1, 256, 64).bfloat16()
     bias = torch.zeros(1, 1, 1, 192).bfloat16()
     fused = {"decode attention, 192 slots": (
@@ -86,9 +76,9 @@ def main() -> None:
         x, delta = torch.randn(rows, 1024).bfloat16(), torch.randn(rows, 1024).bfloat16()
         mlp = MLP(4096, "gelu_tanh", True)
         fused[f"tanh-GELU(gate) × up, {rows} rows"] = (lambda h=h, mlp=mlp: ops.activation(h, mlp),
-                                                      stock(lambda h=h, mlp=mlp: ops.activation(h, mlp)))
+                                                      lambda h=h, mlp=mlp: reference.activation(h, mlp))
         fused[f"add + RMSNorm, {rows} rows"] = (lambda x=x, d=delta: ops.add_norm(x, d, norm),
-                                               stock(lambda x=x, d=delta: ops.add_norm(x, d, norm)))
+                                               lambda x=x, d=delta: reference.add_norm(x, d, norm))
     print("\nfused ops (µs a call)")
     for name, (ours, theirs) in fused.items():
         t = timed({"polylm": ours, "torch": theirs}, args.repeat, 20)

@@ -40,7 +40,7 @@ runtime = model.runtime
 if world > 1:
     held = runtime.local.held_bytes()
 else:
-    from polylm_torch.parallel import param_bytes
+    from polylm_torch_common.parallel import param_bytes
     held = param_bytes(runtime.params)
 result = dict(rank=rank, load_s=load_s, held_mb=held / 2**20)
 if rank == 0:

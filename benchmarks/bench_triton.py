@@ -126,12 +126,12 @@ def bench_model(name: str, directory: Path, args: argparse.Namespace, copy_bandw
     import torch
 
     import polylm
-    from polylm_torch.ops import TorchOps
+    from polylm_torch_common.ops import ReferenceOps
 
     triton_runtime = polylm.load(directory, backend="triton", dtype=args.dtype).runtime
-    # the torch backend's ops on the same GPU tensors (TorchBackend itself lowers to the CPU)
+    # the plain-torch reference ops on the same GPU tensors (TorchBackend itself lowers to the CPU)
     torch_runtime = copy.copy(triton_runtime)
-    torch_runtime.ops = TorchOps()
+    torch_runtime.ops = ReferenceOps()
     weight_bytes = weights_read_per_step(triton_runtime)
     rows = []
     for batch in args.batches:

@@ -112,7 +112,7 @@ def test_third_party_backend_registers_like_a_family(tmp_path, make_ckpt):
                 return Availability(True, "always", auto=False)
 
             def lower(self, ir, weights, dtype):
-                from polylm_torch.runtime import TorchRuntime
+                from polylm_torch_common.runtime import TorchRuntime
                 return TorchRuntime(ir, weights, dtype)
 
         @hookimpl

@@ -122,7 +122,7 @@ def assert_matches_one_process(result: dict, single) -> None:
 
 @pytest.mark.parametrize("family,task", CASES, ids=[f"{f}-{t}" for f, t in CASES])
 def test_two_ranks_match_one_process(job, family, task):
-    from polylm_torch.parallel import param_bytes
+    from polylm_torch_common.parallel import param_bytes
 
     cases, (rank0, rank1) = job
     name = f"{family}/{task}"

@@ -1,4 +1,5 @@
-"""The torch backend: the reference lowering of the IR and the CPU fallback."""
+"""The torch backend: the shared torch runtime (`polylm_torch_common`) on the CPU, with the compiled kernels of
+`cpu_gemv` for the matrices (`cpu_linear`) and the fused ops (`cpu_ops`)."""
 
 from __future__ import annotations
 
@@ -24,24 +25,28 @@ class TorchBackend(Backend):
         return Availability(True, f"torch {torch.__version__} on CPU")
 
     def lower(self, ir: ModelIR, weights: Weights, dtype: str) -> Runtime:
-        from .cpu_linear import kernel_layer
-        from .runtime import TorchRuntime
+        from polylm_torch_common.runtime import TorchRuntime
 
-        return TorchRuntime(ir, weights, dtype, prepare=kernel_layer)
+        from .cpu_linear import kernel_layer
+        from .cpu_ops import CpuOps
+
+        return TorchRuntime(ir, weights, dtype, ops=CpuOps(), prepare=kernel_layer)
 
     def join_group(self, world_size: int, timeout_s: float) -> Shard:
-        from .parallel import join_group
+        from polylm_torch_common.parallel import join_group
 
         return join_group(world_size, timeout_s)
 
     def lower_shard(self, ir: ModelIR, weights: Weights, dtype: str, plan: ShardPlan) -> ShardRuntime:
+        from polylm_torch_common.parallel import TorchShardRuntime
+
         from .cpu_linear import kernel_layer
-        from .parallel import TorchShardRuntime
+        from .cpu_ops import CpuOps
 
         if ir.quantization is not None:
             raise BackendError("quantized weights are not supported with tensor parallelism yet; drop one of "
                                "--quantize / --tp")
-        return TorchShardRuntime(ir, weights, dtype, plan, prepare=kernel_layer)
+        return TorchShardRuntime(ir, weights, dtype, plan, ops=CpuOps(), prepare=kernel_layer)
 
 
 @hookimpl

@@ -1,9 +1,11 @@
-"""The Triton backend: the torch runtime with every primitive but the matrix multiplies as a Triton kernel, and
-the matrix multiplies too when the weights are quantized (weight-only int8/int4, `quantized`).
+"""The Triton backend: the shared torch runtime (`polylm_torch_common`) with every primitive but the matrix
+multiplies as a Triton kernel, and the matrix multiplies too when the weights are quantized (weight-only
+int8/int4, `quantized`).
 
-On a CUDA GPU it is available and preferred by `auto`. With `TRITON_INTERPRET=1` it runs its kernels through
-Triton's CPU interpreter — slowly, for testing — and `auto` never picks it. Importing this module does not
-import triton, so polylm installs and runs without it.
+On a CUDA GPU it is available and preferred by `auto`; with `POLYLM_CUDA_GRAPH=1` its decode steps replay a
+CUDA graph (`graph`; off by default until verified on a GPU). With `TRITON_INTERPRET=1` it runs its kernels
+through Triton's CPU interpreter — slowly, for testing — and `auto` never picks it. Importing this module does
+not import triton, so polylm installs and runs without it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,11 @@ from polylm.checkpoint.weights import Weights
 def interpreting() -> bool:
     """Whether Triton interprets kernels on the CPU (TRITON_INTERPRET, read as triton reads it)."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def cuda_graphs() -> bool:
+    """Whether decode steps replay CUDA graphs: POLYLM_CUDA_GRAPH=1, on CUDA (never under the interpreter)."""
+    return not interpreting() and os.environ.get("POLYLM_CUDA_GRAPH", "0").strip() == "1"
 
 
 class TritonBackend(Backend):
@@ -53,13 +60,15 @@ class TritonBackend(Backend):
 
     def lower(self, ir: ModelIR, weights: Weights, dtype: str) -> Runtime:
         self._check(ir, dtype)
-        from polylm_torch.runtime import TorchRuntime
+        from polylm_torch_common.runtime import TorchRuntime
 
+        from .graph import GraphedRuntime
         from .ops import TritonOps
 
         # the torch runtime builds dense params; a quantized model's matrices are then quantized here, in this
         # backend's own layout (`quantized.QuantizedWeight`), whatever the torch backend does with quantization
-        runtime = TorchRuntime(replace(ir, quantization=None), weights, dtype,
+        runtime_type = GraphedRuntime if cuda_graphs() else TorchRuntime
+        runtime = runtime_type(replace(ir, quantization=None), weights, dtype,
                                device="cpu" if interpreting() else "cuda", ops=TritonOps())
         if ir.quantization is not None:
             from .quantized import quantize_params
@@ -69,18 +78,18 @@ class TritonBackend(Backend):
         return runtime
 
     def join_group(self, world_size: int, timeout_s: float) -> Shard:
-        from polylm_torch.parallel import join_group
+        from polylm_torch_common.parallel import join_group
 
         return join_group(world_size, timeout_s, device="cpu" if interpreting() else "cuda")
 
     def lower_shard(self, ir: ModelIR, weights: Weights, dtype: str, plan: ShardPlan) -> ShardRuntime:
-        """The torch backend's sharded runtime with these kernels; one GPU per rank (cuda:LOCAL_RANK), NCCL."""
+        """The shared sharded runtime with these kernels; one GPU per rank (cuda:LOCAL_RANK), NCCL."""
         self._check(ir, dtype)
         if ir.quantization is not None:
             raise BackendError("backend 'triton' does not run weight-only quantized models tensor-parallel yet; "
                                "load without quantize= or without tensor_parallel=")
         import torch
-        from polylm_torch.parallel import TorchShardRuntime
+        from polylm_torch_common.parallel import TorchShardRuntime
 
         from .ops import TritonOps
 

@@ -1,4 +1,5 @@
-"""`DecodeGraph`: decode steps (one new token per row) captured once in a CUDA graph and replayed.
+"""`DecodeGraph`: decode steps (one new token per row) captured once in a CUDA graph and replayed, and
+`GraphedRuntime`, the runtime that routes its decode steps through one (`POLYLM_CUDA_GRAPH=1`).
 
 At ~1B parameters a decode step is ~170 short kernels whose launch cost exceeds their work; a graph
 launches them all at once. Everything a step varies lives in tensors at fixed addresses, sized to the cache:
@@ -12,11 +13,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from polylm.backend import Step
+from polylm.backend import Cache, Step
 from polylm.errors import BackendError, InputError
 from polylm.numerics.positions import rope_frequencies_per_row
-from polylm_torch.ops import StepTensors
-from polylm_torch.runtime import TorchCache, TorchRuntime
+from polylm_torch_common.ops import StepTensors
+from polylm_torch_common.runtime import TorchCache, TorchRuntime
 
 _ID, _POSITION, _MASK, _GATHER, _SLOT = range(5)
 
@@ -124,3 +125,23 @@ class DecodeGraph:
             if self.host_inv_freq is None or not np.array_equal(inv_freq, self.host_inv_freq):
                 self.inv_freq.copy_(torch.from_numpy(inv_freq).expand_as(self.inv_freq))
                 self.host_inv_freq = inv_freq
+
+
+class GraphedRuntime(TorchRuntime):
+    """`TorchRuntime` whose one-token steps on a cache replay that cache's `DecodeGraph`, captured at the first
+    such step and again when steps move to another cache (it holds one: `new_cache` lets it go, so that the
+    old cache's memory is freed). Other steps run as usual. On a CPU device the graph's step runs eagerly."""
+
+    _graph: DecodeGraph | None = None
+
+    def new_cache(self, batch: int, capacity: int) -> TorchCache:
+        self._graph = None
+        return super().new_cache(batch, capacity)
+
+    def forward(self, step: Step, cache: Cache | None = None) -> np.ndarray:
+        if cache is None or step.input_ids.shape[1] != 1:
+            return super().forward(step, cache)
+        if self._graph is None or self._graph.cache is not cache:
+            self._graph = None  # the last graph's memory goes before the next one is captured
+            self._graph = DecodeGraph(self, cache, capture=self.device.type == "cuda")
+        return self._graph.step(step)

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from polylm_torch.params import NormParams
+from polylm_torch_common.params import NormParams
 
 from .config import row_tile
 

@@ -1,4 +1,4 @@
-"""`TritonOps`: the torch backend's primitives replaced by the Triton kernels of this package.
+"""`TritonOps`: the reference ops (`polylm_torch_common.ops`) replaced by the Triton kernels of this package.
 
 Matrix multiplies stay torch (cuBLAS), except those of weight-only quantized weights (`quantized`). Every op
 reads only tensors of the step — never `StepTensors.past` — launches with shapes fixed by the step's tensor
@@ -11,14 +11,14 @@ from __future__ import annotations
 import torch
 
 from polylm.ir import Attention, MLP
-from polylm_torch.ops import StepTensors, TorchOps
-from polylm_torch.params import NormParams
+from polylm_torch_common.ops import ReferenceOps, StepTensors
+from polylm_torch_common.params import NormParams
 
 from . import activation, attention, gather, quantized, rope
 from . import norm as norms
 
 
-class TritonOps(TorchOps):
+class TritonOps(ReferenceOps):
     """Fused Triton kernels for norms (with the residual add), the embedding, RoPE with the cache write, the
     MLP activation with its gate, attention (prefill and split-KV decode), the head's row gather, and the
     matmul of weight-only quantized weights."""

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from polylm.ir import ModelIR, Quantization
 from polylm.numerics import quantization
-from polylm_torch.params import ModelParams
+from polylm_torch_common.params import ModelParams
 
 #: Up to this many rows of x, the broadcast-and-sum path; above it, `tl.dot` tiles.
 SMALL_ROWS = 4

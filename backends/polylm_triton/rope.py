@@ -60,7 +60,7 @@ def _rope_and_cache_kernel(
 def rope_and_cache(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                    rotary: tuple[torch.Tensor, torch.Tensor] | None, slots: torch.Tensor,
                    attn: Attention) -> torch.Tensor:
-    """See `TorchOps.rope_and_cache`: qkv [batch, new, (heads + 2·kv_heads)·head_dim] → q [batch, heads, new,
+    """See `ReferenceOps.rope_and_cache`: qkv [batch, new, (heads + 2·kv_heads)·head_dim] → q [batch, heads, new,
     head_dim] (a transposed view); k and v land in `keys`/`values` [batch, kv_heads, capacity, head_dim]
     (unit stride in head_dim) at `slots` [new]."""
     batch, new, _ = qkv.shape

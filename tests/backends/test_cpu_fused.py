@@ -1,6 +1,6 @@
 """The compiled fused kernels of the torch CPU path, on each ISA path this CPU runs: the gated activation
-act(gate) * up and the decode attention against fp64 references, the residual add + RMSNorm and the RoPE +
-cache write against the torch ops they replace."""
+act(gate) * up and the decode attention against fp64 references, the residual add + RMSNorm against its formula;
+then the ops that call them (`CpuOps`) against the reference ops (`ReferenceOps`) they replace."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from polylm.ir import Attention, RoPE
+from polylm.ir import MLP, Attention, Norm, RoPE
 from polylm_torch import cpu_gemv
 from polylm_torch.cpu_gemv import _build
-from polylm_torch.ops import TorchOps
+from polylm_torch.cpu_ops import CpuOps
+from polylm_torch_common.ops import ReferenceOps, StepTensors
+from polylm_torch_common.params import NormParams
 from test_cpu_gemv import _isas, extension  # noqa: F401 - `extension` is a fixture
 
 ACTIVATIONS = {0: F.silu, 1: lambda x: F.gelu(x, approximate="tanh")}
@@ -108,10 +110,72 @@ def test_attention_bad_input(extension, isa):
         extension.attention(torch.randn(1, 2, 1, 8), cache, cache, torch.zeros(1, 1, 1, 5), 5, 1.0, isa)
 
 
+# -- CpuOps against ReferenceOps ----------------------------------------------------------------------------
+
+#: (absolute, relative) bound of |CpuOps − ReferenceOps|: fp32 differs by summation order; bf16 by where results
+#: are rounded (once in a kernel, after every op in torch), a few units of bf16's 2^-8.
+OPS_TOLERANCE = {torch.float32: (1e-6, 1e-5), torch.bfloat16: (2.0**-6, 2.0**-6)}
+
+
+def assert_ops_agree(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    absolute, relative = OPS_TOLERANCE[dtype]
+    assert got.shape == want.shape and got.dtype == want.dtype
+    excess = (got.float() - want.float()).abs() - relative * want.float().abs()
+    assert excess.max().item() <= absolute, excess.max().item()
+
+
+@pytest.fixture(params=_isas())
+def kernel_path(request, extension, monkeypatch) -> None:
+    """Each kernel path this CPU runs, picked for `CpuOps` through POLYLM_GEMV_ISA."""
+    monkeypatch.setenv("POLYLM_GEMV_ISA", request.param)
+
+
+def random(*shape, dtype=torch.float32, seed=0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_delta", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_add_norm_op_matches_reference(kernel_path, dtype, with_delta, with_bias):
+    x, delta = random(2, 3, 96, dtype=dtype), random(2, 3, 96, dtype=dtype, seed=1) if with_delta else None
+    p = NormParams(Norm("rms", 1e-6, bias=with_bias), random(96, seed=2), random(96, seed=3) if with_bias else None)
+    for got, want in zip(CpuOps().add_norm(x, delta, p), ReferenceOps().add_norm(x, delta, p)):
+        assert_ops_agree(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh", "relu"])  # relu: no kernel, the reference op
+def test_activation_op_matches_reference(kernel_path, dtype, activation):
+    mlp, h = MLP(37, activation, gated=True), random(2, 3, 2 * 37, dtype=dtype) * 3
+    assert_ops_agree(CpuOps().activation(h, mlp), ReferenceOps().activation(h, mlp), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("new", [1, 3, 17])  # 17 query rows: beyond the kernel's 16, the reference op
+def test_attention_op_matches_reference(kernel_path, dtype, new):
+    batch, heads, kv_heads, d, keys = 2, 4, 2, 32, 20
+    attn = Attention(num_heads=heads, num_kv_heads=kv_heads, head_dim=d, position=RoPE(theta=10000.0,
+                                                                                        max_positions=64))
+    mask = torch.ones(batch, keys, dtype=torch.bool)
+    mask[1, :5] = False  # a left-padded row
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    past = keys - new
+    step = StepTensors(input_ids=torch.zeros(batch, new, dtype=torch.int64), positions=positions,
+                       new_positions=positions[:, past:], mask=mask,
+                       slots=torch.arange(past, keys, dtype=torch.int32), gather=None, inv_freq=None, rope_factor=1.0,
+                       alibi=None, past=past, dtype=dtype)
+    q = random(batch, heads, new, d, dtype=dtype, seed=4)
+    cache_keys, cache_values = random(batch, kv_heads, keys + 3, d, dtype=dtype, seed=5), \
+        random(batch, kv_heads, keys + 3, d, dtype=dtype, seed=6)
+    assert_ops_agree(CpuOps().attention(q, cache_keys, cache_values, step, attn),
+                     ReferenceOps().attention(q, cache_keys, cache_values, step, attn), dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("rotary_dim", [0, 16, 24])  # none (ALiBi), partial, full
-def test_rope_and_cache_equals_torch_ops(monkeypatch, dtype, interleaved, rotary_dim):
+def test_rope_and_cache_op_equals_reference(kernel_path, monkeypatch, dtype, interleaved, rotary_dim):
     batch, new, past, heads, kv_heads, d, capacity = 2, 3, 4, 4, 2, 24, 9
     attn = Attention(num_heads=heads, num_kv_heads=kv_heads, head_dim=d,
                      position=RoPE(theta=10000.0, max_positions=64, interleaved=interleaved,
@@ -123,9 +187,9 @@ def test_rope_and_cache_equals_torch_ops(monkeypatch, dtype, interleaved, rotary
     cache = [torch.randn(batch, kv_heads, capacity, d, generator=gen).to(dtype) for _ in range(2)]
     step = SimpleNamespace(past=past)
     fused_cache = [c.clone() for c in cache]
-    fused = TorchOps().rope_and_cache(qkv, *fused_cache, rotary, step, attn)
-    monkeypatch.setenv("POLYLM_GEMV_ISA", "none")  # the torch ops
-    assert cpu_gemv.rope_and_cache(qkv, rotary, *cache, past, heads, kv_heads, d, rotary_dim, interleaved) is None
-    expected = TorchOps().rope_and_cache(qkv, *cache, rotary, step, attn)
+    fused = CpuOps().rope_and_cache(qkv, *fused_cache, rotary, step, attn)
+    expected = ReferenceOps().rope_and_cache(qkv, *cache, rotary, step, attn)
     assert torch.equal(fused, expected)  # the same roundings, bit for bit
     assert all(torch.equal(a, b) for a, b in zip(fused_cache, cache))
+    monkeypatch.setenv("POLYLM_GEMV_ISA", "none")  # the kernel declines: CpuOps is the reference op
+    assert cpu_gemv.rope_and_cache(qkv, rotary, *cache, past, heads, kv_heads, d, rotary_dim, interleaved) is None

@@ -37,7 +37,7 @@ def test_int8_greedy_mostly_agrees(make_ckpt):
 
 
 def test_quantized_layers_hold_fewer_bytes(make_ckpt):
-    from polylm_torch.parallel import param_bytes
+    from polylm_torch_common.parallel import param_bytes
 
     directory = make_ckpt("helium")
     sizes = {q: param_bytes(polylm.load(directory, backend="torch", quantize=q).runtime.params)

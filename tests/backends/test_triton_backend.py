@@ -1,5 +1,6 @@
 """The Triton backend as a plugin: availability (simulated CUDA / interpreter / no triton), lowering, and the
-fixed-shape decode step that a CUDA graph captures, checked eagerly against the ordinary forward."""
+fixed-shape decode step that a CUDA graph captures, checked eagerly against the ordinary forward, as the
+runtime routes decode steps through it."""
 
 import importlib.metadata
 import importlib.util
@@ -12,12 +13,13 @@ import torch
 
 import checkpoints
 import polylm
+import polylm_triton
 from parity import SEQUENCES, padded
 from polylm.backend import Step
 from polylm.errors import BackendError
 from polylm.loading.registry import Registry
-from polylm_triton import TritonBackend, interpreting
-from polylm_triton.graph import DecodeGraph
+from polylm_triton import TritonBackend, cuda_graphs, interpreting
+from polylm_triton.graph import DecodeGraph, GraphedRuntime
 
 
 @pytest.fixture
@@ -163,3 +165,29 @@ def test_decode_graph_needs_graph_safe_ops_and_cuda(make_ckpt):
     reference = polylm.load(make_ckpt("gemma"), backend="torch").runtime
     with pytest.raises(BackendError, match="graph"):
         DecodeGraph(reference, reference.new_cache(1, 8), capture=False)
+
+
+def test_cuda_graphs_are_asked_for_and_only_on_cuda(gpu, monkeypatch):
+    assert not cuda_graphs()  # off by default
+    monkeypatch.setenv("POLYLM_CUDA_GRAPH", "1")
+    assert cuda_graphs()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not cuda_graphs()
+
+
+def test_graphed_runtime_decodes_through_one_graph_per_cache(make_ckpt, monkeypatch):
+    """With CUDA graphs on (forced here; on the CPU the graph's step runs eagerly), generation's one-token steps
+    go through the cache's DecodeGraph and give the tokens of the plain runtime."""
+    directory = make_ckpt("helium")
+    prompts = [[1, 5, 9, 44, 21, 7], [1, 70, 71]]
+    want = polylm.load(directory, backend="triton").generate(prompts, max_new_tokens=6)
+    monkeypatch.setattr(polylm_triton, "cuda_graphs", lambda: True)
+    model = polylm.load(directory, backend="triton")
+    assert isinstance(model.runtime, GraphedRuntime)
+    graphs = []
+    graph_step = DecodeGraph.step
+    monkeypatch.setattr(DecodeGraph, "step", lambda self, step: graphs.append(self) or graph_step(self, step))
+    assert model.generate(prompts, max_new_tokens=6) == want
+    assert len(graphs) == max(map(len, want)) - 1 and len(set(map(id, graphs))) == 1  # first token: the prefill
+    model.runtime.new_cache(1, 4)  # a new cache lets the last graph, and the cache it holds, go
+    assert model.runtime._graph is None

@@ -1,4 +1,4 @@
-"""Each Triton kernel against the torch backend's op (the reference) over awkward shapes.
+"""Each Triton kernel against the plain-torch reference op (`ReferenceOps`) over awkward shapes.
 
 Under the interpreter (the default here, see conftest) only float32 runs; on a CUDA GPU
 (`TRITON_INTERPRET=0`) float16 and bfloat16 run too, against the float32 reference with a looser tolerance.
@@ -8,6 +8,7 @@ Shapes are tiny: the interpreter executes every program in Python.
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,19 +17,19 @@ import torch
 from polylm.backend import Step
 from polylm.ir import ALiBi, Attention, MLP, Norm, RoPE
 from polylm.numerics.positions import alibi_slopes, rope_frequencies_per_row
-from polylm_torch.ops import StepTensors, TorchOps
-from polylm_torch.params import NormParams
+from polylm_torch_common.ops import ReferenceOps, StepTensors
+from polylm_torch_common.params import NormParams
 from polylm_triton import interpreting
 from polylm_triton.attention import attention as triton_attention
 from polylm_triton.ops import TritonOps
 
 DEVICE = "cpu" if interpreting() else "cuda"
-# float32 everywhere; on a GPU the 16-bit dtypes too. (absolute, relative) tolerance against the torch op
+# float32 everywhere; on a GPU the 16-bit dtypes too. (absolute, relative) tolerance against the reference op
 # run in the same dtype: the kernels compute in float32 and round once, torch rounds after each op.
 TOLERANCE = {torch.float32: (2e-5, 1e-5), torch.float16: (1e-2, 1e-2), torch.bfloat16: (5e-2, 2e-2)}
 DTYPES = [torch.float32] if interpreting() else [torch.float32, torch.float16, torch.bfloat16]
 
-REFERENCE, TRITON = TorchOps(), TritonOps()
+REFERENCE, TRITON = ReferenceOps(), TritonOps()
 
 
 def close(got, expected, dtype):
@@ -45,7 +46,7 @@ def random(*shape, dtype=torch.float32, scale=1.0, seed=0):
 
 def norm_params(kind, hidden, dtype, bias=False, offset=0.0, seed=1):
     spec = Norm(kind, 1e-5, weight_offset=offset, bias=bias)
-    weight = random(hidden, seed=seed, scale=0.3).float() + offset  # as polylm_torch.params does
+    weight = random(hidden, seed=seed, scale=0.3).float() + offset  # as polylm_torch_common.params does
     if kind == "layer":
         weight = weight.to(dtype)
     return NormParams(spec, weight, random(hidden, seed=seed + 1, dtype=dtype) if bias else None)
@@ -228,6 +229,7 @@ def test_decode_attention_reads_only_filled_slots(num_splits):
 def test_kernels_compile_for_cuda_without_a_gpu():
     """What the interpreter cannot check: every kernel, at the launchers' pinned configurations, compiles for
     sm_90 (Triton to PTX, ptxas to a cubin) and fits a consumer GPU's 99 KB of shared memory."""
-    result = subprocess.run([sys.executable, "-m", "polylm_triton.aot", "--arch", "90", "--quick"],
+    script = Path(__file__).resolve().parents[2] / "scripts" / "triton_aot.py"
+    result = subprocess.run([sys.executable, str(script), "--arch", "90", "--quick"],
                             env={**os.environ, "TRITON_INTERPRET": "0"}, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

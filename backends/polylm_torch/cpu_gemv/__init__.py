@@ -104,7 +104,7 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: t
 def rope_and_cache(qkv: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None, keys: torch.Tensor,
                    values: torch.Tensor, past: int, heads: int, kv_heads: int, head_dim: int, rotary_dim: int,
                    interleaved: bool) -> torch.Tensor | None:
-    """The torch path's ``TorchOps.rope_and_cache`` in one compiled pass (same roundings): q [B, H, T, d], with k
+    """``ReferenceOps.rope_and_cache`` in one compiled pass (same roundings): q [B, H, T, d], with k
     and v written into the caches at slots ``past..past+T``; None where it does not apply, as for
     :func:`gated_activation`."""
     fused = _fused_kernels(qkv, keys, values)

@@ -1,8 +1,9 @@
-"""The torch backend's primitive operations, one per IR feature, written once.
+"""The reference primitive operations, one per IR feature, in plain torch: readable, and the oracle that every
+kernel is tested against.
 
-The Triton backend subclasses `TorchOps` and replaces these with fused kernels; the runtime only calls
-through an ops object, so both share the same model code. `StepTensors` is what an op may know about the
-forward pass it serves.
+The backends subclass `ReferenceOps` and replace ops with their kernels (`polylm_torch.cpu_ops`,
+`polylm_triton.ops`); the runtime only calls through an ops object, so all share the same model code.
+`StepTensors` is what an op may know about the forward pass it serves.
 """
 
 from __future__ import annotations
@@ -15,14 +16,7 @@ import torch.nn.functional as F
 
 from polylm.ir import Attention, MLP
 
-from .cpu_gemv import add_rms_norm, gated_activation
-from .cpu_gemv import attention as compiled_attention
-from .cpu_gemv import rope_and_cache as compiled_rope_and_cache
 from .params import NormParams, RowTable
-
-# Query rows up to which the compiled CPU attention runs (decode); longer steps use torch's flash attention,
-# which skips masked blocks.
-_COMPILED_ATTENTION_MAX_NEW = 16
 
 
 @dataclass
@@ -65,12 +59,11 @@ def _lookup(table: torch.Tensor | RowTable, ids: torch.Tensor) -> torch.Tensor:
     return table[ids] if isinstance(table, torch.Tensor) else table.rows(ids)
 
 
-class TorchOps:
-    """Reference implementations in plain torch. On CPU tensors the compiled kernels of `cpu_gemv` (fused norm,
-    activation, RoPE + cache write, decode attention) take over where they apply; `POLYLM_GEMV_ISA=none` keeps
-    every op on torch."""
+class ReferenceOps:
+    """Reference implementations in plain torch, on any device. They call no compiled kernel themselves; a matrix
+    that the runtime's `prepare` made a layer (`params.Prepare`) computes as that layer does."""
 
-    #: a tensor-parallel rank's collectives (`polylm_torch.parallel.Collectives`); None runs unsharded
+    #: a tensor-parallel rank's collectives (`parallel.Collectives`); None runs unsharded
     collectives = None
 
     def reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -104,10 +97,6 @@ class TorchOps:
 
     def add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, p: NormParams) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual sum `x + delta` (just `x` without a delta) and its norm."""
-        if p.spec.kind == "rms":
-            fused = add_rms_norm(x, delta, p.weight, p.bias, p.spec.eps)
-            if fused is not None:
-                return fused
         if delta is not None:
             x = x + delta
         return x, self.norm(x, p)
@@ -144,11 +133,6 @@ class TorchOps:
         """Split the fused projection qkv [batch, new, (heads + 2·kv_heads)·head_dim] into heads, rotate q and k
         (cos/sin [batch, new, rotary_dim / 2], float32; None without RoPE), write k and v into the layer's
         cache [batch, kv_heads, capacity, head_dim] at the step's slots, and return q [batch, heads, new, head_dim]."""
-        interleaved = rotary is not None and attn.position.interleaved
-        fused = compiled_rope_and_cache(qkv, rotary, keys, values, step.past, attn.num_heads, attn.num_kv_heads,
-                                        attn.head_dim, attn.rotary_dim, interleaved)
-        if fused is not None:
-            return fused
         batch, new, _ = qkv.shape
         q_size, kv_size = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
         q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
@@ -168,10 +152,6 @@ class TorchOps:
         the step's mask covers; returns [batch, new, heads·d]."""
         batch, _, new, _ = q.shape
         end = step.mask.shape[1]
-        if new <= _COMPILED_ATTENTION_MAX_NEW:
-            fused = compiled_attention(q, keys, values, step.attention_bias, end, attn.softmax_scale)
-            if fused is not None:
-                return fused
         out = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=step.attention_bias,
                                              scale=attn.softmax_scale, enable_gqa=attn.num_heads != attn.num_kv_heads)
         return out.transpose(1, 2).reshape(batch, new, -1)
@@ -179,9 +159,6 @@ class TorchOps:
     def activation(self, h: torch.Tensor, mlp: MLP) -> torch.Tensor:
         """The MLP's activation, applied to [gate; up] halves when gated."""
         if mlp.gated:
-            fused = gated_activation(h, mlp.activation)
-            if fused is not None:
-                return fused
             gate, up = h.chunk(2, dim=-1)
             return _ACTIVATIONS[mlp.activation](gate) * up
         return _ACTIVATIONS[mlp.activation](h)

@@ -1,9 +1,9 @@
-"""Compile every kernel of this backend for a CUDA architecture without a GPU: Triton's compiler down to PTX
+"""Compile every kernel of the Triton backend for a CUDA architecture without a GPU: Triton's compiler down to PTX
 and ptxas to a cubin. It catches what the CPU interpreter accepts but the GPU compiler rejects (dot shapes,
 mixed dot operand types, constexpr misuse) and reports each kernel's registers, spills and shared memory,
 with the launchers' own pinned configurations at representative ~1B-model shapes.
 
-    TRITON_INTERPRET=0 python -m polylm_triton.aot [--arch 90] [--dtypes bfloat16 float32] [--quick]
+    TRITON_INTERPRET=0 python scripts/triton_aot.py [--arch 90] [--dtypes bfloat16 float32] [--quick]
 
 Exits non-zero when a kernel fails to compile or needs more shared memory than a consumer GPU's 99 KB.
 """
@@ -27,8 +27,8 @@ _TRITON_TYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 def cases(dtype: str, quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
     """(label, kernel, pointer types, constexprs, options) for every kernel at representative shapes."""
-    from . import activation, attention, gather, norm, quantized, rope
-    from .config import row_tile, warps
+    from polylm_triton import activation, attention, gather, norm, quantized, rope
+    from polylm_triton.config import row_tile, warps
 
     data = f"*{_TRITON_TYPES[dtype]}"
     exact = dtype == "float32"

@@ -1,6 +1,6 @@
-"""Tensor parallelism for the torch backend (and the Triton backend, which shares its runtime) over
-torch.distributed: gloo on CPU, NCCL on CUDA. The plan is core's (`polylm.parallel`); here are only the
-collectives the runtime calls through `TorchOps` and joining the process group.
+"""Tensor parallelism for the torch and Triton backends (which share this runtime) over torch.distributed: gloo
+on CPU, NCCL on CUDA. The plan is core's (`polylm.parallel`); here are only the collectives the runtime calls
+through its ops and joining the process group.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from polylm.backend import ShardRuntime
 from polylm.parallel.launch import rank_env, watch_parent
 from polylm.checkpoint.weights import Weights
 
-from .ops import TorchOps
+from .ops import ReferenceOps
 from .params import Prepare
 from .runtime import TorchRuntime
 
@@ -97,8 +97,8 @@ class TorchShardRuntime(TorchRuntime, ShardRuntime):
     broadcast on a gloo group of its own (objects travel on the CPU, and waiting there may take long)."""
 
     def __init__(self, ir: ModelIR, weights: Weights, dtype: str, plan: ShardPlan, device: str = "cpu",
-                 ops: TorchOps | None = None, prepare: Prepare | None = None) -> None:
-        ops = ops or TorchOps()
+                 ops: ReferenceOps | None = None, prepare: Prepare | None = None) -> None:
+        ops = ops or ReferenceOps()
         ops.collectives = Collectives()
         self._control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
         super().__init__(ir, weights, dtype, device=device, ops=ops, plan=plan, prepare=prepare)

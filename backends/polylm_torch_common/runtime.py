@@ -14,7 +14,7 @@ from polylm.parallel.plan import ShardPlan
 from polylm.numerics.positions import alibi_slopes, rope_frequencies_per_row
 from polylm.checkpoint.weights import Weights
 
-from .ops import StepTensors, TorchOps
+from .ops import ReferenceOps, StepTensors
 from .params import TORCH_DTYPES, LayerParams, Prepare, TensorReader, build_params
 
 
@@ -30,14 +30,15 @@ class TorchCache(Cache):
 
 
 class TorchRuntime(Runtime):
-    """Runs a `ModelIR` with torch tensors on one device; `prepare` turns each matrix into the layer computed
-    with as the params are read (see `params.build_params`), else the matrices stay tensors."""
+    """Runs a `ModelIR` with torch tensors on one device through `ops` (the plain-torch reference by default);
+    `prepare` turns each matrix into the layer computed with as the params are read (see `params.build_params`),
+    else the matrices stay tensors."""
 
-    def __init__(self, ir: ModelIR, weights: Weights, dtype: str, device: str = "cpu",
-                 ops: TorchOps | None = None, plan: ShardPlan | None = None, prepare: Prepare | None = None) -> None:
+    def __init__(self, ir: ModelIR, weights: Weights, dtype: str, device: str = "cpu", ops: ReferenceOps | None = None,
+                 plan: ShardPlan | None = None, prepare: Prepare | None = None) -> None:
         self.ir, self.dtype, self.device = ir, dtype, torch.device(device)
         self.torch_dtype = TORCH_DTYPES[dtype]
-        self.ops = ops or TorchOps()
+        self.ops = ops or ReferenceOps()
         # a tensor-parallel rank computes its own heads, MLP range and vocabulary rows (`polylm.parallel`)
         self.plan, self.local = plan, plan.local_ir if plan is not None else ir
         with TensorReader(weights, self.torch_dtype, self.device, plan) as read:

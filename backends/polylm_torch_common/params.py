@@ -32,7 +32,7 @@ except (OSError, AttributeError, TypeError):
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-#: A weight matrix [out, in]: a tensor, or the prepared layer computing `x @ W.T + b` (`TorchOps.linear`).
+#: A weight matrix [out, in]: a tensor, or the prepared layer computing `x @ W.T + b` (`ReferenceOps.linear`).
 Matrix = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
 #: Turns a matrix and its bias into the layer the runtime computes with (holding the bias), quantized as the
 #: spec says (None: not quantized). A tied head's layer is the embedding table too, so it is a `RowTable`.

@@ -1,0 +1,48 @@
+"""`CpuOps`: the reference ops with the compiled CPU kernels of `cpu_gemv` (fused residual add + RMSNorm, gated
+activation, RoPE + cache write, decode attention) where they apply. Each kernel declines (returns None) where it
+does not — another device or dtype, no extension, `POLYLM_GEMV_ISA=none` — and the reference op runs instead."""
+
+from __future__ import annotations
+
+import torch
+
+from polylm.ir import MLP, Attention
+from polylm_torch_common.ops import ReferenceOps, StepTensors
+from polylm_torch_common.params import NormParams
+
+from . import cpu_gemv
+
+# Query rows up to which the compiled CPU attention runs (decode); longer steps use torch's flash attention,
+# which skips masked blocks.
+_COMPILED_ATTENTION_MAX_NEW = 16
+
+
+class CpuOps(ReferenceOps):
+    """The torch backend's ops: the compiled kernels first, the reference ops where they decline."""
+
+    def add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, p: NormParams) -> tuple[torch.Tensor, torch.Tensor]:
+        if p.spec.kind == "rms":
+            fused = cpu_gemv.add_rms_norm(x, delta, p.weight, p.bias, p.spec.eps)
+            if fused is not None:
+                return fused
+        return super().add_norm(x, delta, p)
+
+    def rope_and_cache(self, qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                       rotary: tuple[torch.Tensor, torch.Tensor] | None, step: StepTensors,
+                       attn: Attention) -> torch.Tensor:
+        interleaved = rotary is not None and attn.position.interleaved
+        fused = cpu_gemv.rope_and_cache(qkv, rotary, keys, values, step.past, attn.num_heads, attn.num_kv_heads,
+                                        attn.head_dim, attn.rotary_dim, interleaved)
+        return fused if fused is not None else super().rope_and_cache(qkv, keys, values, rotary, step, attn)
+
+    def attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, step: StepTensors,
+                  attn: Attention) -> torch.Tensor:
+        if q.shape[2] <= _COMPILED_ATTENTION_MAX_NEW:
+            fused = cpu_gemv.attention(q, keys, values, step.attention_bias, step.mask.shape[1], attn.softmax_scale)
+            if fused is not None:
+                return fused
+        return super().attention(q, keys, values, step, attn)
+
+    def activation(self, h: torch.Tensor, mlp: MLP) -> torch.Tensor:
+        fused = cpu_gemv.gated_activation(h, mlp.activation) if mlp.gated else None
+        return fused if fused is not None else super().activation(h, mlp)
