@@ -12,11 +12,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from polylm.backend import Step
+from polylm.backend import Cache, Step
 from polylm.errors import BackendError, InputError
 from polylm.numerics.positions import rope_frequencies_per_row
 from polylm_torch.ops import StepTensors
-from polylm_torch.runtime import TorchCache, TorchRuntime
+from polylm_torch.runtime import TorchRuntime
 
 _ID, _POSITION, _MASK, _GATHER, _SLOT = range(5)
 
@@ -29,7 +29,7 @@ class DecodeGraph:
     that nothing in it depends on host values.
     """
 
-    def __init__(self, runtime: TorchRuntime, cache: TorchCache, capture: bool = True) -> None:
+    def __init__(self, runtime: TorchRuntime, cache: Cache, capture: bool = True) -> None:
         if not getattr(runtime.ops, "graph_safe", False):
             raise BackendError(f"{type(runtime.ops).__name__} reads host values of a step; a CUDA graph cannot "
                                "replay it (use the triton backend's TritonOps)")
