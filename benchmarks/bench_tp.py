@@ -73,7 +73,7 @@ json.dump(result, open(f"{out}/rank{rank}.json", "w"))
 
 
 def bench(path: Path, world: int, threads: int, dtype: str, prompt_tokens: int, new_tokens: int) -> list[dict]:
-    from polylm.parallel.launch import free_port
+    from polylm.parallel.ranks import free_port
 
     per_rank = max(1, threads // world)
     with tempfile.TemporaryDirectory() as out:

@@ -19,15 +19,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .checkpoint.weights import Weights
-from .errors import BackendError
+from .errors import BackendError, InputError
 from .ir import ModelIR
 
 if TYPE_CHECKING:
-    from .backend import ShardRuntime
     from .parallel.plan import Shard, ShardPlan
+    from .parallel.ranks import RankEnv
 
 API_VERSION = 1
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass(frozen=True)
@@ -49,12 +50,25 @@ class Step:
     gather: np.ndarray | None = None
 
 
-class Cache(ABC):
-    """A backend's key/value cache for one batch; `length` slots are filled out of `capacity`."""
+@dataclass
+class Cache:
+    """A key/value cache for one batch: per layer, keys and values [batch, kv_heads, capacity, head_dim] as the
+    backend's arrays; slots [0, length) are filled."""
 
+    keys: list[Any]
+    values: list[Any]
     batch: int
     capacity: int
-    length: int
+    length: int = 0
+
+    def admit(self, step: Step) -> tuple[int, int]:
+        """(past, new): the filled slots `step` follows and the slots it adds; `InputError` when the step does
+        not continue this cache or does not fit in it."""
+        past, (_, new) = self.length, step.input_ids.shape
+        if step.mask.shape[1] != past + new or past + new > self.capacity:
+            raise InputError(f"step covers {step.mask.shape[1]} slots, cache holds {past} of {self.capacity} "
+                             f"and {new} are new")
+        return past, new
 
 
 class Runtime(ABC):
@@ -86,8 +100,8 @@ class ShardRuntime(Runtime):
         raise NotImplementedError
 
     def held_bytes(self) -> int:
-        """Bytes of weights this rank holds."""
-        raise NotImplementedError
+        """Bytes of weights this rank holds: the plan's slices of the IR's tensors in the compute dtype."""
+        return self.plan.held_elements() * _ITEMSIZE[self.dtype]
 
     def close(self) -> None:
         """Leave the group's resources (called once the job ends)."""
@@ -115,6 +129,16 @@ class Backend(ABC):
         already initialized, else the one the environment describes (RANK, WORLD_SIZE, MASTER_ADDR…), joined
         within `timeout_s` seconds. Backends without tensor parallelism refuse."""
         raise BackendError(f"backend {self.name!r} does not run tensor-parallel models")
+
+    def launched_rank(self) -> "RankEnv | None":
+        """This process's place in a job the backend's own launcher started (e.g. `mlx.launch`), None outside
+        one; asked when torchrun's variables are absent."""
+        return None
+
+    def launch_env(self, world_size: int) -> list[dict[str, str]] | None:
+        """The environment variables of each rank (rank 0 first: this process) of a one-machine job that
+        `polylm … --tp N` starts, as `join_group` reads them; None (the default) for torchrun's."""
+        return None
 
     def lower_shard(self, ir: ModelIR, weights: Weights, dtype: str, plan: "ShardPlan") -> "ShardRuntime":
         """Like `lower`, for one rank of a tensor-parallel group that is already initialized: read only the

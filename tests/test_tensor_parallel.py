@@ -21,7 +21,7 @@ import polylm
 from polylm.errors import ParallelError
 from polylm.ir import ModelIR
 from polylm.parallel.plan import Shard, TensorSlice, plan_shards
-from polylm.parallel.launch import free_port
+from polylm.parallel.ranks import free_port
 from test_heads import qa_checkpoint
 
 CASES = [(family, "causal-lm") for family in checkpoints.FAMILIES] + [
@@ -195,6 +195,19 @@ def test_cli_starts_its_ranks_and_prints_what_one_process_prints(make_ckpt):
     sharded = subprocess.run(_cli(make_ckpt, "--max-new-tokens", "12", "--tp", "2"), capture_output=True,
                              text=True, env=_env(), timeout=90)
     assert single.returncode == 0 and sharded.returncode == 0, sharded.stderr
+    assert sharded.stdout == single.stdout
+
+
+def test_cli_ranks_are_not_shadowed_by_a_polylm_folder_in_the_working_directory(make_ckpt, tmp_path):
+    (tmp_path / "polylm").mkdir()  # e.g. the directory holding a clone of polylm
+    (tmp_path / "polylm" / "__init__.py").write_text("raise ImportError('the folder in the working directory')\n")
+    console_script = "import sys; del sys.path[0]; from polylm.cli import main; sys.exit(main())"  # as rank 0
+    single = subprocess.run(_cli(make_ckpt, "--max-new-tokens", "12"), capture_output=True, text=True,
+                            env=_env(), timeout=60)
+    sharded = subprocess.run([sys.executable, "-c", console_script,
+                              *_cli(make_ckpt, "--max-new-tokens", "12", "--tp", "2")[3:]],
+                             capture_output=True, text=True, env=_env(), timeout=90, cwd=tmp_path)
+    assert sharded.returncode == 0, sharded.stderr
     assert sharded.stdout == single.stdout
 
 

@@ -6,13 +6,15 @@ One two-rank job loads every checkpoint in turn; its ranks get the environment `
 gives them (MLX_RANK, MLX_HOSTFILE)."""
 
 import json
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 
 import polylm
-from polylm.parallel.launch import free_port
+from polylm.parallel.ranks import free_port
 from test_tensor_parallel import (CASES, _case_dir, _env, assert_killed_rank_is_named, assert_matches_one_process,
                                   run_two_ranks)
 
@@ -87,3 +89,16 @@ def test_killed_mlx_rank_ends_the_job_with_a_clear_error(make_ckpt):
     command = [sys.executable, "-m", "polylm", "run", "--backend", "mlx", "--tp", "2", "--model",
                str(make_ckpt("gemma")), "--max-new-tokens", "100000", "hello"]
     assert_killed_rank_is_named(command)
+
+
+def test_mlx_rank_dying_at_start_up_ends_the_job_within_the_timeout(make_ckpt, tmp_path):
+    """mlx holds the GIL while its ring waits for a peer, so rank 0 cannot time itself out: it must still end."""
+    (tmp_path / "sitecustomize.py").write_text("import os\nif os.environ.get('MLX_RANK') == '1':\n    os._exit(3)\n")
+    env = _env(POLYLM_TP_TIMEOUT="5", PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "polylm", "run", "--backend", "mlx", "--tp", "2", "--model",
+                             str(make_ckpt("gemma")), "hello"], capture_output=True, text=True, env=env, timeout=60)
+    assert time.monotonic() - started < 30
+    assert result.returncode != 0
+    assert "tensor-parallel rank 0 of 2 could not join the ring group" in result.stderr
+    assert "within 5 s" in result.stderr

@@ -9,13 +9,14 @@ from __future__ import annotations
 import platform
 import sys
 
-from polylm.backend import Availability, Backend, Runtime
-from polylm.errors import BackendError
+from polylm.backend import Availability, Backend, Runtime, ShardRuntime
+from polylm.checkpoint.weights import Weights
 from polylm.hookspecs import hookimpl
 from polylm.ir import ModelIR
 from polylm.parallel.plan import Shard, ShardPlan
-from polylm.backend import ShardRuntime
-from polylm.checkpoint.weights import Weights
+from polylm.parallel.ranks import RankEnv
+
+from . import ring
 
 
 def _apple_silicon() -> bool:
@@ -56,10 +57,13 @@ class MLXBackend(Backend):
 
         return join_group(world_size, timeout_s)
 
+    def launched_rank(self) -> RankEnv | None:
+        return ring.launched_rank()
+
+    def launch_env(self, world_size: int) -> list[dict[str, str]]:
+        return ring.launch_env(world_size)
+
     def lower_shard(self, ir: ModelIR, weights: Weights, dtype: str, plan: ShardPlan) -> ShardRuntime:
-        if ir.quantization is not None:  # a row-parallel slice would get its own per-row scales
-            raise BackendError("backend 'mlx' does not run weight-only quantized models tensor-parallel yet; "
-                               "load without quantize= or without tensor_parallel=")
         from .parallel import MLXShardRuntime
 
         return MLXShardRuntime(ir, weights, dtype, plan)

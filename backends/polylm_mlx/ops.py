@@ -11,6 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from polylm.ir import MLP, Attention
+from polylm.parallel.plan import ShardPlan, gather_padding, trim_gathered
 
 from .params import Matrix, NormParams
 from .quantize import QuantizedMatrix
@@ -92,22 +93,21 @@ def reduce(x: mx.array, group: mx.distributed.Group | None) -> mx.array:
 
 def gather_columns(x: mx.array, sizes: tuple[int, ...], group: mx.distributed.Group | None) -> mx.array:
     """A vocab-parallel head's outputs from every rank (`sizes` of each, in rank order), concatenated on the
-    last axis; `x` when unsharded. Uneven shares travel padded to the widest."""
+    last axis; `x` when unsharded. Uneven shares travel padded to the widest (`polylm.parallel.plan`)."""
     if group is None:
         return x
-    width = max(sizes)
-    if x.shape[-1] < width:
-        x = mx.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
+    pad = gather_padding(x.shape[-1], sizes)
+    if pad:
+        x = mx.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
     parts = mx.distributed.all_gather(x[None], group=group)
-    return mx.concatenate([parts[rank][..., :size] for rank, size in enumerate(sizes)], axis=-1)
+    return mx.concatenate(trim_gathered(list(parts), sizes), axis=-1)
 
 
-def embed_rows(ids: mx.array, table: mx.array, start: int, group: mx.distributed.Group | None) -> mx.array:
-    """Rows of `table` for `ids`; with a vocab-parallel table holding rows [start, start + len(table)), ids
-    outside it give zero rows here, so the sum over the ranks is every id's row."""
-    if group is None:
+def embed_rows(ids: mx.array, table: mx.array, plan: ShardPlan | None, group: mx.distributed.Group | None
+               ) -> mx.array:
+    """Rows of `table` for `ids`; with a vocab-parallel table (`plan.vocab_rows`), ids outside this rank's range
+    give zero rows here, so the sum over the ranks is every id's row."""
+    if plan is None:
         return table[ids]
-    local = ids - start
-    inside = (local >= 0) & (local < table.shape[0])
-    rows = table[mx.clip(local, 0, table.shape[0] - 1)]
-    return reduce(mx.where(inside[..., None], rows, mx.zeros((), rows.dtype)), group)
+    rows, inside = plan.vocab_rows(ids)
+    return reduce(mx.where(inside[..., None], table[rows], mx.zeros((), table.dtype)), group)

@@ -7,13 +7,10 @@ masked), so its shapes repeat and the compiled graph is reused from token to tok
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import mlx.core as mx
 import numpy as np
 
 from polylm.backend import Cache, Runtime, Step
-from polylm.errors import InputError
 from polylm.ir import ModelIR, RoPE
 from polylm.numerics.masks import attention_bias
 from polylm.parallel.plan import ShardPlan
@@ -27,17 +24,6 @@ from .params import MX_DTYPES, LayerParams, build_params, read_tensors
 DECODE_WINDOW = 256
 
 Rotary = tuple[mx.array, mx.array]
-
-
-@dataclass
-class MLXCache(Cache):
-    """Per-layer keys and values [batch, kv_heads, capacity, head_dim]; slots [0, length) are filled."""
-
-    keys: list[mx.array]
-    values: list[mx.array]
-    batch: int
-    capacity: int
-    length: int = 0
 
 
 class MLXRuntime(Runtime):
@@ -62,32 +48,25 @@ class MLXRuntime(Runtime):
         """The canonical tensors this runtime holds, as arrays of the compute dtype."""
         return read_tensors(weights, self.mx_dtype)
 
-    def new_cache(self, batch: int, capacity: int) -> MLXCache:
+    def new_cache(self, batch: int, capacity: int) -> Cache:
         attn = self.local.attention
         shape = (batch, attn.num_kv_heads, capacity, attn.head_dim)
 
         def make() -> list[mx.array]:
             return [mx.zeros(shape, dtype=self.mx_dtype) for _ in range(self.ir.num_layers)]
 
-        cache = MLXCache(make(), make(), batch, capacity)
+        cache = Cache(make(), make(), batch, capacity)
         mx.eval(cache.keys, cache.values)
         return cache
 
     def forward(self, step: Step, cache: Cache | None = None) -> np.ndarray:
-        batch, new = step.input_ids.shape
-        cache = cache if cache is not None else self.new_cache(batch, step.mask.shape[1])
-        assert isinstance(cache, MLXCache)
-        past = cache.length
+        cache = cache if cache is not None else self.new_cache(step.input_ids.shape[0], step.mask.shape[1])
+        past, new = cache.admit(step)
         end = past + new
-        if step.mask.shape[1] != end or end > cache.capacity:
-            raise InputError(f"step covers {step.mask.shape[1]} slots, cache holds {past} of {cache.capacity} "
-                             f"and {new} are new")
         decode = new == 1
         window = min(cache.capacity, -(-end // DECODE_WINDOW) * DECODE_WINDOW) if decode else end
-        bias = attention_bias(self.ir.attention, step.positions, step.mask, past, self.dtype, window)
-        if self.plan is not None and bias.shape[1] > 1:  # ALiBi: this rank's heads' slopes
-            bias = bias[:, self.plan.heads.start:self.plan.heads.stop]
-        bias = mx.array(bias)
+        bias = mx.array(attention_bias(self.ir.attention, step.positions, step.mask, past, self.dtype, window,
+                                       self.plan.heads if self.plan is not None else None))
         rotary = None
         if self.rope_factor is not None:
             query_positions = step.positions[:, past:]
@@ -107,7 +86,7 @@ class MLXRuntime(Runtime):
                ) -> tuple[mx.array, list[mx.array], list[mx.array]]:
         """Head outputs (float32) and the updated caches; pure in its array arguments, so it compiles."""
         params = self.params
-        x = ops.embed_rows(ids, params.embed, self.plan.vocab.start if self.plan else 0, self.group)
+        x = ops.embed_rows(ids, params.embed, self.plan, self.group)
         if self.ir.embedding.scale != 1.0:
             x = x * self.embed_scale
         if params.embed_norm is not None:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from polylm.backend import Availability, Backend, Runtime
-from polylm.errors import BackendError
 from polylm.hookspecs import hookimpl
 from polylm.ir import ModelIR
 from polylm.parallel.plan import Shard, ShardPlan
@@ -43,9 +42,6 @@ class TorchBackend(Backend):
         from .cpu_linear import kernel_layer
         from .cpu_ops import CpuOps
 
-        if ir.quantization is not None:
-            raise BackendError("quantized weights are not supported with tensor parallelism yet; drop one of "
-                               "--quantize / --tp")
         return TorchShardRuntime(ir, weights, dtype, plan, ops=CpuOps(), prepare=kernel_layer)
 
 

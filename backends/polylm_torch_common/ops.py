@@ -9,12 +9,12 @@ The backends subclass `ReferenceOps` and replace ops with their kernels (`polylm
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 import torch.nn.functional as F
 
 from polylm.ir import Attention, MLP
+from polylm.parallel.plan import ShardPlan
 
 from .params import NormParams, RowTable
 
@@ -39,19 +39,9 @@ class StepTensors:
     alibi: torch.Tensor | None  # [heads] ALiBi slopes
     past: int
     dtype: torch.dtype
-
-    @cached_property
-    def attention_bias(self) -> torch.Tensor:
-        """Additive bias [batch, 1|heads, new, keys]: ALiBi on visible keys, the dtype's minimum elsewhere."""
-        device, keys, new = self.mask.device, self.mask.shape[1], self.input_ids.shape[1]
-        causal = torch.arange(keys, device=device)[None, :] <= (self.past + torch.arange(new, device=device))[:, None]
-        visible = (self.mask[:, None, :] & causal[None]).unsqueeze(1)
-        if self.alibi is None:
-            bias = torch.zeros((), dtype=torch.float32, device=device)
-        else:
-            distance = (self.positions[:, None, :] - self.new_positions[:, :, None]).float()
-            bias = self.alibi[None, :, None, None] * distance[:, None]
-        return torch.where(visible, bias, torch.finfo(self.dtype).min).to(self.dtype)
+    # [batch, 1|heads, new, keys] in `dtype`: core's visibility rule (`polylm.numerics.masks.attention_bias`),
+    # uploaded for ops that read it (`ReferenceOps.reads_bias`); None for ops with the rule in their kernel
+    attention_bias: torch.Tensor | None = None
 
 
 def _lookup(table: torch.Tensor | RowTable, ids: torch.Tensor) -> torch.Tensor:
@@ -65,6 +55,9 @@ class ReferenceOps:
 
     #: a tensor-parallel rank's collectives (`parallel.Collectives`); None runs unsharded
     collectives = None
+    #: whether `attention` reads `StepTensors.attention_bias`; ops whose kernel applies the visibility rule
+    #: itself say False (and are tested equal to core's rule), so the runtime uploads no bias for them
+    reads_bias = True
 
     def reduce(self, x: torch.Tensor) -> torch.Tensor:
         """The sum over the ranks of a row-parallel output (attention output, MLP down); `x` when unsharded."""
@@ -75,13 +68,12 @@ class ReferenceOps:
         the last axis; `x` when unsharded."""
         return x if self.collectives is None else self.collectives.all_gather(x, sizes)
 
-    def embed_rows(self, ids: torch.Tensor, table: torch.Tensor | RowTable, start: int, scale: float,
+    def embed_rows(self, ids: torch.Tensor, table: torch.Tensor | RowTable, plan: ShardPlan, scale: float,
                    norm: NormParams | None) -> torch.Tensor:
-        """`embed` from a vocab-parallel table holding rows [start, start + len(table)): ids outside it give
-        zero rows here, so the sum over the ranks is every id's row; then the scale and the norm."""
-        local = ids - start
-        inside = (local >= 0) & (local < table.shape[0])
-        x = self.reduce(torch.where(inside[..., None], _lookup(table, local.clamp(0, table.shape[0] - 1)), 0))
+        """`embed` from a vocab-parallel table (`plan.vocab_rows`): ids outside this rank's range give zero rows
+        here, so the sum over the ranks is every id's row; then the scale and the norm."""
+        rows, inside = plan.vocab_rows(ids)
+        x = self.reduce(torch.where(inside[..., None], _lookup(table, rows), 0))
         if scale != 1.0:
             x = x * scale
         return self.norm(x, norm) if norm is not None else x

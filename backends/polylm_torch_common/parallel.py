@@ -14,9 +14,10 @@ import torch.distributed as dist
 
 from polylm.errors import ParallelError
 from polylm.ir import ModelIR
-from polylm.parallel.plan import Shard, ShardPlan
+from polylm.parallel.plan import Shard, ShardPlan, gather_padding, trim_gathered
 from polylm.backend import ShardRuntime
-from polylm.parallel.launch import rank_env, watch_parent
+from polylm.parallel.launch import watch_parent
+from polylm.parallel.ranks import check_group_size, expect_rank, torchrun_rank
 from polylm.checkpoint.weights import Weights
 
 from .ops import ReferenceOps
@@ -41,13 +42,13 @@ class Collectives:
         return x
 
     def all_gather(self, x: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
-        width = max(sizes)
-        if x.shape[-1] < width:  # uneven shares travel padded to the widest
-            x = torch.nn.functional.pad(x, (0, width - x.shape[-1]))
+        pad = gather_padding(x.shape[-1], sizes)  # uneven shares travel padded to the widest
+        if pad:
+            x = torch.nn.functional.pad(x, (0, pad))
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in sizes]
         dist.all_gather(parts, x, group=self.group)
-        return torch.cat([part[..., :size] for part, size in zip(parts, sizes)], dim=-1)
+        return torch.cat(trim_gathered(parts, sizes), dim=-1)
 
 
 def join_group(world_size: int, timeout_s: float, device: str = "cpu") -> Shard:
@@ -56,13 +57,9 @@ def join_group(world_size: int, timeout_s: float, device: str = "cpu") -> Shard:
     if not dist.is_available():
         raise ParallelError("this torch build has no torch.distributed; tensor parallelism needs it")
     if not dist.is_initialized():
-        env = rank_env()
-        if env is None:
-            raise ParallelError(f"tensor_parallel={world_size} needs a torch.distributed process group: call "
-                                "torch.distributed.init_process_group first, or start the ranks with torchrun or "
-                                "`polylm … --tp N`")
-        if env.world_size != world_size:
-            raise ParallelError(f"tensor_parallel={world_size} but WORLD_SIZE={env.world_size}")
+        env = expect_rank(torchrun_rank(), world_size, "a torch.distributed process group",
+                          "call torch.distributed.init_process_group first, or start the ranks with torchrun or "
+                          "`polylm … --tp N`")
         watch_parent()
         engine = "nccl" if device.startswith("cuda") else "gloo"
         try:
@@ -72,9 +69,7 @@ def join_group(world_size: int, timeout_s: float, device: str = "cpu") -> Shard:
             raise ParallelError(f"rank {env.rank} of {world_size} could not join the group at "
                                 f"{_address()} within {timeout_s:.0f} s: {exc}") from None
         atexit.register(_leave)  # the group polylm joined, it leaves (after rank 0 released the others)
-    if dist.get_world_size() != world_size:
-        raise ParallelError(f"tensor_parallel={world_size} but the torch.distributed group has "
-                            f"{dist.get_world_size()} ranks")
+    check_group_size(world_size, dist.get_world_size(), "torch.distributed")
     return Shard(dist.get_rank(), world_size)
 
 
@@ -107,9 +102,6 @@ class TorchShardRuntime(TorchRuntime, ShardRuntime):
         box = [message]
         dist.broadcast_object_list(box, src=0, group=self._control)
         return box[0]
-
-    def held_bytes(self) -> int:
-        return param_bytes(self.params)
 
 
 def param_bytes(params: Any) -> int:

@@ -9,21 +9,18 @@ the other backends. Norm weights carry their offset already.
 from __future__ import annotations
 
 import ctypes
-from contextlib import ExitStack
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
-from polylm.errors import WeightsError
+from polylm.checkpoint.slices import TensorFiles, slice_shape
 from polylm.ir import Block, ModelIR, Norm, Quantization
 from polylm.numerics.layouts import qkv_parts, qkv_row_order, up_parts
 from polylm.parallel.plan import ShardPlan
 from polylm.progress import progress
-from polylm.checkpoint.weights import TensorRef, Weights
+from polylm.checkpoint.weights import Weights
 
 try:  # glibc's; elsewhere freed memory is left to the allocator
     _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
@@ -83,30 +80,27 @@ class ModelParams:
 
 class TensorReader:
     """Canonical tensors read one at a time, when the params need them, converted to `dtype` on `device`: whole,
-    with plain file reads; with a tensor-parallel `plan`, only the rank's slices, through safetensors. A context
-    manager: the files stay open until it exits."""
+    or with a tensor-parallel `plan` only the rank's slices, with plain file reads (`polylm.checkpoint.slices`).
+    A context manager: the files stay open until it exits."""
 
     def __init__(self, weights: Weights, dtype: torch.dtype, device: str | torch.device = "cpu",
                  plan: ShardPlan | None = None) -> None:
         self.weights, self.dtype, self.device, self.plan = weights, dtype, device, plan
-        self._files = ExitStack()
-        self._handles: dict[Path, Any] = {}
+        self._files = TensorFiles()
 
     def __enter__(self) -> TensorReader:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._files.close()
+        self._files.__exit__(*exc)
 
     def tensor(self, name: str) -> torch.Tensor:
         """The tensor `name` (one the model has and the rank reads)."""
         ref = self.weights[name]
-        if self.plan is not None:
-            tensor = self._read_part(name, ref)
-        else:
-            tensor = torch.empty(ref.nbytes, dtype=torch.uint8)
-            self._read_into(ref, tensor)
-            tensor = tensor.view(TORCH_DTYPES[ref.dtype]).reshape(ref.shape)
+        part = self.plan.part(name) if self.plan is not None else None
+        shape = slice_shape(ref, part)
+        tensor = torch.empty(shape, dtype=TORCH_DTYPES[ref.dtype])
+        self._files.read(ref, part, out=tensor.view(-1).view(torch.uint8).numpy())
         return tensor.to(device=self.device, dtype=self.dtype)
 
     def rows(self, names: tuple[str, ...]) -> torch.Tensor:
@@ -122,47 +116,15 @@ class TensorReader:
         out = torch.empty(sum(ref.shape[0] for ref in refs), *refs[0].shape[1:], dtype=self.dtype)
         data, start = out.view(-1).view(torch.uint8), 0
         for ref in refs:
-            self._read_into(ref, data[start:start + ref.nbytes])
+            self._files.read(ref, out=data[start:start + ref.nbytes].numpy())
             start += ref.nbytes
         return out
-
-    def _read_into(self, ref: TensorRef, out: torch.Tensor) -> None:
-        try:
-            _read_whole(self._handle(ref.file, lambda: open(ref.file, "rb")), ref, out)
-        except OSError as exc:
-            raise WeightsError(f"{ref.file}: cannot read tensor data ({exc.strerror})") from None
 
     def optional(self, name: str) -> torch.Tensor | None:
         """The tensor `name`, or None when the model has none or the rank reads none of it."""
         if name not in self.weights or (self.plan is not None and not self.plan.reads(name)):
             return None
         return self.tensor(name)
-
-    def _read_part(self, name: str, ref: TensorRef) -> torch.Tensor:
-        """The rank's slice of `name` (the whole tensor when replicated), read alone from the memory map."""
-        assert self.plan is not None
-        part = self.plan.part(name)
-        try:
-            handle = self._handle(ref.file, lambda: safe_open(str(ref.file), framework="pt", device="cpu"))
-            if part is None:
-                return handle.get_tensor(ref.key)
-            return handle.get_slice(ref.key)[(slice(None),) * part.dim + (slice(part.start, part.stop),)]
-        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
-            raise WeightsError(f"{ref.file}: cannot read tensor data ({exc})") from None
-
-    def _handle(self, path: Path, opener: Callable[[], Any]) -> Any:
-        if path not in self._handles:
-            self._handles[path] = self._files.enter_context(opener())
-        return self._handles[path]
-
-
-def _read_whole(handle, ref: TensorRef, out: torch.Tensor) -> None:
-    """One tensor's bytes read into `out` (uint8, `ref.nbytes` long) with plain file reads: unlike a memory map,
-    the file's pages are not counted in this process's resident memory, which keeps the load's peak near the
-    weights' size."""
-    handle.seek(ref.offset)
-    if handle.readinto(out.numpy()) != ref.nbytes:
-        raise WeightsError(f"{ref.file}: tensor {ref.key!r} is cut short; the file is truncated")
 
 
 def build_params(ir: ModelIR, read: TensorReader, prepare: Prepare | None = None) -> ModelParams:

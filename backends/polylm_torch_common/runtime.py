@@ -2,31 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from polylm.backend import Cache, Runtime, Step
-from polylm.errors import InputError
 from polylm.ir import ALiBi, ModelIR
+from polylm.numerics.masks import attention_bias
 from polylm.parallel.plan import ShardPlan
 from polylm.numerics.positions import alibi_slopes, rope_frequencies_per_row
 from polylm.checkpoint.weights import Weights
 
 from .ops import ReferenceOps, StepTensors
 from .params import TORCH_DTYPES, LayerParams, Prepare, TensorReader, build_params
-
-
-@dataclass
-class TorchCache(Cache):
-    """Per-layer keys and values [batch, kv_heads, capacity, head_dim]; slots [0, length) are filled."""
-
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    batch: int
-    capacity: int
-    length: int = 0
 
 
 class TorchRuntime(Runtime):
@@ -51,39 +38,42 @@ class TorchRuntime(Runtime):
         self.embed_scale = float(torch.tensor(ir.embedding.scale, dtype=self.torch_dtype))
         self._frequencies: tuple[bytes, torch.Tensor] | None = None  # the last upload, reused while unchanged
 
-    def new_cache(self, batch: int, capacity: int) -> TorchCache:
+    def new_cache(self, batch: int, capacity: int) -> Cache:
         attn = self.local.attention
         shape = (batch, attn.num_kv_heads, capacity, attn.head_dim)
 
         def make() -> list[torch.Tensor]:
             return [torch.zeros(shape, dtype=self.torch_dtype, device=self.device) for _ in range(self.ir.num_layers)]
 
-        return TorchCache(make(), make(), batch, capacity)
+        return Cache(make(), make(), batch, capacity)
 
     @torch.inference_mode()
     def forward(self, step: Step, cache: Cache | None = None) -> np.ndarray:
-        batch, new = step.input_ids.shape
-        cache = cache if cache is not None else self.new_cache(batch, step.mask.shape[1])
-        past = cache.length
-        if step.mask.shape[1] != past + new or past + new > cache.capacity:
-            raise InputError(f"step covers {step.mask.shape[1]} slots, cache holds {past} of {cache.capacity} "
-                             f"and {new} are new")
+        cache = cache if cache is not None else self.new_cache(step.input_ids.shape[0], step.mask.shape[1])
+        past, new = cache.admit(step)
         out = self.run(self.upload(step, past), cache)
         cache.length = past + new
         return out.float().cpu().numpy()
 
     def upload(self, step: Step, past: int) -> StepTensors:
-        """A step's arrays on the device, with what the ops need besides (RoPE frequencies, ALiBi slopes)."""
+        """A step's arrays on the device, with what the ops need besides (RoPE frequencies, ALiBi slopes, and
+        core's attention bias when the ops read it)."""
         new = step.input_ids.shape[1]
         inv_freq, rope_factor = None, 1.0
         if self.alibi is None:
             inv_freq, rope_factor = self.rope_frequencies(step.positions[:, past:])
+        bias = None
+        if self.ops.reads_bias:
+            heads = self.plan.heads if self.plan is not None else None
+            bias = self._put(attention_bias(self.ir.attention, step.positions, step.mask, past, self.dtype,
+                                            heads=heads)).to(self.torch_dtype)
         return StepTensors(
             input_ids=self._put(step.input_ids), positions=self._put(step.positions),
             new_positions=self._put(step.positions[:, past:]), mask=self._put(step.mask),
             slots=torch.arange(past, past + new, dtype=torch.int32, device=self.device),
             gather=self._put(step.gather) if step.gather is not None else None,
-            inv_freq=inv_freq, rope_factor=rope_factor, alibi=self.alibi, past=past, dtype=self.torch_dtype)
+            inv_freq=inv_freq, rope_factor=rope_factor, alibi=self.alibi, past=past, dtype=self.torch_dtype,
+            attention_bias=bias)
 
     def rope_frequencies(self, positions: np.ndarray) -> tuple[torch.Tensor, float]:
         """RoPE inverse frequencies [batch or 1, rotary_dim / 2] for query `positions`, kept on the device."""
@@ -96,7 +86,7 @@ class TorchRuntime(Runtime):
     def _put(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
 
-    def run(self, step: StepTensors, cache: TorchCache) -> torch.Tensor:
+    def run(self, step: StepTensors, cache: Cache) -> torch.Tensor:
         """The device side of a forward pass: head outputs in the compute dtype, the cache written.
 
         It uploads nothing and reads no host value of the step (`past`), so with ops that do neither
@@ -106,7 +96,7 @@ class TorchRuntime(Runtime):
         if self.plan is None:
             x = self.ops.embed(step.input_ids, self.params.embed, self.embed_scale, self.params.embed_norm)
         else:
-            x = self.ops.embed_rows(step.input_ids, self.params.embed, self.plan.vocab.start, self.embed_scale,
+            x = self.ops.embed_rows(step.input_ids, self.params.embed, self.plan, self.embed_scale,
                                     self.params.embed_norm)
         delta = None
         for index, layer in enumerate(self.params.layers):
@@ -119,7 +109,7 @@ class TorchRuntime(Runtime):
             out = self.ops.gather_columns(out, self.plan.head_sizes)
         return out
 
-    def _block(self, x: torch.Tensor, delta: torch.Tensor | None, layer: LayerParams, cache: TorchCache, index: int,
+    def _block(self, x: torch.Tensor, delta: torch.Tensor | None, layer: LayerParams, cache: Cache, index: int,
                step: StepTensors, rotary: tuple[torch.Tensor, torch.Tensor] | None,
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """One layer on the residual stream `x + delta`; returns the next (residual, delta) pair, so that each
@@ -133,7 +123,7 @@ class TorchRuntime(Runtime):
         hidden = self.ops.activation(self.ops.linear(normed, layer.up, layer.up_bias), block.mlp)
         return residual, self.ops.reduce(self.ops.linear(hidden, layer.down, layer.down_bias))
 
-    def _attention(self, x: torch.Tensor, layer: LayerParams, cache: TorchCache, index: int, step: StepTensors,
+    def _attention(self, x: torch.Tensor, layer: LayerParams, cache: Cache, index: int, step: StepTensors,
                    rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         attn = self.local.attention
         keys, values = cache.keys[index], cache.values[index]

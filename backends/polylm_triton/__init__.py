@@ -85,9 +85,6 @@ class TritonBackend(Backend):
     def lower_shard(self, ir: ModelIR, weights: Weights, dtype: str, plan: ShardPlan) -> ShardRuntime:
         """The shared sharded runtime with these kernels; one GPU per rank (cuda:LOCAL_RANK), NCCL."""
         self._check(ir, dtype)
-        if ir.quantization is not None:
-            raise BackendError("backend 'triton' does not run weight-only quantized models tensor-parallel yet; "
-                               "load without quantize= or without tensor_parallel=")
         import torch
         from polylm_torch_common.parallel import TorchShardRuntime
 

@@ -17,7 +17,7 @@ from polylm.backend import Cache, Step
 from polylm.errors import BackendError, InputError
 from polylm.numerics.positions import rope_frequencies_per_row
 from polylm_torch_common.ops import StepTensors
-from polylm_torch_common.runtime import TorchCache, TorchRuntime
+from polylm_torch_common.runtime import TorchRuntime
 
 _ID, _POSITION, _MASK, _GATHER, _SLOT = range(5)
 
@@ -30,7 +30,7 @@ class DecodeGraph:
     that nothing in it depends on host values.
     """
 
-    def __init__(self, runtime: TorchRuntime, cache: TorchCache, capture: bool = True) -> None:
+    def __init__(self, runtime: TorchRuntime, cache: Cache, capture: bool = True) -> None:
         if not getattr(runtime.ops, "graph_safe", False):
             raise BackendError(f"{type(runtime.ops).__name__} reads host values of a step; a CUDA graph cannot "
                                "replay it (use the triton backend's TritonOps)")
@@ -134,7 +134,7 @@ class GraphedRuntime(TorchRuntime):
 
     _graph: DecodeGraph | None = None
 
-    def new_cache(self, batch: int, capacity: int) -> TorchCache:
+    def new_cache(self, batch: int, capacity: int) -> Cache:
         self._graph = None
         return super().new_cache(batch, capacity)
 

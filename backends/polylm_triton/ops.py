@@ -24,6 +24,7 @@ class TritonOps(ReferenceOps):
     matmul of weight-only quantized weights."""
 
     graph_safe = True
+    reads_bias = False  # the attention kernel applies the visibility rule itself (tested equal to core's)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor | quantized.QuantizedWeight,
                bias: torch.Tensor | None = None) -> torch.Tensor:

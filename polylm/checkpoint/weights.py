@@ -1,7 +1,8 @@
 """Safetensors checkpoints: header validation, sharded indexes and canonical tensor names.
 
 Headers are parsed and checked here, without reading tensor data and without any framework; backends read
-the data with the safetensors library into their own arrays through `Weights.refs`. Files are only read.
+the data at the offsets found here (`slices.TensorFiles`, or their framework's own safetensors reader). Files
+are only read.
 """
 
 from __future__ import annotations

@@ -134,11 +134,18 @@ def _sampling(args: argparse.Namespace) -> dict:
             "repetition_penalty": args.repetition_penalty}
 
 
+def _backend_help() -> str:
+    """The --backend help: auto and the installed backends, in auto-selection order."""
+    from ..loading.registry import registry
+
+    return ", ".join(["auto (default)", *registry().names()])
+
+
 def _add_model_options(parser: argparse.ArgumentParser, default_demo: bool = False) -> None:
     parser.add_argument("--model", required=not default_demo, metavar="DIR",
                         help="model directory (config.json, *.safetensors)"
                              + ("; default: polylm's small built-in demo model" if default_demo else ""))
-    parser.add_argument("--backend", default="auto", metavar="NAME", help="auto (default), torch, mlx or triton")
+    parser.add_argument("--backend", default="auto", metavar="NAME", help=_backend_help())
     parser.add_argument("--dtype", default=None, metavar="D", help="float32, bfloat16 or float16 (default: as stored)")
     parser.add_argument("--tp", type=int, default=1, metavar="N",
                         help="tensor parallelism: shard the model over N ranks (started here, or by torchrun)")

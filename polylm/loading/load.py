@@ -50,6 +50,7 @@ def load(path: str | Path, *, backend: str = "auto", task: str | None = None, dt
         raise BackendError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise BackendError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZATIONS)}")
+    check_supported(quantize, tensor_parallel)
     chosen = plugins.backend(backend)
     ir = family.to_ir(config, task)
     if quantize is not None:
@@ -78,6 +79,14 @@ def load(path: str | Path, *, backend: str = "auto", task: str | None = None, dt
     has_tokenizer = (directory / "tokenizer.json").exists() and (plan is None or plan.shard.rank == 0)
     tokenizer = Tokenizer(directory, config) if has_tokenizer else None
     return Model(ir, runtime, tokenizer, backend=chosen.name, path=directory)
+
+
+def check_supported(quantize: str | None, tensor_parallel: int | None) -> None:
+    """Refuse the combinations no backend runs, before anything is loaded or a group is joined."""
+    if quantize is not None and tensor_parallel is not None:
+        # a row-parallel slice of a quantized matrix would need scales of its own
+        raise BackendError(f"weight-only quantization (quantize={quantize!r}, --quantize) does not run "
+                           f"tensor-parallel (tensor_parallel={tensor_parallel}, --tp) yet; drop one of them")
 
 
 def model_ir(path: str | Path, *, task: str | None = None) -> ModelIR:

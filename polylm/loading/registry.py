@@ -121,6 +121,19 @@ class Registry:
         """Backends by decreasing priority (the order `auto` tries them in)."""
         return sorted((b for b, _ in self.backends.values()), key=lambda b: (-b.priority, b.name))
 
+    def names(self) -> list[str]:
+        """The installed backends' names, in auto-selection order."""
+        return [b.name for b in self.ranked_backends()]
+
+    def _unavailable(self) -> list[str]:
+        """Why each installed backend does not run here, with how to install what it needs."""
+        reasons = []
+        for candidate in self.ranked_backends():
+            state = candidate.availability()
+            hint = f" (install with: {candidate.install_hint})" if candidate.install_hint else ""
+            reasons.append(f"{candidate.name}: {state.reason}{hint}")
+        return reasons or ["none is installed"]
+
     def backend(self, name: str) -> Backend:
         """The named backend if it is available here, or the best available one for `auto`."""
         if name == "auto":
@@ -128,7 +141,7 @@ class Registry:
                 state = candidate.availability()
                 if state.available and state.auto:
                     return candidate
-            raise BackendError("no backend is available; install torch (pip install torch) for the CPU backend")
+            raise BackendError("no backend is available: " + "; ".join(self._unavailable()))
         if name not in self.backends:
             known = ", ".join(sorted(self.backends)) or "none"
             raise BackendError(f"unknown backend {name!r}; installed backends: {known}")

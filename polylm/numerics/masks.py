@@ -18,13 +18,14 @@ LOWEST: dict[str, float] = {
 
 
 def attention_bias(attention: Attention, positions: np.ndarray, mask: np.ndarray, past: int, dtype: str,
-                   keys: int | None = None) -> np.ndarray:
+                   keys: int | None = None, heads: range | None = None) -> np.ndarray:
     """Additive attention bias, float32 [batch, 1 or heads, new, keys], for the new slots of a step.
 
     A query at slot s sees key slots ≤ s whose `mask` is set; those get the ALiBi bias slope × (key position −
     query position) (0 without ALiBi), the others `LOWEST[dtype]`. `positions` and `mask` are the step's
     [batch, past + new]; `keys` (≥ past + new) pads the key axis with slots no query sees, so a backend can
-    attend over a fixed-size window of its cache. Every value is exactly representable in `dtype`'s range.
+    attend over a fixed-size window of its cache; `heads` keeps the ALiBi heads of one tensor-parallel rank.
+    Every value is exactly representable in `dtype`'s range.
     """
     batch, total = mask.shape
     keys = total if keys is None else keys
@@ -37,7 +38,10 @@ def attention_bias(attention: Attention, positions: np.ndarray, mask: np.ndarray
         key_positions = np.zeros((batch, keys), dtype=np.int64)
         key_positions[:, :total] = positions
         distance = (key_positions[:, None, :] - key_positions[:, past:total, None]).astype(np.float32)
-        bias = alibi_slopes(attention)[None, :, None, None] * distance[:, None]
+        slopes = alibi_slopes(attention)
+        if heads is not None:
+            slopes = slopes[heads.start:heads.stop]
+        bias = slopes[None, :, None, None] * distance[:, None]
     else:
         bias = np.float32(0.0)
     return np.where(visible, bias, np.float32(LOWEST[dtype])).astype(np.float32)

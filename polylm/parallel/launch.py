@@ -5,87 +5,60 @@ from __future__ import annotations
 
 import atexit
 import os
-import socket
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Sequence
 
+from ..backend import Backend
 from ..errors import ParallelError
 from ..loading import load, model_ir
+from ..loading.registry import registry
 from .driver import Follower, follow
 from .plan import Shard, plan_shards
+from .ranks import RankEnv, torchrun_launch_env, torchrun_rank
 
 
-@dataclass(frozen=True)
-class RankEnv:
-    """Where this process sits in a job started by `torchrun`, `polylm … --tp N`, or `mlx.launch`."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-
-
-def rank_env() -> RankEnv | None:
-    """RANK/WORLD_SIZE/LOCAL_RANK from the environment (torchrun's names), else MLX_RANK and the ring hostfile
-    `mlx.launch` writes (MLX_HOSTFILE: one list of addresses per rank), or None outside a launched job."""
-    if ("RANK" not in os.environ or "WORLD_SIZE" not in os.environ) and "MLX_RANK" in os.environ:
-        return _mlx_rank_env()
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return None
-    try:
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local = int(os.environ.get("LOCAL_RANK", rank))
-    except ValueError:
-        raise ParallelError(f"RANK={os.environ['RANK']!r} and WORLD_SIZE={os.environ['WORLD_SIZE']!r} must be "
-                            "integers") from None
-    return RankEnv(rank, world, local)
+def rank_env(backend: Backend | None = None) -> RankEnv | None:
+    """This process's place in a launched job: torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK), else what
+    `backend`'s own launcher set (`Backend.launched_rank`), or None outside a launched job."""
+    env = torchrun_rank()
+    if env is None and backend is not None:
+        env = backend.launched_rank()
+    return env
 
 
-def _mlx_rank_env() -> RankEnv:
-    import json
-
-    hostfile = os.environ.get("MLX_HOSTFILE", "")
-    try:
-        rank = int(os.environ["MLX_RANK"])
-        if "MLX_WORLD_SIZE" in os.environ:
-            world = int(os.environ["MLX_WORLD_SIZE"])
-        else:  # mlx.launch leaves the hostfile empty for one rank
-            hosts = open(hostfile).read().strip() if hostfile else ""
-            world = len(json.loads(hosts)) if hosts else 1
-    except (OSError, ValueError, TypeError) as exc:
-        raise ParallelError(f"MLX_RANK={os.environ['MLX_RANK']!r} with MLX_HOSTFILE={hostfile!r}: cannot tell "
-                            f"this rank's place ({exc})") from None
-    return RankEnv(rank, world, rank)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _rank_command(argv: Sequence[str]) -> list[str]:
+    """The command of a rank `Launch` starts: `polylm`'s command line on the polylm package this process runs.
+    The working directory comes off `sys.path` (`python -m` and `-c` put it first), so a folder named `polylm`
+    there cannot shadow the package; `-P` / PYTHONSAFEPATH would do that only from Python 3.11 on."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = ("import sys\n"
+            "if not getattr(sys.flags, 'safe_path', False): del sys.path[0]\n"
+            f"if {root!r} not in sys.path: sys.path.insert(0, {root!r})\n"
+            "from polylm.cli import main\n"
+            "sys.exit(main())")
+    return [sys.executable, "-c", code, *argv]
 
 
 class Launch:
-    """Ranks 1…N-1 of a one-machine job, started as copies of this command with torchrun's environment; this
-    process becomes rank 0. A watcher thread ends the job, naming the rank, when one dies; each child ends
-    itself when this process goes away (`watch_parent`)."""
+    """Ranks 1…N-1 of a one-machine job, started as copies of this command with the environment `backend`
+    asks for (`Backend.launch_env`, torchrun's by default); this process becomes rank 0. A watcher thread ends
+    the job, naming the rank, when one dies; each child ends itself when this process goes away
+    (`watch_parent`)."""
 
-    def __init__(self, argv: Sequence[str], world_size: int, grace_s: float = 5.0) -> None:
+    def __init__(self, argv: Sequence[str], world_size: int, backend: Backend, grace_s: float = 5.0) -> None:
         self.world_size = world_size
         self.grace_s = grace_s
         self.done = False
-        port = free_port()
-        base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world_size),
-                "POLYLM_TP_PARENT": str(os.getpid())}
+        ranks = backend.launch_env(world_size) or torchrun_launch_env(world_size)
         self.children: dict[int, subprocess.Popen] = {}
         for rank in range(1, world_size):
-            env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}
-            self.children[rank] = subprocess.Popen([sys.executable, "-m", "polylm", *argv], env=env,
+            env = {**os.environ, **ranks[rank], "POLYLM_TP_PARENT": str(os.getpid())}
+            self.children[rank] = subprocess.Popen(_rank_command(argv), env=env,
                                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-        os.environ.update({k: base[k] for k in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE")},
-                          RANK="0", LOCAL_RANK="0")
+        os.environ.update(ranks[0])
         threading.Thread(target=self._watch, name="polylm-tp-watch", daemon=True).start()
         atexit.register(self.finish)
 
@@ -147,9 +120,10 @@ def load_ranked(path: str, world_size: int, argv: Sequence[str], **options: Any)
     if not isinstance(world_size, int) or world_size < 1:
         raise ParallelError(f"--tp must be an integer ≥ 1, got {world_size!r}")
     launch = None
-    if rank_env() is None:
+    backend = registry().backend(options.get("backend", "auto"))
+    if rank_env(backend) is None:
         plan_shards(model_ir(path, task=options.get("task")), Shard(0, world_size))
-        launch = Launch(argv, world_size)
+        launch = Launch(argv, world_size, backend)
     try:
         model = load(path, tensor_parallel=world_size, **options)
     except (ParallelError, RuntimeError) as exc:

@@ -10,13 +10,17 @@ vocabulary (a tied head with it); norms and small task heads are replicated. The
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, replace
-from typing import Mapping
+from typing import Any, Mapping, Sequence
 
 from ..errors import ParallelError
 from ..ir import ModelIR
 from ..numerics.layouts import qkv_parts, up_parts
+
+#: An array of any framework (numpy, torch, MLX) that supports the arithmetic operators and slicing.
+Array = Any
 
 #: Seconds a collective (and the initial connection of all ranks) may wait before the job fails.
 DEFAULT_TIMEOUT_S = 120.0
@@ -29,8 +33,6 @@ def timeout_s() -> float:
         return float(value) if value else DEFAULT_TIMEOUT_S
     except ValueError:
         raise ParallelError(f"POLYLM_TP_TIMEOUT must be a number of seconds, got {value!r}") from None
-
-
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,37 @@ class ShardPlan:
         """Every rank's share of a vocab-parallel head's outputs, in rank order."""
         return tuple(len(r) for r in split(self.ir.head.out_features, self.shard.world_size))
 
+    def held_elements(self) -> int:
+        """Elements of the canonical tensors (`ModelIR.tensor_shapes`) this rank reads."""
+        total = 0
+        for name, shape in self.ir.tensor_shapes().items():
+            if not self.reads(name):
+                continue
+            dims = list(shape)
+            part = self.part(name)
+            if part is not None:
+                dims[part.dim] = part.stop - part.start
+            total += math.prod(dims)
+        return total
+
+    def vocab_rows(self, ids: Array) -> tuple[Array, Array]:
+        """The rows of this rank's vocabulary-parallel embedding for token `ids`, and where the ids lie in its
+        range: (row, inside); ids outside it get row 0, for the caller to zero, so that the sum over the ranks
+        is every id's row. Plain arithmetic operators only, so it runs on numpy, torch or MLX arrays."""
+        local = ids - self.vocab.start
+        inside = (local >= 0) & (local < len(self.vocab))
+        return local * inside, inside
+
+
+def gather_padding(width: int, sizes: tuple[int, ...]) -> int:
+    """How many columns a rank's `width` outputs are padded by for an all-gather of uneven `sizes` (every
+    rank's share, in rank order): the collective moves equal parts, each as wide as the widest share."""
+    return max(sizes) - width
+
+
+def trim_gathered(parts: Sequence[Array], sizes: tuple[int, ...]) -> list[Array]:
+    """Each rank's gathered (padded) part cut back to its share of the last axis, in rank order."""
+    return [part[..., :size] for part, size in zip(parts, sizes)]
 
 
 def split(size: int, parts: int) -> list[range]:

@@ -16,6 +16,7 @@ import torch
 
 from polylm.backend import Step
 from polylm.ir import ALiBi, Attention, MLP, Norm, RoPE
+from polylm.numerics.masks import attention_bias
 from polylm.numerics.positions import alibi_slopes, rope_frequencies_per_row
 from polylm_torch_common.ops import ReferenceOps, StepTensors
 from polylm_torch_common.params import NormParams
@@ -28,6 +29,8 @@ DEVICE = "cpu" if interpreting() else "cuda"
 # run in the same dtype: the kernels compute in float32 and round once, torch rounds after each op.
 TOLERANCE = {torch.float32: (2e-5, 1e-5), torch.float16: (1e-2, 1e-2), torch.bfloat16: (5e-2, 2e-2)}
 DTYPES = [torch.float32] if interpreting() else [torch.float32, torch.float16, torch.bfloat16]
+
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 REFERENCE, TRITON = ReferenceOps(), TritonOps()
 
@@ -112,7 +115,9 @@ def padded_mask(lengths, keys, sides):
 
 
 def step_tensors(attn, mask, past, dtype):
-    """StepTensors for the slots [past, keys) of `mask`, as TorchRuntime.upload builds them."""
+    """StepTensors for the slots [past, keys) of `mask`, as TorchRuntime.upload builds them: the reference ops
+    attend with core's visibility rule (`polylm.numerics.masks.attention_bias`), so every attention test below
+    proves the Triton kernel's in-kernel rule equal to it (padded rows, ALiBi, prefill and decode)."""
     keys = mask.shape[1]
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
     step = Step(np.zeros((mask.shape[0], keys - past), dtype=np.int64), positions, mask)
@@ -122,7 +127,8 @@ def step_tensors(attn, mask, past, dtype):
         input_ids=put(step.input_ids), positions=put(positions), new_positions=put(positions[:, past:]),
         mask=put(mask), slots=torch.arange(past, keys, dtype=torch.int32, device=DEVICE), gather=None,
         inv_freq=put(inv_freq) if inv_freq is not None else None, rope_factor=factor,
-        alibi=put(alibi_slopes(attn)) if isinstance(attn.position, ALiBi) else None, past=past, dtype=dtype)
+        alibi=put(alibi_slopes(attn)) if isinstance(attn.position, ALiBi) else None, past=past, dtype=dtype,
+        attention_bias=put(attention_bias(attn, positions, mask, past, DTYPE_NAMES[dtype])).to(dtype))
 
 
 def rotary(step):
