@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from polylm.ir import MLP, Attention, Norm, RoPE
+from polylm.numerics.masks import attention_bias
 from polylm_torch import cpu_gemv
 from polylm_torch.cpu_gemv import _build
 from polylm_torch.cpu_ops import CpuOps
@@ -164,7 +165,9 @@ def test_attention_op_matches_reference(kernel_path, dtype, new):
     step = StepTensors(input_ids=torch.zeros(batch, new, dtype=torch.int64), positions=positions,
                        new_positions=positions[:, past:], mask=mask,
                        slots=torch.arange(past, keys, dtype=torch.int32), gather=None, inv_freq=None, rope_factor=1.0,
-                       alibi=None, past=past, dtype=dtype)
+                       alibi=None, past=past, dtype=dtype,
+                       attention_bias=torch.from_numpy(attention_bias(attn, positions.numpy(), mask.numpy(), past,
+                                                                      str(dtype).removeprefix('torch.'))).to(dtype))
     q = random(batch, heads, new, d, dtype=dtype, seed=4)
     cache_keys, cache_values = random(batch, kv_heads, keys + 3, d, dtype=dtype, seed=5), \
         random(batch, kv_heads, keys + 3, d, dtype=dtype, seed=6)
