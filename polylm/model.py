@@ -99,6 +99,8 @@ class Model:
 
     def classify(self, texts: str | Sequence[str]) -> list:
         """The best label and its score for each text (sequence-classification checkpoints)."""
+        if not isinstance(texts, (str, list, tuple)):
+            raise InputError(f"classify takes a string or a list of strings, found {type(texts).__name__}")
         return tasks.classify(self, texts)
 
     def tag(self, text: str) -> list:

@@ -342,6 +342,7 @@ CASES = {
     "prompt-lone-surrogate": (NOOP, generate("\ud800"), InputError, ["unpaired surrogate"]),
     "prompt-too-many-characters": (NOOP, generate("ab" * 2_500_000), InputError, ["5,000,000 characters"]),
     "stream-not-bool": (NOOP, generate(stream="yes"), InputError, ["stream must be True or False"]),
+    "classify-int": (NOOP, lambda m: m.classify(5), InputError, ["classify takes a string or a list of strings"]),
     "chat-template-int": (NOOP, lambda m: m.chat([{"role": "user", "content": "hi"}], template=5), InputError,
                           ["template must be the template's text or a path"]),
 }
@@ -517,9 +518,9 @@ TEMPLATE_CASES = {
     "recursive-macro": ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", TemplateError,
                         ["RecursionError"]),
     "divide-by-zero": ("{{ 1 / 0 }}", TemplateError, ["ZeroDivisionError"]),
-    "concat-doubling": ("{% set ns = namespace(s='x' * 1000000) %}{% for i in range(40) %}"
+    "concat-doubling": ("{% set ns = namespace(s='x' * 100000) %}{% for i in range(40) %}"
                         "{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}", TemplateError, ["builds a value"]),
-    "list-doubling": ("{% set ns = namespace(s=[1] * 1000000) %}{% for i in range(40) %}"
+    "list-doubling": ("{% set ns = namespace(s=[1] * 100000) %}{% for i in range(40) %}"
                       "{% set ns.s = ns.s + ns.s %}{% endfor %}", TemplateError, ["builds a value"]),
     "huge-power": ("{{ 10 ** (10 ** 8) }}", TemplateError, ["more than 4096 bits"]),
     "huge-width": ("{{ 'x'|center(1000000000) }}", TemplateError, ["passes 1,000,000,000"]),
@@ -535,6 +536,10 @@ TEMPLATE_CASES = {
     "json-list": (write_file("chat_template.json", "[1, 2]"), TemplateError, ["chat_template.json", "list"]),
     "json-not-json": (write_file("chat_template.json", "{chat"), TemplateError, ["chat_template.json",
                                                                                  "not valid JSON"]),
+    "source-too-long": (lambda d: edit_tokenizer_config(d, chat_template="x" * 70_000), TemplateError,
+                        ["tokenizer_config.json: key 'chat_template'", "70,000 characters is longer than"]),
+    "big-number-through-filters": ("{{ 10000000|string }}{{ [10000000]|join(',') }}{{ raise_exception('ok') }}",
+                                   InputError, ["ok"]),
     "settings-number": (lambda d: edit_tokenizer_config(d, chat_template=5), TemplateError,
                         ["tokenizer_config.json: key 'chat_template'", "int"]),
 }

@@ -16,10 +16,11 @@ from typing import Any, BinaryIO
 from ..errors import ConfigError, PolylmError
 
 #: Limits in bytes. JSON side files (config, tokenizer_config, generation_config, chat_template.json) are
-#: kilobytes in practice; tokenizer.json can reach tens of megabytes; a chat template a few kilobytes.
+#: kilobytes in practice; tokenizer.json can reach tens of megabytes; a chat template a few kilobytes (a
+#: template's length in characters has its own, smaller limit: polylm.generate.chat.MAX_TEMPLATE_CHARS).
 MAX_JSON_BYTES = 16 * 2**20
 MAX_TOKENIZER_BYTES = 2**30
-MAX_TEMPLATE_BYTES = 2**20
+MAX_TEMPLATE_BYTES = 256 * 2**10
 
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))

@@ -16,7 +16,8 @@ from ..checkpoint.files import MAX_TEMPLATE_BYTES, read_json, read_text
 from ..errors import InputError, TemplateError
 
 _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
-MAX_TEMPLATE_CHARS = MAX_TEMPLATE_BYTES
+#: Real templates are a few thousand characters; jinja takes about a second per 30,000 to compile.
+MAX_TEMPLATE_CHARS = 64 * 2**10
 
 
 class ChatTemplate(NamedTuple):

@@ -52,9 +52,11 @@ def _check_arguments(args: Sequence[Any], kwargs: dict[str, Any]) -> None:
 
 
 def _bounded_filter(func: Callable) -> Callable:
-    @functools.wraps(func)  # keeps jinja's pass_context / pass_environment marks
+    first = 2 if getattr(func, "jinja_pass_arg", None) else 1  # the arguments after the context and the value
+
+    @functools.wraps(func)  # keeps jinja's pass_context / pass_environment mark
     def bounded(*args: Any, **kwargs: Any) -> Any:
-        _check_arguments(args[1:], kwargs)
+        _check_arguments(args[first:], kwargs)
         return _bounded(func(*args, **kwargs))
     return bounded
 

@@ -63,8 +63,8 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._fast.encode(checked_text(text, "prompt"), add_special_tokens=add_special_tokens).ids
 
-    def encode_pair(self, first: str, second: str):
-        return self._fast.encode(checked_text(first, "question"), checked_text(second, "context"))
+    def encode_pair(self, first: str, second: str | None):
+        return self._fast.encode(checked_text(first, "text"), None if second is None else checked_text(second, "text"))
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._fast.decode(list(ids), skip_special_tokens=skip_special_tokens)
