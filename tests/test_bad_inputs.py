@@ -518,10 +518,10 @@ TEMPLATE_CASES = {
     "recursive-macro": ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", TemplateError,
                         ["RecursionError"]),
     "divide-by-zero": ("{{ 1 / 0 }}", TemplateError, ["ZeroDivisionError"]),
-    "concat-doubling": ("{% set ns = namespace(s='x' * 100000) %}{% for i in range(40) %}"
-                        "{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}", TemplateError, ["builds a value"]),
-    "list-doubling": ("{% set ns = namespace(s=[1] * 100000) %}{% for i in range(40) %}"
-                      "{% set ns.s = ns.s + ns.s %}{% endfor %}", TemplateError, ["builds a value"]),
+    "concat-doubling": (("{% set ns = namespace(s='x' * 100000) %}{% for i in range(40) %}"
+                         "{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}"), TemplateError, ["builds a value"]),
+    "list-doubling": (("{% set ns = namespace(s=[1] * 100000) %}{% for i in range(40) %}"
+                       "{% set ns.s = ns.s + ns.s %}{% endfor %}"), TemplateError, ["builds a value"]),
     "huge-power": ("{{ 10 ** (10 ** 8) }}", TemplateError, ["more than 4096 bits"]),
     "huge-width": ("{{ 'x'|center(1000000000) }}", TemplateError, ["passes 1,000,000,000"]),
     "huge-method-width": ("{{ 'x'.ljust(1000000000) }}", TemplateError, ["passes 1,000,000,000"]),

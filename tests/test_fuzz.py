@@ -6,6 +6,7 @@ import struct
 import tempfile
 from pathlib import Path
 
+import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -86,8 +87,6 @@ def test_safetensors_header_field_mutations(make_ckpt, data):
 
 
 # -- tokenizer side files and RoPE parameters (files-rel) ---------------------------------------------------
-
-import numpy as np  # noqa: E402
 
 TEMPLATE_PIECES = st.sampled_from([
     "{{ messages[0]['content'] }}", "{% for m in messages %}{{ m.role }}{% endfor %}", "{{ bos_token }}",

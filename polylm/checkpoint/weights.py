@@ -17,8 +17,8 @@ from typing import Iterable, Iterator, Mapping
 import numpy as np
 
 from ..errors import TaskError, WeightsError
-from .files import open_regular, parse_json, read_json
 from ..progress import progress
+from .files import open_regular, parse_json, read_json
 
 #: safetensors dtype → (polylm dtype name, bytes per element). Only float weights are model weights.
 FLOAT_DTYPES = {"F32": ("float32", 4), "BF16": ("bfloat16", 2), "F16": ("float16", 2)}

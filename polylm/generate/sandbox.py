@@ -64,7 +64,7 @@ def _bounded_filter(func: Callable) -> Callable:
 class _Generator(CodeGenerator):
     """Jinja's code generator, with each `~` concatenation checked like every other value built."""
 
-    def visit_Concat(self, node, frame) -> None:  # noqa: N802 - jinja's visitor naming
+    def visit_Concat(self, node, frame) -> None:
         self.write("environment.bounded(")
         super().visit_Concat(node, frame)
         self.write(")")
@@ -90,7 +90,7 @@ class _Environment(ImmutableSandboxedEnvironment):
             raise Limit(f"raises {left} to the power {right}, an integer of more than {MAX_INT_BITS} bits")
         return _bounded(super().call_binop(context, operator, left, right))
 
-    def call(__self, __context, __obj, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 - jinja's signature
+    def call(__self, __context, __obj, *args: Any, **kwargs: Any) -> Any:  # jinja's own signature
         _check_arguments(args, kwargs)
         return _bounded(super().call(__context, __obj, *args, **kwargs))
 
