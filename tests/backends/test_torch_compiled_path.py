@@ -7,7 +7,7 @@ import pytest
 
 import checkpoints
 import polylm
-from parity import SEQUENCES, padded
+from polylm.testing import SEQUENCES, padded
 
 LONG = [1] + list(range(5, 45))  # 41 tokens: prefill goes through the large-M path (the GEMM in bf16)
 # Largest |logit diff| over real positions, relative to the largest |logit|: fp32 differs by summation order
