@@ -11,6 +11,11 @@ class ConfigError(PolylmError):
     """config.json (or another JSON file of the checkpoint) is missing, malformed or inconsistent."""
 
 
+class Declined(ConfigError):
+    """A family's `to_ir` does not handle this config variant; the next family claiming its `model_type` is
+    tried. The message says why (it is shown when every family declines)."""
+
+
 class IRError(ConfigError):
     """A model description is internally inconsistent (e.g. heads not divisible by KV heads)."""
 

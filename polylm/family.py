@@ -1,5 +1,9 @@
 """What a family plugin supplies: its model types, the config → IR mapping and the tensor-name table; and
-`llama_like`, the mapping of Llama-shaped families, which a family calls with only what differs from Llama."""
+`llama_like`, the mapping of Llama-shaped families, which a family calls with only what differs from Llama.
+
+A mapping may decline a config variant it does not handle (raise `polylm.errors.Declined`) so that the next
+family claiming the model type is tried, and may attach notes for the user (return `Mapped(ir, notes)`).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,18 @@ from .config import ConfigView, read_activation, read_head, read_heads, read_rop
 from .ir import MLP, Attention, Block, Embedding, ModelIR, Norm
 
 API_VERSION = 1
+
+
+class FamilyNote(UserWarning):
+    """The warning category of a family's notes about how it runs a checkpoint (e.g. a feature it limits)."""
+
+
+@dataclass(frozen=True)
+class Mapped:
+    """What `Family.to_ir` may return instead of a bare `ModelIR`: the IR and notes the user should see."""
+
+    ir: ModelIR
+    notes: tuple[str, ...] = ()
 
 #: Head tensors as transformers' `…For<Task>` classes name them (without `.weight` / `.bias`).
 DEFAULT_HEAD_NAMES: Mapping[str, str] = {
@@ -40,7 +56,8 @@ class Family:
     """A model family, as a record of data and one mapping function.
 
     - `to_ir(config, task)` maps config.json to a `ModelIR` (`llama_like` for Llama-shaped families; else
-      the readers of `polylm.config`).
+      the readers of `polylm.config`), or to a `Mapped` carrying notes for the user; it raises
+      `polylm.errors.Declined` for a variant another family claiming the model type may handle.
     - `module_names` maps canonical module names (`embed`, `layers.{i}.attn.q`, …; see
       `ModelIR.tensor_shapes`) to the checkpoint's, without the base-model prefix; `.weight` / `.bias` are
       appended to both sides.
@@ -51,7 +68,7 @@ class Family:
 
     name: str
     model_types: tuple[str, ...]
-    to_ir: Callable[[ConfigView, str], ModelIR]
+    to_ir: Callable[[ConfigView, str], ModelIR | Mapped]
     module_names: Mapping[str, str]
     head_names: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_HEAD_NAMES))
     base_prefixes: tuple[str, ...] = ("model.",)
@@ -61,6 +78,11 @@ class Family:
     @property
     def tasks(self) -> tuple[str, ...]:
         return tuple(self.head_names)
+
+    def map(self, config: ConfigView, task: str) -> Mapped:
+        """`to_ir(config, task)` as a `Mapped` (a bare IR has no notes)."""
+        result = self.to_ir(config, task)
+        return result if isinstance(result, Mapped) else Mapped(result)
 
 
 def llama_like(config: ConfigView, task: str, *, family: str,

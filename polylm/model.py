@@ -23,12 +23,13 @@ class Model:
     """A model ready to run. `forward` gives raw head outputs; `generate` produces text or token ids."""
 
     def __init__(self, ir: ModelIR, runtime: Runtime, tokenizer: Tokenizer | None, *, backend: str,
-                 path: Path) -> None:
+                 path: Path, notes: tuple[str, ...] = ()) -> None:
         self.ir = ir
         self.runtime = runtime
         self.tokenizer = tokenizer
         self.backend = backend
         self.path = path
+        self.notes = notes  # what the family said about running this checkpoint (`polylm.family.Mapped`)
 
     @property
     def task(self) -> str:

@@ -8,7 +8,7 @@ import torch
 
 import checkpoints
 import polylm
-from parity import SEQUENCES, max_diff_padded
+from polylm.testing import SEQUENCES, max_diff_padded
 
 TOLERANCE = 1e-4
 

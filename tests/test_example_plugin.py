@@ -10,26 +10,21 @@ from pathlib import Path
 
 import pytest
 
-import checkpoints
+from polylm.testing import tiny_checkpoint
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "polylm-llama"
 PARITY_SCRIPT = """
-import json, sys
-import numpy as np, torch, transformers
+import json
+from dataclasses import asdict
 import polylm
-sys.path.insert(0, {tests!r})
-from parity import max_diff_padded, hf_greedy
+from polylm.testing import check_parity
 
-out = {{}}
-for family, directory in {checkpoints!r}.items():
-    hf = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    for backend in {backends!r}:
-        model = polylm.load(directory, backend=backend)
-        diff = max(max_diff_padded(model, hf, "causal-lm", side) for side in ("left", "right"))
-        same = model.generate([1, 5, 9, 44], max_new_tokens=12) == hf_greedy(hf, [1, 5, 9, 44], 12, eos_id=2)
-        out[f"{{family}}/{{backend}}"] = [diff, same, model.ir.family]
-print(json.dumps(out))
+print(json.dumps({{name: [asdict(check_parity(directory)), polylm.loading.model_ir(directory).family]
+                  for name, directory in {checkpoints!r}.items()}}))
 """
+#: A small Llama-shaped config (polylm.testing adds the vocabulary and token ids).
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=256)
 
 
 @pytest.fixture(scope="module")
@@ -42,47 +37,30 @@ def installed(tmp_path_factory):
     return target
 
 
-def small(family):
-    return dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=256, vocab_size=checkpoints.VOCAB,
-                bos_token_id=1, eos_token_id=2, pad_token_id=0)
-
-
-def save(family, directory, **extra):
-    import torch
-    import transformers
-
-    config = transformers.AutoConfig.for_model(family, **small(family), **extra)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0, 0.08) if param.ndim > 1 else param.add_(torch.randn_like(param) * 0.2)
-    model.save_pretrained(directory)
-    checkpoints.save_tokenizer(directory)
-    return str(directory)
-
-
 def test_example_plugin_parity_on_every_backend(installed, tmp_path):
+    """polylm.testing.check_parity, run where the plugin is installed, as its author would run it."""
     from test_parity import BACKENDS
 
     models = {
-        "llama": save("llama", tmp_path / "llama", rope_parameters={
+        "llama": tiny_checkpoint(tmp_path, "llama", **SMALL, rope_parameters={
             "rope_type": "llama3", "factor": 8.0, "rope_theta": 500.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
-        "qwen2": save("qwen2", tmp_path / "qwen2", tie_word_embeddings=True),
+        "qwen2": tiny_checkpoint(tmp_path, "qwen2", **SMALL, tie_word_embeddings=True),
     }
-    script = PARITY_SCRIPT.format(tests=str(Path(__file__).parent), checkpoints=models, backends=BACKENDS)
+    script = PARITY_SCRIPT.format(checkpoints={name: str(directory) for name, directory in models.items()})
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(installed), os.environ.get("PYTHONPATH", "")]),
            "TRITON_INTERPRET": "1"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert set(report) == {f"{f}/{b}" for f in models for b in BACKENDS}
-    for key, (diff, same, family) in report.items():
-        assert diff <= 1e-4, key
-        assert same, key
-        assert family == key.split("/")[0]
+    reports = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(reports) == set(models)
+    for name, (report, family) in reports.items():
+        assert family == name
+        assert report["unavailable"] == {} and set(report["max_diff"]) == set(BACKENDS)
+        for backend in BACKENDS:
+            assert max(report["max_diff"][backend].values()) <= 1e-4, (name, backend)
+            assert report["greedy"][backend] == report["reference_greedy"], (name, backend)
+        assert sum(map(len, report["reference_greedy"])) >= 12
 
 
 def test_plugins_lists_the_example(installed):

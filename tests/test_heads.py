@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 
 import checkpoints
 import polylm
+from polylm import testing
 from polylm.errors import InputError, TaskError
 from polylm.cli import main
 from test_parity import BACKENDS
@@ -30,7 +31,7 @@ def qa_checkpoint(root, family):
     config = json.loads((base / "config.json").read_text())
     config["architectures"] = [f"{family.capitalize()}ForQuestionAnswering"]
     (directory / "config.json").write_text(json.dumps(config))
-    checkpoints.save_tokenizer(directory)
+    testing.save_tokenizer(directory)
     return directory
 
 

@@ -1,13 +1,13 @@
-"""Parity with transformers: every family × backend × task, fp32, padded on both sides, greedy ids."""
+"""Parity with transformers: every family × backend × task, fp32, padded on both sides, greedy ids
+(`polylm.testing.check_parity`)."""
 
 import pytest
 
 import checkpoints
-import polylm
-from parity import SEQUENCES, hf_greedy, max_diff_padded
+from polylm.testing import TASK_CLASSES, check_parity
 
 BACKENDS = ["torch", "mlx", "triton"]
-TASKS = list(checkpoints.TASK_CLASSES)
+TASKS = list(TASK_CLASSES)
 TOLERANCE = 1e-4
 
 
@@ -16,37 +16,14 @@ def hf_has(family, task):
     return not (task == "question-answering" and family in ("helium", "gemma"))
 
 
-@pytest.fixture(scope="module")
-def loaded():
-    cache = {}
-
-    def load(directory, backend, **kw):
-        key = (str(directory), backend, tuple(sorted(kw.items())))
-        if key not in cache:
-            cache[key] = polylm.load(directory, backend=backend, **kw)
-        return cache[key]
-    return load
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("family,task", [(f, t) for f in checkpoints.FAMILIES for t in TASKS if hf_has(f, t)])
-def test_logits_match_transformers(make_ckpt, loaded, family, backend, task):
-    directory = make_ckpt(family, task)
-    model = loaded(directory, backend)
-    assert model.task == task
-    hf = checkpoints.hf_model(family, task)
-    for side in ("left", "right"):
-        assert max_diff_padded(model, hf, task, side) <= TOLERANCE, side
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("family", checkpoints.FAMILIES)
-def test_greedy_tokens_match_transformers(make_ckpt, loaded, family, backend):
-    model = loaded(make_ckpt(family), backend)
-    hf = checkpoints.hf_model(family)
-    prompts = [SEQUENCES[0], SEQUENCES[2]]
-    ours = model.generate(prompts, max_new_tokens=12)
-    for prompt, got in zip(prompts, ours):
-        expected = hf_greedy(hf, prompt, 12, eos_id=2)
-        assert got == expected
-    assert sum(len(g) for g in ours) >= 12
+def test_matches_transformers(make_ckpt, family, backend, task):
+    """Logits of left- and right-padded batches; for causal LMs also 12 greedy tokens of a batch of 2 prompts."""
+    report = check_parity(make_ckpt(family, task), backends=[backend], tolerance=TOLERANCE)
+    assert report.task == task and report.unavailable == {}
+    assert set(report.max_diff[backend]) == {"left", "right"}
+    assert max(report.max_diff[backend].values()) <= TOLERANCE
+    if task == "causal-lm":
+        assert report.greedy[backend] == report.reference_greedy
+        assert sum(len(g) for g in report.reference_greedy) >= 12

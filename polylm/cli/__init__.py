@@ -7,10 +7,12 @@ import dataclasses
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Sequence
 
 from ..errors import InputError, PolylmError
+from ..family import FamilyNote
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -239,8 +241,10 @@ def _plugins(args: argparse.Namespace) -> None:
 
     plugins = registry()
     print("families:")
-    for model_type, (family, info) in sorted(plugins.families.items()):
-        print(f"  {model_type:<12} {info.distribution} {info.version} (entry point {info.entry_point})")
+    for model_type, claimants in sorted(plugins.claimants.items()):
+        for rank, (_, info) in enumerate(claimants):
+            fallback = ", for configs the one above declines" if rank else ""
+            print(f"  {model_type:<12} {info.distribution} {info.version} (entry point {info.entry_point}{fallback})")
     print("backends:")
     for name, (_, info) in sorted(plugins.backends.items()):
         print(f"  {name:<12} {info.distribution} {info.version} (entry point {info.entry_point})")
@@ -259,11 +263,17 @@ def _load(args: argparse.Namespace):
         from ..demo import DEMO_MODEL
 
         args.model = str(DEMO_MODEL)
-    if args.tp != 1:
-        from ..parallel.launch import load_ranked
+    with warnings.catch_warnings():  # a family's notes are printed below as one line each
+        warnings.simplefilter("ignore", FamilyNote)
+        if args.tp != 1:
+            from ..parallel.launch import load_ranked
 
-        return load_ranked(args.model, args.tp, args.argv, backend=args.backend, dtype=args.dtype)
-    return load(args.model, backend=args.backend, dtype=args.dtype)
+            model = load_ranked(args.model, args.tp, args.argv, backend=args.backend, dtype=args.dtype)
+        else:
+            model = load(args.model, backend=args.backend, dtype=args.dtype)
+    for note in model.notes:
+        print(f"note: {note}", file=sys.stderr)
+    return model
 
 
 def _print_records(records: list, as_json: bool, line) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -9,7 +10,8 @@ from ..backend import DTYPES
 from ..checkpoint.hub import resolve_model
 from ..checkpoint.weights import Checkpoint, resolve
 from ..config import ConfigView
-from ..errors import BackendError, IRError, TaskError, WeightsError
+from ..errors import BackendError, TaskError, WeightsError
+from ..family import FamilyNote
 from ..generate.tokenizer import Tokenizer
 from ..ir import QUANTIZATIONS, TASKS, ModelIR
 from ..model import Model
@@ -28,6 +30,9 @@ def load(path: str | Path, *, backend: str = "auto", task: str | None = None, dt
          quantize: str | None = None, tensor_parallel: int | None = None) -> Model:
     """Load a Hugging Face–format checkpoint: a directory, or a Hub repo id in the local HF cache.
 
+    The family is the first installed one claiming the config's `model_type` that does not decline it; its
+    notes (and which families declined) are warned as `polylm.family.FamilyNote` and kept on `Model.notes`.
+
     `task` defaults to what the checkpoint's `architectures` entry says (causal LM when it says nothing);
     `dtype=None` keeps the checkpoint's dtype. `quantize` ("int8" or "int4") stores the block and head
     matrices as weight-only integers with per-group scales. Nothing in the directory is written.
@@ -39,20 +44,19 @@ def load(path: str | Path, *, backend: str = "auto", task: str | None = None, dt
     directory = resolve_model(path)
     config = ConfigView.from_dir(directory)
     plugins = registry()
-    family = plugins.family(config.get("model_type", kind=str), str(config.path))
     task = task or infer_task(config)
     if task not in TASKS:
         raise TaskError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    if task not in family.tasks:
-        raise TaskError(f"task {task!r} is not supported by family {family.name!r}; supported: "
-                        f"{', '.join(family.tasks)}")
+    family, mapped = plugins.select(config, task)
+    for note in mapped.notes:
+        warnings.warn(note, FamilyNote, stacklevel=2)
     if dtype is not None and dtype not in DTYPES:
         raise BackendError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise BackendError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZATIONS)}")
     check_supported(quantize, tensor_parallel)
     chosen = plugins.backend(backend)
-    ir = _to_ir(family, config, task)
+    ir = mapped.ir
     if quantize is not None:
         ir = replace(ir, quantization=QUANTIZATIONS[quantize])
     plan = None
@@ -78,7 +82,7 @@ def load(path: str | Path, *, backend: str = "auto", task: str | None = None, dt
         runtime = wrap(chosen.lower_shard(ir, weights, dtype, plan))
     has_tokenizer = (directory / "tokenizer.json").exists() and (plan is None or plan.shard.rank == 0)
     tokenizer = Tokenizer(directory, config) if has_tokenizer else None
-    return Model(ir, runtime, tokenizer, backend=chosen.name, path=directory)
+    return Model(ir, runtime, tokenizer, backend=chosen.name, path=directory, notes=mapped.notes)
 
 
 def check_supported(quantize: str | None, tensor_parallel: int | None) -> None:
@@ -93,18 +97,7 @@ def model_ir(path: str | Path, *, task: str | None = None) -> ModelIR:
     """The IR of a checkpoint, from its config alone (no tensor is read)."""
     directory = resolve_model(path)
     config = ConfigView.from_dir(directory)
-    family = registry().family(config.get("model_type", kind=str), str(config.path))
-    return _to_ir(family, config, task or infer_task(config))
-
-
-def _to_ir(family, config: ConfigView, task: str) -> ModelIR:
-    """The family's IR of `config`; an IR error that does not name the config file yet is made to."""
-    try:
-        return family.to_ir(config, task)
-    except IRError as exc:
-        if str(exc).startswith(str(config.path)):
-            raise
-        raise IRError(f"{config.path}: {exc}") from None
+    return registry().select(config, task or infer_task(config))[1].ir
 
 
 def _check_layer_count(ir: ModelIR, checkpoint: Checkpoint, config: ConfigView) -> None:

@@ -3,9 +3,10 @@
 Built-in families and backends are found exactly like third-party ones. A plugin that fails to import,
 raises from a hook, or returns records of another API version is recorded in `failures` and skipped.
 
-Two families claiming one `model_type`: a plugin from another distribution wins over polylm's built-ins
-(so a third party can replace a built-in family); otherwise the entry point whose name sorts first wins.
-Either way a warning names both.
+Several families may claim one `model_type`; all are kept, in the order they are tried: plugins from other
+distributions before polylm's built-ins (so a third party can replace a built-in family), then by entry-point
+name. The first whose `to_ir` does not raise `Declined` maps the config (`Registry.select`). A warning names
+the claimants.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from .. import backend as backend_api
 from .. import family as family_api
 from .. import hookspecs
 from ..backend import Backend
-from ..errors import BackendError, ConfigError, PluginError
-from ..family import Family
+from ..config import ConfigView
+from ..errors import BackendError, ConfigError, Declined, IRError, PluginError, TaskError
+from ..family import Family, Mapped
 
 GROUP = "polylm"
 BUILTIN_DISTRIBUTION = "polylm"
@@ -53,7 +55,7 @@ class Registry:
     def __init__(self, entry_points: Iterable[metadata.EntryPoint] | None = None) -> None:
         self.manager = pluggy.PluginManager(hookspecs.PROJECT)
         self.manager.add_hookspecs(hookspecs)
-        self.families: dict[str, tuple[Family, PluginInfo]] = {}
+        self.claimants: dict[str, list[tuple[Family, PluginInfo]]] = {}
         self.backends: dict[str, tuple[Backend, PluginInfo]] = {}
         self.failures: list[Failure] = []
         self.conflicts: list[str] = []
@@ -85,21 +87,24 @@ class Registry:
     def _fail(self, point: metadata.EntryPoint, dist: str, exc: Exception) -> None:
         self.failures.append(Failure(point.name, dist, f"{type(exc).__name__}: {exc}"))
 
+    @property
+    def families(self) -> dict[str, tuple[Family, PluginInfo]]:
+        """The family tried first for each model_type."""
+        return {model_type: claimants[0] for model_type, claimants in self.claimants.items()}
+
     def _add_family(self, family: Family, info: PluginInfo) -> None:
         _check_version(family, family_api.API_VERSION, "family", info)
         for model_type in family.model_types:
-            current = self.families.get(model_type)
-            if current is not None:
-                keep_new = (current[1].distribution == BUILTIN_DISTRIBUTION
-                            and info.distribution != BUILTIN_DISTRIBUTION)
-                winner, loser = (info, current[1]) if keep_new else (current[1], info)
-                message = (f"model_type {model_type!r} is claimed by {loser.entry_point} ({loser.distribution}) "
-                           f"and {winner.entry_point} ({winner.distribution}); using {winner.entry_point}")
+            claimants = self.claimants.setdefault(model_type, [])
+            claimants.append((family, info))
+            # stable: entry points arrive sorted by name
+            claimants.sort(key=lambda claimant: claimant[1].distribution == BUILTIN_DISTRIBUTION)
+            if len(claimants) > 1:
+                names = [f"{i.entry_point} ({i.distribution})" for _, i in claimants]
+                message = (f"model_type {model_type!r} is claimed by {' and '.join(names)}; using "
+                           f"{claimants[0][1].entry_point}, then the others for configs it declines")
                 self.conflicts.append(message)
                 warnings.warn(message, stacklevel=2)
-                if not keep_new:
-                    continue
-            self.families[model_type] = (family, info)
 
     def _add_backend(self, backend: Backend, info: PluginInfo) -> None:
         _check_version(backend, backend_api.API_VERSION, "backend", info)
@@ -116,6 +121,38 @@ class Registry:
             known = ", ".join(sorted(self.families)) or "none"
             raise ConfigError(f"{where}: unknown model_type {model_type!r}; installed families handle: {known}")
         return self.families[model_type][0]
+
+    def select(self, config: ConfigView, task: str) -> tuple[Family, Mapped]:
+        """The first family claiming config.json's `model_type` that offers `task` and does not decline the
+        config, with its mapping; its notes start with one per family that declined. A `TaskError` when no
+        claimant offers the task; a `ConfigError` naming each claimant's reason when all decline."""
+        model_type = config.get("model_type", kind=str)
+        self.family(model_type, str(config.path))  # refuses an unknown model_type
+        claimants = self.claimants[model_type]
+        if not any(task in family.tasks for family, _ in claimants):
+            first = claimants[0][0]
+            raise TaskError(f"task {task!r} is not supported by family {first.name!r}; supported: "
+                            f"{', '.join(first.tasks)}")
+        declined = []
+        for family, info in claimants:
+            who = f"{info.entry_point} ({info.distribution})"
+            if task not in family.tasks:
+                declined.append((who, f"does not offer task {task!r}"))
+                continue
+            try:
+                mapped = family.map(config, task)
+            except Declined as exc:
+                declined.append((who, str(exc)))
+                continue
+            except IRError as exc:  # an IR node refused a value: name the config it came from
+                if str(exc).startswith(str(config.path)):
+                    raise
+                raise IRError(f"{config.path}: {exc}") from None
+            notes = tuple(f"{other} declined this config ({why}); {who} handles it" for other, why in declined)
+            return family, Mapped(mapped.ir, notes + mapped.notes)
+        reasons = "; ".join(f"{who}: {why}" for who, why in declined)
+        raise ConfigError(f"{config.path}: every family claiming model_type {model_type!r} declined this "
+                          f"config: {reasons}")
 
     def ranked_backends(self) -> list[Backend]:
         """Backends by decreasing priority (the order `auto` tries them in)."""

@@ -15,7 +15,7 @@ import checkpoints
 import polylm
 import polylm_mlx
 import polylm_mlx.runtime
-from parity import SEQUENCES, hf_greedy, max_diff_padded, padded
+from polylm.testing import SEQUENCES, hf_greedy, max_diff_padded, padded
 from polylm.errors import BackendError
 from polylm.ir import MLP, Norm
 from polylm.loading.registry import Registry

@@ -17,7 +17,7 @@ from safetensors.numpy import load_file, save_file
 
 import checkpoints
 import polylm
-from parity import SEQUENCES, padded
+from polylm.testing import SEQUENCES, padded
 from polylm.errors import BackendError
 from polylm.ir import QUANTIZATIONS, Quantization
 from polylm.numerics import quantization

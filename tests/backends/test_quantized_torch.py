@@ -5,7 +5,7 @@ import pytest
 
 import checkpoints
 import polylm
-from parity import SEQUENCES, padded
+from polylm.testing import SEQUENCES, padded
 
 # Against the unquantized model on the tiny random checkpoints (logits span about ±5; random weights have no
 # outliers to spare, so int4 with groups of 32 over a 64-wide hidden state is a harsh case): the largest

@@ -9,7 +9,7 @@ import pytest
 
 import checkpoints
 import polylm
-from parity import SEQUENCES, padded
+from polylm.testing import SEQUENCES, padded
 from polylm_torch import TorchBackend, cpu_gemv
 from polylm_torch.cpu_gemv import _build
 from polylm_torch_common.runtime import TorchRuntime

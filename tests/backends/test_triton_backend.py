@@ -14,7 +14,7 @@ import torch
 import checkpoints
 import polylm
 import polylm_triton
-from parity import SEQUENCES, padded
+from polylm.testing import SEQUENCES, padded
 from polylm.backend import Step
 from polylm.errors import BackendError
 from polylm.loading.registry import Registry
