@@ -7,31 +7,17 @@ v5's `rope_parameters`; legacy `type` beside `rope_type`).
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .checkpoint.files import read_json
+from .errors import ConfigError, IRError
 from .ir import TASKS, Head, RoPE, RopeScaling
 
 _MISSING = object()
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "an object",
                list: "a list"}
-
-
-def read_json(path: Path, what: str = "") -> Any:
-    """Parse a JSON file, turning every failure into a `ConfigError` that names the file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found{what}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read ({exc})") from None
-    try:
-        return json.loads(text, parse_constant=lambda c: float(c))
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
 
 
 class ConfigView:
@@ -46,7 +32,7 @@ class ConfigView:
     @classmethod
     def from_dir(cls, directory: Path) -> "ConfigView":
         path = directory / "config.json"
-        return cls(read_json(path, " (a model directory needs config.json)"), path)
+        return cls(read_json(path, missing=" (a model directory needs config.json)"), path)
 
     def has(self, key: str) -> bool:
         return self.data.get(key) is not None
@@ -81,52 +67,64 @@ class ConfigView:
     def sub(self, key: str) -> "ConfigView":
         return ConfigView(self.get(key, kind=dict), f"{self.path}:{key}")
 
-    def rope_parameters(self) -> dict[str, Any]:
-        """v5 `rope_parameters` merged with the legacy top-level keys and `rope_scaling`."""
+    def rope_parameters(self) -> "ConfigView":
+        """v5 `rope_parameters` merged with the legacy top-level keys and `rope_scaling` (whose `type` means
+        `rope_type`). A key two of them give different values is refused, naming both: neither wins silently."""
+        sources = [("the top level", {k: self.data[k]}) for k in ("rope_theta", "partial_rotary_factor") if self.has(k)]
+        dicts = [key for key in ("rope_scaling", "rope_parameters") if self.has(key)]
+        sources += [(repr(key), self.get(key, kind=dict)) for key in dicts]
         merged: dict[str, Any] = {}
-        for key in ("rope_theta", "partial_rotary_factor"):
-            if self.has(key):
-                merged[key] = self.data[key]
-        for key in ("rope_scaling", "rope_parameters"):
-            if self.has(key):
-                merged.update(self.get(key, kind=dict))
-        return merged
+        origin: dict[str, str] = {}
+        for source, params in sources:
+            for key, value in params.items():
+                key = "rope_type" if key == "type" and "rope_type" not in params else key
+                if key in merged and merged[key] != value:
+                    raise ConfigError(f"{self.path}: {key!r} is {merged[key]!r} in {origin[key]} but {value!r} in "
+                                      f"{source}; give it once, or the same in both")
+                merged[key], origin[key] = value, source
+        return ConfigView(merged, f"{self.path}:{'+'.join(dicts)}" if dicts else self.path)
 
 
 def read_rope(config: ConfigView, *, interleaved: bool = False, default_theta: float = 10000.0,
               default_fraction: float = 1.0) -> RoPE:
-    """The RoPE description from any config form."""
-    params = ConfigView(config.rope_parameters(), f"{config.path}:rope_parameters")
-    kind = params.get("rope_type", "type", kind=str, default="default")
+    """The RoPE description from any config form; an invalid value raises `IRError` naming the file and key."""
+    params = config.rope_parameters()
+    kind = params.get("rope_type", kind=str, default="default")
     max_positions = config.positive("max_position_embeddings", default=2048)
     scaling = None
-    if kind != "default":
-        known = ("linear", "dynamic", "yarn", "llama3")
-        if kind not in known:
-            raise ConfigError(f"{params.path}: unsupported rope type {kind!r}; supported: default, "
-                              f"{', '.join(known)}")
-        original = params.positive("original_max_position_embeddings", default=None)
-        factor = params.get("factor", kind=float, default=None)
-        if kind == "yarn" and factor is None and original:
-            factor = max_positions / original
-        if factor is None:
-            raise ConfigError(f"{params.path}: rope type {kind!r} needs 'factor'")
-        if kind == "llama3" and original is None:
-            raise ConfigError(f"{params.path}: rope type 'llama3' needs 'original_max_position_embeddings'")
-        scaling = RopeScaling(
-            kind=kind, factor=factor, original_max_positions=original,
-            low_freq_factor=params.get("low_freq_factor", kind=float, default=1.0),
-            high_freq_factor=params.get("high_freq_factor", kind=float, default=4.0),
-            beta_fast=params.get("beta_fast", kind=float, default=32.0),
-            beta_slow=params.get("beta_slow", kind=float, default=1.0),
-            attention_factor=params.get("attention_factor", kind=float, default=None),
-            mscale=params.get("mscale", kind=float, default=None),
-            mscale_all_dim=params.get("mscale_all_dim", kind=float, default=None),
-            truncate=params.get("truncate", kind=bool, default=True),
-        )
-    return RoPE(theta=params.get("rope_theta", kind=float, default=default_theta), max_positions=max_positions,
-                rotary_fraction=params.get("partial_rotary_factor", kind=float, default=default_fraction),
-                interleaved=interleaved, scaling=scaling)
+    try:
+        if kind != "default":
+            scaling = _read_scaling(params, kind, max_positions)
+        return RoPE(theta=params.get("rope_theta", kind=float, default=default_theta), max_positions=max_positions,
+                    rotary_fraction=params.get("partial_rotary_factor", kind=float, default=default_fraction),
+                    interleaved=interleaved, scaling=scaling)
+    except IRError as exc:
+        raise IRError(f"{params.path}: {exc}") from None
+
+
+def _read_scaling(params: ConfigView, kind: str, max_positions: int) -> RopeScaling:
+    known = ("linear", "dynamic", "yarn", "llama3")
+    if kind not in known:
+        raise ConfigError(f"{params.path}: unsupported rope type {kind!r}; supported: default, {', '.join(known)}")
+    original = params.positive("original_max_position_embeddings", default=None)
+    factor = params.get("factor", kind=float, default=None)
+    if kind == "yarn" and factor is None and original:
+        factor = max_positions / original
+    if factor is None:
+        raise ConfigError(f"{params.path}: rope type {kind!r} needs 'factor'")
+    if kind == "llama3" and original is None:
+        raise ConfigError(f"{params.path}: rope type 'llama3' needs 'original_max_position_embeddings'")
+    return RopeScaling(
+        kind=kind, factor=factor, original_max_positions=original,
+        low_freq_factor=params.get("low_freq_factor", kind=float, default=1.0),
+        high_freq_factor=params.get("high_freq_factor", kind=float, default=4.0),
+        beta_fast=params.get("beta_fast", kind=float, default=32.0),
+        beta_slow=params.get("beta_slow", kind=float, default=1.0),
+        attention_factor=params.get("attention_factor", kind=float, default=None),
+        mscale=params.get("mscale", kind=float, default=None),
+        mscale_all_dim=params.get("mscale_all_dim", kind=float, default=None),
+        truncate=params.get("truncate", kind=bool, default=True),
+    )
 
 
 def read_head(config: ConfigView, task: str, *, vocab_size: int, tie_default: bool) -> Head:

@@ -23,6 +23,10 @@ class TokenizerError(PolylmError):
     """tokenizer.json (or its companion files) is missing or unreadable."""
 
 
+class TemplateError(TokenizerError):
+    """A chat template cannot be read or compiled, or fails or passes polylm's bounds while rendering."""
+
+
 class PluginError(PolylmError):
     """A family or backend plugin is missing, broken, or claims something it cannot do."""
 

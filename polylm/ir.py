@@ -21,6 +21,8 @@ Task = Literal["causal-lm", "sequence-classification", "token-classification", "
 
 ACTIVATIONS: tuple[str, ...] = ("silu", "gelu_tanh", "gelu", "relu", "relu2")
 TASKS: tuple[str, ...] = ("causal-lm", "sequence-classification", "token-classification", "question-answering")
+MAX_ROPE_FACTOR = 1e6
+MIN_YARN_BETA = 1e-3
 
 
 def _require(condition: bool, message: str) -> None:
@@ -33,9 +35,12 @@ def _positive_int(value: object, what: str) -> None:
              f"{what} must be a positive integer, got {value!r}")
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _positive_float(value: object, what: str) -> None:
-    _require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0,
-             f"{what} must be a positive number, got {value!r}")
+    _require(_is_number(value) and value > 0, f"{what} must be a positive number, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -73,14 +78,31 @@ class RopeScaling:
     def __post_init__(self) -> None:
         _require(self.kind in ("linear", "dynamic", "yarn", "llama3"),
                  f"rope scaling type must be one of linear, dynamic, yarn, llama3; got {self.kind!r}")
-        _positive_float(self.factor, "rope scaling factor")
-        if self.kind in ("llama3",):
-            _require(self.original_max_positions is not None,
-                     "rope scaling 'llama3' needs original_max_position_embeddings")
-            _require(self.high_freq_factor != self.low_freq_factor,
-                     "rope scaling 'llama3' needs high_freq_factor != low_freq_factor")
+        # Bounds that keep the frequencies finite (transformers asks for the same factor ≥ 1); the top of the
+        # factor keeps dynamic NTK's base power within float range.
+        _require(_is_number(self.factor) and 1 <= self.factor <= MAX_ROPE_FACTOR,
+                 f"factor must be a number in [1, {MAX_ROPE_FACTOR:g}], got {self.factor!r}")
         if self.original_max_positions is not None:
             _positive_int(self.original_max_positions, "original_max_position_embeddings")
+        if self.kind == "llama3":
+            _require(self.original_max_positions is not None,
+                     "rope scaling 'llama3' needs original_max_position_embeddings")
+            _positive_float(self.low_freq_factor, "low_freq_factor")
+            _positive_float(self.high_freq_factor, "high_freq_factor")
+            _require(self.high_freq_factor != self.low_freq_factor,
+                     "rope scaling 'llama3' needs high_freq_factor != low_freq_factor")
+        if self.kind == "yarn":
+            for name in ("beta_fast", "beta_slow"):  # rotation counts; YaRN takes log(positions / (2π β))
+                value = getattr(self, name)
+                _require(_is_number(value) and value >= MIN_YARN_BETA,
+                         f"{name} must be a number ≥ {MIN_YARN_BETA:g}, got {value!r}")
+            if self.attention_factor is not None:
+                _positive_float(self.attention_factor, "attention_factor")
+            for name in ("mscale", "mscale_all_dim"):  # ≥ 0 keeps YaRN's 0.1·m·ln(factor) + 1 ≥ 1
+                value = getattr(self, name)
+                _require(value is None or (_is_number(value) and value >= 0),
+                         f"{name} must be a number ≥ 0, got {value!r}")
+            _require(isinstance(self.truncate, bool), f"truncate must be true or false, got {self.truncate!r}")
 
 
 @dataclass(frozen=True)
@@ -99,7 +121,8 @@ class RoPE:
     scaling: RopeScaling | None = None
 
     def __post_init__(self) -> None:
-        _positive_float(self.theta, "rope theta")
+        # Above 1 every frequency is at most one radian per position (finite angles), and YaRN's log(θ) ≠ 0.
+        _require(_is_number(self.theta) and self.theta > 1, f"rope_theta must be a number > 1, got {self.theta!r}")
         _positive_int(self.max_positions, "max_position_embeddings")
         _require(isinstance(self.rotary_fraction, (int, float)) and 0 < self.rotary_fraction <= 1,
                  f"partial_rotary_factor must be in (0, 1], got {self.rotary_fraction!r}")
@@ -169,6 +192,10 @@ class Attention:
             _require(self.rotary_dim >= 2 and self.rotary_dim % 2 == 0,
                      f"rotary dims (head_dim {self.head_dim} × partial_rotary_factor "
                      f"{self.position.rotary_fraction}) must be even and ≥ 2, got {self.rotary_dim}")
+            scaling = self.position.scaling
+            _require(scaling is None or scaling.kind != "dynamic" or self.rotary_dim >= 4,
+                     f"dynamic rope scaling needs at least 4 rotary dims (its base grows by a power dim / (dim - 2)), "
+                     f"got {self.rotary_dim}")
 
     @property
     def rotary_dim(self) -> int:

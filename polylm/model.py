@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -10,7 +11,7 @@ import numpy as np
 from .backend import Runtime, Step
 from .errors import InputError, TaskError, TokenizerError
 from .generate import tasks
-from .generate.chat import find_template, render
+from .generate.chat import find_template, given_template, render
 from .generate.sampling import Sampling
 from .generate.scheduler import STOP, Scheduler
 from .generate.stream import TextStream
@@ -99,6 +100,8 @@ class Model:
 
     def classify(self, texts: str | Sequence[str]) -> list:
         """The best label and its score for each text (sequence-classification checkpoints)."""
+        if not isinstance(texts, (str, list, tuple)):
+            raise InputError(f"classify takes a string or a list of strings, found {type(texts).__name__}")
         return tasks.classify(self, texts)
 
     def tag(self, text: str) -> list:
@@ -111,16 +114,17 @@ class Model:
 
     # -- chat ------------------------------------------------------------------------------------------------
 
-    def chat_prompt(self, messages: Sequence[dict], *, template: str | None = None) -> list[int]:
-        """Token ids of `messages` rendered through the checkpoint's chat template (or `template`)."""
+    def chat_prompt(self, messages: Sequence[dict], *, template: str | os.PathLike | None = None) -> list[int]:
+        """Token ids of `messages` rendered through the checkpoint's chat template, or `template` (the
+        template's text, or a path to its file)."""
         tokenizer = self._need_tokenizer()
-        template = template or find_template(self.path, tokenizer.settings)
-        if template is None:
+        chosen = find_template(self.path, tokenizer.settings) if template is None else given_template(template)
+        if chosen is None:
             raise TokenizerError(f"{self.path}: the checkpoint has no chat template (tokenizer_config.json "
                                  "'chat_template' or chat_template.jinja); pass one with --chat-template FILE")
-        return tokenizer.encode(render(template, messages, tokenizer.settings), add_special_tokens=False)
+        return tokenizer.encode(render(chosen, messages, tokenizer.settings), add_special_tokens=False)
 
-    def chat(self, messages: Sequence[dict], *, template: str | None = None, **sampling: Any) -> Any:
+    def chat(self, messages: Sequence[dict], *, template: str | os.PathLike | None = None, **sampling: Any) -> Any:
         """The assistant's reply to `messages` (a list of {"role", "content"}); `stream=True` yields pieces."""
         ids = self.chat_prompt(messages, template=template)
         stream = sampling.pop("stream", False)
@@ -138,7 +142,9 @@ class Model:
         A string gives the new text; a list of token ids gives the new ids; a list of either runs them as one
         batch and gives one result per prompt, each what it would be alone (every row is seeded with `seed`).
         `stream=True` (single prompt) yields pieces as they are made. Generation stops at eos, at a stop string
-        (not included) or after `max_new_tokens`. Sampling settings mean what they mean in transformers.
+        (not included), after `max_new_tokens`, or at the end of the model's context. A prompt that already
+        fills the context (with `max_new_tokens` > 0) raises `InputError` instead of returning nothing.
+        Sampling settings mean what they mean in transformers.
         """
         return self._generate_text(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                    top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
@@ -151,15 +157,21 @@ class Model:
                        text_output: bool = False) -> Any:
         """`generate`, with `text_output` giving text even for token-id prompts."""
         sampling = Sampling(max_new_tokens, temperature, top_k, top_p, seed, min_p, repetition_penalty)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        stops = _stop_strings(stop)
+        if not isinstance(stream, bool):
+            raise InputError(f"stream must be True or False, got {stream!r}")
         if self.task != "causal-lm":
             raise TaskError(f"{self.path} holds a {self.task} model; generation needs a causal-lm checkpoint")
-        batch = isinstance(prompt, (list, tuple)) and len(prompt) > 0 and not isinstance(prompt[0], (int, np.integer))
+        batch = isinstance(prompt, (list, tuple)) and len(prompt) > 0 and not _is_token(prompt[0])
         prompts = list(prompt) if batch else [prompt]
         if batch and stream:
             raise InputError("stream=True takes a single prompt")
         as_text = [text_output or isinstance(p, str) for p in prompts]
         encoded = [self._encode_prompt(p) for p in prompts]
+        full = next((ids for ids in encoded if len(ids) >= self.ir.context_length), None)
+        if full is not None and max_new_tokens > 0:
+            raise InputError(f"prompt of {len(full)} tokens fills the model's context of {self.ir.context_length} "
+                             "tokens, leaving no room for new tokens")
         streams = [TextStream(self._need_tokenizer(), stops) if t else None for t in as_text]
         events = self._decode(encoded, sampling, streams)
         if stream:
@@ -200,10 +212,10 @@ class Model:
             if not prompt:
                 raise InputError("prompt is empty")
             ids = self._need_tokenizer().encode(prompt)
+        elif isinstance(prompt, (list, tuple, np.ndarray)) and all(_is_token(t) for t in prompt):
+            ids = [int(t) for t in prompt]
         else:
-            ids = [int(t) for t in prompt] if all(isinstance(t, (int, np.integer)) for t in prompt) else None
-            if ids is None:
-                raise InputError("a prompt must be a string or a list of integer token ids")
+            raise InputError(f"a prompt must be a string or a list of integer token ids, found {_describe(prompt)}")
         if not ids:
             raise InputError("prompt is empty (it encodes to no tokens)")
         self._check_batch([ids], None)
@@ -213,3 +225,25 @@ class Model:
         if self.tokenizer is None:
             raise TokenizerError(f"{self.path}: no tokenizer.json, so text prompts cannot be encoded; pass token ids")
         return self.tokenizer
+
+
+def _is_token(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _describe(value: Any) -> str:
+    """What a bad prompt is, for errors: its type, or the first item of a list that is not a token id."""
+    if isinstance(value, (list, tuple)):
+        bad = next((v for v in value if not _is_token(v)), None)
+        return f"a list holding {type(bad).__name__} {bad!r:.40}"
+    return f"{type(value).__name__} {value!r:.40}"
+
+
+def _stop_strings(stop: Any) -> list[str]:
+    """`stop` as a list of strings: None, one string, or a list or tuple of strings."""
+    stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, (list, tuple)) else None
+    if stop is None:
+        return []
+    if stops is None or not all(isinstance(s, str) for s in stops):
+        raise InputError(f"stop must be a string or a list of strings, got {stop!r:.80}")
+    return list(stops)

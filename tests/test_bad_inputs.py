@@ -1,9 +1,12 @@
 """Every bad input gets a typed error naming where and what — in the library and the CLI — and nothing
 in the model directory is ever written."""
 
+import io
 import json
+import os
 import shutil
 import struct
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,8 +14,9 @@ import pytest
 import polylm
 from polylm.backend import Availability, Backend
 from polylm.cli import main
-from polylm.errors import (BackendError, ConfigError, InputError, IRError, TaskError, TokenizerError,
-                           WeightsError)
+from polylm.errors import (BackendError, ConfigError, InputError, IRError, TaskError, TemplateError,
+                           TokenizerError, WeightsError)
+from polylm.generate import sandbox
 from polylm.loading.registry import PluginInfo, registry
 
 # -- mutations of a valid checkpoint ------------------------------------------------------------------------
@@ -133,6 +137,80 @@ def add_tensor(header, data):
     return data + bytes(16)
 
 
+def fifo(name):
+    def mutate(directory: Path):
+        (directory / name).unlink(missing_ok=True)
+        os.mkfifo(directory / name)
+    return mutate
+
+
+def link_to(name, target):
+    def mutate(directory: Path):
+        (directory / name).unlink(missing_ok=True)
+        (directory / name).symlink_to(target)
+    return mutate
+
+
+def sparse(name, size):
+    def mutate(directory: Path):
+        with open(directory / name, "wb") as fh:
+            fh.write(b"{")
+            fh.truncate(size)
+    return mutate
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def raw_config_value(key, text):
+    """config.json with `key` set to the raw JSON `text` (e.g. a number json.dumps cannot write)."""
+    def mutate(directory: Path):
+        path = directory / "config.json"
+        config = json.loads(path.read_text())
+        config[key] = "@@"
+        path.write_text(json.dumps(config).replace('"@@"', text))
+    return mutate
+
+
+def deep_header(directory: Path):
+    blob = DEEP.encode()
+    (directory / "model.safetensors").write_bytes(struct.pack("<Q", len(blob)) + blob)
+
+
+def duplicate_tensor(directory: Path):
+    path = directory / "model.safetensors"
+    header, data = read_safetensors(path)
+    name = first_vector(header)
+    blob = ("{" + json.dumps(name) + ": " + json.dumps(header[name]) + ", " + json.dumps(header)[1:]).encode()
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
+
+
+NAN_BYTES = {"F32": b"\x00\x00\xc0\x7f", "BF16": b"\xc0\x7f", "F16": b"\x00\x7e"}
+
+
+def nan_in_vector(header, data):
+    name = first_vector(header)
+    begin = header[name]["data_offsets"][0]
+    nan = NAN_BYTES[header[name]["dtype"]]
+    return data[:begin] + nan + data[begin + len(nan):]
+
+
+def rope(**parameters):
+    return edit_config(rope_parameters={"rope_theta": 10000.0, **parameters}, rope_scaling=DELETE)
+
+
+def yarn(**parameters):
+    return rope(**{"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64, **parameters})
+
+
+def llama3(**parameters):
+    return rope(**{"rope_type": "llama3", "factor": 2.0, "original_max_position_embeddings": 64, **parameters})
+
+
+def generate(prompt=..., **options):
+    return lambda m: m.generate("hi" if prompt is ... else prompt, max_new_tokens=2, **options)
+
+
 NOOP = None
 LOAD = "load"
 
@@ -207,6 +285,66 @@ CASES = {
     "unknown-dtype": (NOOP, "dtype:float8@torch", BackendError, ["unknown dtype 'float8'"]),
     "no-head-for-task": (NOOP, "task:question-answering", TaskError, ["'qa_outputs'", "head"]),
     "unknown-task": (NOOP, "task:summarize", TaskError, ["unknown task 'summarize'"]),
+    # files that are not regular files, or too large, or JSON no parser should take
+    "config-fifo": (fifo("config.json"), LOAD, ConfigError, ["config.json", "named pipe"]),
+    "config-dev-zero": (link_to("config.json", "/dev/zero"), LOAD, ConfigError, ["config.json", "character device"]),
+    "config-directory": (lambda d: ((d / "config.json").unlink(), (d / "config.json").mkdir()), LOAD, ConfigError,
+                         ["config.json", "a directory"]),
+    "config-too-large": (sparse("config.json", 40 * 2**20), LOAD, ConfigError, ["config.json", "larger than"]),
+    "config-deeply-nested": (write_file("config.json", DEEP), LOAD, ConfigError, ["config.json", "nested too deeply"]),
+    "config-5000-digit-int": (raw_config_value("hidden_size", "9" * 5000), LOAD, ConfigError,
+                              ["config.json", "too many digits"]),
+    "config-not-utf8": (write_file("config.json", b'{"model_type": "\xff"}'), LOAD, ConfigError,
+                        ["config.json", "not UTF-8"]),
+    "weights-fifo": (fifo("model.safetensors"), LOAD, WeightsError, ["model.safetensors", "named pipe"]),
+    "weights-dev-zero": (link_to("model.safetensors", "/dev/zero"), LOAD, WeightsError,
+                         ["model.safetensors", "character device"]),
+    "weights-header-deeply-nested": (deep_header, LOAD, WeightsError, ["model.safetensors", "nested too deeply"]),
+    "weights-duplicate-tensor": (duplicate_tensor, LOAD, WeightsError, ["appears more than once"]),
+    "weights-nan-norm": (edit_header(nan_in_vector), LOAD, WeightsError, ["NaN or infinity at index 0"]),
+    "index-deeply-nested": (write_file("model.safetensors.index.json", DEEP), LOAD, WeightsError,
+                            ["model.safetensors.index.json", "nested too deeply"]),
+    "index-fifo": (fifo("model.safetensors.index.json"), LOAD, WeightsError, ["index.json", "named pipe"]),
+    "tokenizer-fifo": (fifo("tokenizer.json"), LOAD, TokenizerError, ["tokenizer.json", "named pipe"]),
+    "tokenizer-config-fifo": (fifo("tokenizer_config.json"), LOAD, TokenizerError,
+                              ["tokenizer_config.json", "named pipe"]),
+    "tokenizer-config-deeply-nested": (write_file("tokenizer_config.json", DEEP), LOAD, TokenizerError,
+                                       ["tokenizer_config.json", "nested too deeply"]),
+    "tokenizer-config-too-large": (sparse("tokenizer_config.json", 40 * 2**20), LOAD, TokenizerError,
+                                   ["tokenizer_config.json", "larger than"]),
+    "generation-config-dev-zero": (link_to("generation_config.json", "/dev/zero"), LOAD, ConfigError,
+                                   ["generation_config.json", "character device"]),
+    # RoPE parameters that would divide by zero or leave the math domain at the first forward pass
+    "rope-theta-zero": (rope(rope_theta=0.0), LOAD, IRError, ["config.json", "rope_theta must be a number > 1"]),
+    "rope-yarn-theta-one": (yarn(rope_theta=1.0), LOAD, IRError, ["config.json", "rope_theta", "> 1"]),
+    "rope-yarn-beta-fast-zero": (yarn(beta_fast=0.0), LOAD, IRError, ["config.json", "beta_fast must be"]),
+    "rope-yarn-beta-fast-negative": (yarn(beta_fast=-1.0), LOAD, IRError, ["beta_fast must be", "-1.0"]),
+    "rope-yarn-beta-slow-zero": (yarn(beta_slow=0.0), LOAD, IRError, ["beta_slow must be"]),
+    "rope-yarn-mscale-zeroing": (yarn(factor=4.0, mscale=1.0, mscale_all_dim=-10 / 1.3862943611198906), LOAD,
+                                 IRError, ["mscale_all_dim must be a number ≥ 0"]),
+    "rope-yarn-attention-factor-zero": (yarn(attention_factor=0.0), LOAD, IRError, ["attention_factor"]),
+    "rope-llama3-low-freq-zero": (llama3(low_freq_factor=0.0), LOAD, IRError, ["low_freq_factor must be"]),
+    "rope-llama3-high-freq-zero": (llama3(high_freq_factor=0.0), LOAD, IRError, ["high_freq_factor must be"]),
+    "rope-factor-below-one": (rope(rope_type="linear", factor=1e-300), LOAD, IRError, ["factor must be"]),
+    "rope-scaling-conflict": (edit_config(rope_scaling={"type": "linear", "factor": 2.0},
+                                          rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 1e4}),
+                              LOAD, ConfigError, ["'factor' is 2.0 in 'rope_scaling' but 4.0 in 'rope_parameters'"]),
+    # library calls with arguments of the wrong kind
+    "prompt-fills-context": (NOOP, generate([1] * 256), InputError,
+                             ["256 tokens fills the model's context of 256"]),
+    "stop-int": (NOOP, generate(stop=5), InputError, ["stop must be a string or a list of strings"]),
+    "stop-list-of-int": (NOOP, generate(stop=[5]), InputError, ["stop must be"]),
+    "prompt-none": (NOOP, generate(None), InputError, ["a prompt must be", "NoneType"]),
+    "prompt-int": (NOOP, generate(5), InputError, ["a prompt must be", "int 5"]),
+    "prompt-floats": (NOOP, generate([1.0]), InputError, ["a prompt must be", "float"]),
+    "prompt-mixed-batch": (NOOP, generate(["a", 1]), InputError, ["a prompt must be", "int 1"]),
+    "prompt-list-of-none": (NOOP, generate([None]), InputError, ["a prompt must be"]),
+    "prompt-lone-surrogate": (NOOP, generate("\ud800"), InputError, ["unpaired surrogate"]),
+    "prompt-too-many-characters": (NOOP, generate("ab" * 2_500_000), InputError, ["5,000,000 characters"]),
+    "stream-not-bool": (NOOP, generate(stream="yes"), InputError, ["stream must be True or False"]),
+    "classify-int": (NOOP, lambda m: m.classify(5), InputError, ["classify takes a string or a list of strings"]),
+    "chat-template-int": (NOOP, lambda m: m.chat([{"role": "user", "content": "hi"}], template=5), InputError,
+                          ["template must be the template's text or a path"]),
 }
 
 
@@ -342,4 +480,126 @@ def test_cli_ctrl_c_exits_130(monkeypatch, capsys):
 
 
 def test_case_count():
-    assert len(CASES) >= 30
+    assert len(CASES) >= 90 and len(TEMPLATE_CASES) >= 20
+
+
+def test_hub_cache_symlinks_to_blobs_load(make_ckpt, tmp_path):
+    """The Hugging Face cache links every file of a snapshot to its blob: links to regular files are read."""
+    blobs, snapshot_dir = tmp_path / "blobs", tmp_path / "snapshots" / "abc"
+    shutil.copytree(make_ckpt("helium"), blobs)
+    snapshot_dir.mkdir(parents=True)
+    for blob in blobs.iterdir():
+        (snapshot_dir / blob.name).symlink_to(os.path.relpath(blob, snapshot_dir))
+    model = polylm.load(snapshot_dir, backend="torch")
+    assert model.generate([1, 2, 3], max_new_tokens=3) == polylm.load(blobs, backend="torch").generate(
+        [1, 2, 3], max_new_tokens=3)
+
+
+def test_rope_parameters_agreeing_with_rope_scaling_load(make_ckpt, tmp_path):
+    same = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    directory = prepared(make_ckpt, tmp_path, edit_config(rope_parameters=same, rope_scaling={
+        "type": "linear", "factor": 2.0}))
+    assert polylm.load(directory, backend="torch").ir.attention.position.scaling.factor == 2.0
+
+
+# -- chat templates: whatever a template holds, a TemplateError (or InputError) naming it, within bounds ------
+
+TEMPLATE_CASES = {
+    "nested-range-loops": ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+                           TemplateError, ["chat_template.jinja", "ran for more than 0.5 s"]),
+    "output-too-long": ("{% for i in range(100000) %}{{ 'x' * 100000 }}{% endfor %}", TemplateError,
+                        ["writes more than 4,000,000 characters"]),
+    "repeat-300M": ("{{ 'x' * 300000000 }}", TemplateError, ["repeats 1 items 300,000,000 times"]),
+    "repeat-1e12": ("{{ 'x' * 10**12 }}", TemplateError, ["repeats"]),
+    "include": ("{% include 'other.jinja' %}", TemplateError, ["chat_template.jinja", "TypeError"]),
+    "range-1e9": ("{% for i in range(10**9) %}{% endfor %}", TemplateError, ["passes 1,000,000,000"]),
+    "range-past-jinja-cap": ("{% for i in range(200000) %}{% endfor %}", TemplateError, ["OverflowError",
+                                                                                         "MAX_RANGE"]),
+    "recursive-macro": ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", TemplateError,
+                        ["RecursionError"]),
+    "divide-by-zero": ("{{ 1 / 0 }}", TemplateError, ["ZeroDivisionError"]),
+    "concat-doubling": (("{% set ns = namespace(s='x' * 100000) %}{% for i in range(40) %}"
+                         "{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}"), TemplateError, ["builds a value"]),
+    "list-doubling": (("{% set ns = namespace(s=[1] * 100000) %}{% for i in range(40) %}"
+                       "{% set ns.s = ns.s + ns.s %}{% endfor %}"), TemplateError, ["builds a value"]),
+    "huge-power": ("{{ 10 ** (10 ** 8) }}", TemplateError, ["more than 4096 bits"]),
+    "huge-width": ("{{ 'x'|center(1000000000) }}", TemplateError, ["passes 1,000,000,000"]),
+    "huge-method-width": ("{{ 'x'.ljust(1000000000) }}", TemplateError, ["passes 1,000,000,000"]),
+    "syntax-error": ("{% for %}", TemplateError, ["chat_template.jinja", "does not compile"]),
+    "unsafe-attribute": ("{{ messages.__class__.__mro__ }}", TemplateError, ["failed"]),
+    "refuses-messages": ("{{ raise_exception('only user turns') }}", InputError, ["chat_template.jinja",
+                                                                                 "only user turns"]),
+    "not-utf8": (b"\xff\xfe{{ messages }}", TemplateError, ["chat_template.jinja", "not UTF-8"]),
+    "file-too-large": (sparse("chat_template.jinja", 50 * 2**20), TemplateError, ["chat_template.jinja",
+                                                                                  "larger than"]),
+    "fifo": (fifo("chat_template.jinja"), TemplateError, ["chat_template.jinja", "named pipe"]),
+    "json-list": (write_file("chat_template.json", "[1, 2]"), TemplateError, ["chat_template.json", "list"]),
+    "json-not-json": (write_file("chat_template.json", "{chat"), TemplateError, ["chat_template.json",
+                                                                                 "not valid JSON"]),
+    "source-too-long": (lambda d: edit_tokenizer_config(d, chat_template="x" * 70_000), TemplateError,
+                        ["tokenizer_config.json: key 'chat_template'", "70,000 characters is longer than"]),
+    "big-number-through-filters": ("{{ 10000000|string }}{{ [10000000]|join(',') }}{{ raise_exception('ok') }}",
+                                   InputError, ["ok"]),
+    "settings-number": (lambda d: edit_tokenizer_config(d, chat_template=5), TemplateError,
+                        ["tokenizer_config.json: key 'chat_template'", "int"]),
+}
+
+
+def edit_tokenizer_config(directory: Path, **changes):
+    path = directory / "tokenizer_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def template_directory(make_ckpt, tmp_path, case):
+    content = TEMPLATE_CASES[case][0]
+    return prepared(make_ckpt, tmp_path, content if callable(content) else write_file("chat_template.jinja", content))
+
+
+@pytest.fixture
+def short_deadline(monkeypatch):
+    monkeypatch.setattr(sandbox, "RENDER_SECONDS", 0.5)
+
+
+@pytest.mark.parametrize("case", TEMPLATE_CASES)
+def test_template_library_raises_typed_error(make_ckpt, tmp_path, short_deadline, case):
+    _, expected, words = TEMPLATE_CASES[case]
+    directory = template_directory(make_ckpt, tmp_path, case)
+    model = polylm.load(directory, backend="torch")
+    before, tracer = snapshot(directory), sys.gettrace()
+    with pytest.raises(expected) as caught:
+        model.chat([{"role": "user", "content": "hi"}], max_new_tokens=2)
+    for word in words:
+        assert word in str(caught.value)
+    assert "\n" not in str(caught.value) and snapshot(directory) == before and sys.gettrace() is tracer
+
+
+@pytest.mark.parametrize("case", ["nested-range-loops", "repeat-300M", "recursive-macro", "not-utf8", "fifo",
+                                  "json-list", "refuses-messages"])
+def test_template_cli_exits_2_with_one_line(make_ckpt, tmp_path, capsys, monkeypatch, short_deadline, case):
+    directory = template_directory(make_ckpt, tmp_path, case)
+    before = snapshot(directory)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi"))
+    capsys.readouterr()
+    assert main(["chat", "--model", str(directory), "--backend", "torch", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("polylm: error: ") and TEMPLATE_CASES[case][2][0] in err
+    assert snapshot(directory) == before
+
+
+def test_cli_chat_template_file_is_read_safely(make_ckpt, tmp_path, capsys, monkeypatch):
+    os.mkfifo(tmp_path / "template.jinja")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi"))
+    capsys.readouterr()
+    assert main(["chat", "--model", str(make_ckpt("helium")), "--backend", "torch",
+                 "--chat-template", str(tmp_path / "template.jinja")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "template.jinja: is a named pipe" in err
+
+
+def test_chat_template_limits_leave_real_templates_alone(make_ckpt):
+    """A ChatML template with loops, filters, concatenation and namespace renders as before, in milliseconds."""
+    template = ("{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}"
+                "{{ '<|im_start|>' ~ m.role ~ '\\n' ~ m.content|trim ~ '<|im_end|>' ~ '\\n' }}{% endfor %}"
+                "{{ ns.n * 2 }}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    text = polylm.generate.chat.render(template, [{"role": "user", "content": " hi "}], {})
+    assert text == "<|im_start|>user\nhi<|im_end|>\n2<|im_start|>assistant\n"

@@ -6,6 +6,7 @@ import struct
 import tempfile
 from pathlib import Path
 
+import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -83,3 +84,104 @@ def test_safetensors_header_field_mutations(make_ckpt, data):
                                               st.sampled_from(["F16", "BF16", "I8", "F64", "U8"])))
     blob = json.dumps(header).encode()
     load_mutated(source, "model.safetensors", struct.pack("<Q", len(blob)) + blob + tensors)
+
+
+# -- tokenizer side files and RoPE parameters (files-rel) ---------------------------------------------------
+
+TEMPLATE_PIECES = st.sampled_from([
+    "{{ messages[0]['content'] }}", "{% for m in messages %}{{ m.role }}{% endfor %}", "{{ bos_token }}",
+    "{% if add_generation_prompt %}A:{% endif %}", "{{ 'x' * 7 }}", "{{ raise_exception('no') }}", "{% for %}",
+    "{{ messages|tojson }}", "{{ 1 / 0 }}", "{{ range(3)|join(',') }}", "{{ x.y.z }}", "{% set a = 2 %}{{ a ~ a }}",
+    "{{ '\u00e9' }}", "{{", "%}", "{# c #}", "{{ messages|length * 2 }}", "{{ 'ab'|center(9) }}",
+])
+SETTINGS_VALUES = st.one_of(JSON_VALUES, st.dictionaries(st.sampled_from(["content", "name", "x"]), JSON_VALUES,
+                                                         max_size=2),
+                            st.lists(st.dictionaries(st.sampled_from(["name", "template"]),
+                                                     st.one_of(st.text(max_size=8), TEMPLATE_PIECES), max_size=2),
+                                     max_size=2))
+
+
+def chat_or_polylm_error(directory: Path) -> None:
+    """Load and render a chat prompt: either works or raises a PolylmError, and never writes the directory."""
+    try:
+        polylm.load(directory, backend="torch").chat_prompt([{"role": "user", "content": "hi"}])
+    except polylm.PolylmError:
+        pass
+
+
+def with_files(source: Path, files: dict[str, bytes], check) -> None:
+    directory = Path(tempfile.mkdtemp()) / "model"
+    shutil.copytree(source, directory)
+    for name, content in files.items():
+        (directory / name).write_bytes(content)
+    try:
+        check(directory)
+    finally:
+        shutil.rmtree(directory.parent)
+
+
+@FUZZ
+@given(data=st.data())
+def test_tokenizer_config_mutations(make_ckpt, data):
+    source = make_ckpt("gemma")
+    settings = json.loads((source / "tokenizer_config.json").read_text())
+    key = data.draw(st.sampled_from(sorted(settings) + ["chat_template", "bos_token", "eos_token", "pad_token"]))
+    if data.draw(st.booleans()):
+        settings[key] = data.draw(SETTINGS_VALUES if key != "chat_template" else
+                                  st.one_of(SETTINGS_VALUES, st.lists(TEMPLATE_PIECES, max_size=4).map("".join)))
+    else:
+        settings.pop(key, None)
+    with_files(source, {"tokenizer_config.json": json.dumps(settings).encode()}, chat_or_polylm_error)
+
+
+@FUZZ
+@given(name=st.sampled_from(["chat_template.jinja", "chat_template.json"]),
+       pieces=st.lists(TEMPLATE_PIECES, max_size=5), noise=st.binary(max_size=6), as_json=st.sampled_from(
+           ["object", "list", "number", "raw"]))
+def test_chat_template_file_mutations(make_ckpt, name, pieces, noise, as_json):
+    template = "".join(pieces)
+    if name.endswith(".json"):
+        content = {"object": json.dumps({"chat_template": template}),
+                   "list": json.dumps([{"name": "default", "template": template}]),
+                   "number": "5", "raw": template}[as_json].encode() + noise
+    else:
+        content = template.encode() + noise
+    with_files(make_ckpt("gemma"), {name: content}, chat_or_polylm_error)
+
+
+PLAUSIBLE = st.one_of(st.floats(1.0, 64.0), st.integers(1, 64), st.sampled_from([1.0, 2.0, 4.0, 32.0, 0.707]))
+EXTREME = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-3, 10**6),
+                    st.sampled_from([0, 1, -1.0, 1e-310, 1e300, 0.5, 1.0000001, 10 / 1.386]))
+ROPE_NUMBERS = st.one_of(PLAUSIBLE, PLAUSIBLE, EXTREME)  # mostly loadable, so the logits get checked too
+ROPE_SCALING = st.fixed_dictionaries(
+    {"rope_type": st.sampled_from(["linear", "dynamic", "yarn", "llama3", "default"]), "factor": ROPE_NUMBERS,
+     "original_max_position_embeddings": st.one_of(*[st.integers(8, 512)] * 4, EXTREME)},
+    optional={key: ROPE_NUMBERS for key in ("rope_theta", "low_freq_factor", "high_freq_factor", "beta_fast",
+                                             "beta_slow", "mscale", "mscale_all_dim", "attention_factor")} |
+    {"partial_rotary_factor": st.sampled_from([0.25, 0.5, 1.0, 0.3, 0.0, 2.0]),
+     "truncate": st.one_of(*[st.booleans()] * 4, st.integers(0, 1))})
+
+
+@settings(FUZZ, max_examples=150)
+@given(scaling=ROPE_SCALING, legacy=st.booleans())
+def test_rope_parameter_mutations(make_ckpt, scaling, legacy):
+    """Random RoPE parameters: load raises a PolylmError, or the model's logits are finite (past the context
+    too, where dynamic scaling changes the frequencies)."""
+    source = make_ckpt("arcee")
+    config = json.loads((source / "config.json").read_text())
+    config.pop("rope_parameters", None)
+    if legacy:
+        config["rope_scaling"] = {("type" if k == "rope_type" else k): v for k, v in scaling.items()}
+    else:
+        config["rope_parameters"] = scaling
+
+    def check(directory: Path) -> None:
+        try:
+            model = polylm.load(directory, backend="torch")
+        except polylm.PolylmError:
+            return
+        length = min(model.ir.context_length, 300)
+        logits = model.forward([list(range(1, length + 1))])
+        assert np.isfinite(logits).all()
+
+    with_files(source, {"config.json": json.dumps(config).encode()}, check)

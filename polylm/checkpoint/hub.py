@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from ..errors import ConfigError
+from .files import read_text
 
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
 
@@ -50,7 +51,7 @@ def _snapshot(repo_dir: Path, revision: str) -> Path | None:
     if not snapshots.is_dir():
         return None
     ref = repo_dir / "refs" / revision
-    commit = ref.read_text().strip() if ref.is_file() else revision
+    commit = read_text(ref, 1024).strip() if ref.exists() and not ref.is_dir() else revision
     candidate = snapshots / commit
     if candidate.is_dir() and ".." not in Path(commit).parts:
         return candidate

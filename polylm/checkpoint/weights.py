@@ -1,13 +1,12 @@
 """Safetensors checkpoints: header validation, sharded indexes and canonical tensor names.
 
-Headers are parsed and checked here, without reading tensor data and without any framework; backends read
-the data at the offsets found here (`slices.TensorFiles`, or their framework's own safetensors reader). Files
-are only read.
+Headers are parsed and checked here without any framework; of the tensor data only the small 1-D tensors
+(norm weights, biases) are read, to refuse non-finite values. Backends read the data at the offsets found here
+(`slices.TensorFiles`, or their framework's own safetensors reader). Files are only read, and only regular files.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import struct
@@ -15,9 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
-from ..config import read_json
+import numpy as np
+
 from ..errors import TaskError, WeightsError
 from ..progress import progress
+from .files import open_regular, parse_json, read_json
 
 #: safetensors dtype → (polylm dtype name, bytes per element). Only float weights are model weights.
 FLOAT_DTYPES = {"F32": ("float32", 4), "BF16": ("bfloat16", 2), "F16": ("float16", 2)}
@@ -42,9 +43,9 @@ class TensorRef:
 
 def read_header(path: Path) -> dict[str, TensorRef]:
     """Validate a safetensors file's header (length, JSON, dtypes, offsets) and list its tensors."""
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as fh:
+    with open_regular(path, WeightsError) as fh:
+        try:
+            size = os.fstat(fh.fileno()).st_size
             prefix = fh.read(8)
             if len(prefix) < 8:
                 raise WeightsError(f"{path}: truncated safetensors file ({size} bytes; no header length)")
@@ -55,12 +56,9 @@ def read_header(path: Path) -> dict[str, TensorRef]:
             if header_len > MAX_HEADER_BYTES:
                 raise WeightsError(f"{path}: header of {header_len} bytes exceeds the {MAX_HEADER_BYTES} limit")
             raw = fh.read(header_len)
-    except OSError as exc:
-        raise WeightsError(f"{path}: cannot read ({exc})") from None
-    try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise WeightsError(f"{path}: safetensors header is not valid JSON") from None
+        except OSError as exc:
+            raise WeightsError(f"{path}: cannot read ({exc})") from None
+    header = parse_json(raw, path, WeightsError, unique_keys=True, what="safetensors header")
     if not isinstance(header, dict):
         raise WeightsError(f"{path}: safetensors header must be a JSON object")
     data_size = size - 8 - header_len
@@ -115,7 +113,7 @@ def checkpoint_files(directory: Path) -> list[Path]:
     """The safetensors files of a model directory (sharded through the index, or the single file)."""
     index = directory / INDEX_FILE
     if index.exists():
-        data = read_json(index)
+        data = read_json(index, MAX_HEADER_BYTES, WeightsError)
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise WeightsError(f"{index}: expected an object with a 'weight_map' of tensor name → file name")
@@ -146,7 +144,7 @@ def _shard_path(directory: Path, index: Path, name: str) -> Path:
     if ".." in Path(name).parts:
         raise WeightsError(f"{index}: shard path {name!r} points outside the model directory")
     path = directory / name
-    if not path.is_file():
+    if not path.exists():
         raise WeightsError(f"{index}: names shard {name!r}, which does not exist in {directory}")
     return path
 
@@ -209,6 +207,7 @@ def resolve(checkpoint: Checkpoint, shapes: Mapping[str, tuple[int, ...]], modul
         if ref.dtype not in ("float32", "bfloat16", "float16"):
             raise WeightsError(f"{ref.file}: tensor {key!r} has dtype {ref.dtype}; expected F32, BF16 or F16")
         refs[name] = ref
+    _check_finite_vectors(refs.values())
     used = {ref.key for ref in refs.values()}
     patterns = [re.compile(p) for p in ignored]
     tied_copy = f"{head_name}.weight" if "head.weight" not in shapes else None
@@ -221,6 +220,29 @@ def resolve(checkpoint: Checkpoint, shapes: Mapping[str, tuple[int, ...]], modul
                 hint = f"; it belongs to a {task} head — load with task={task!r}"
         raise WeightsError(f"{checkpoint.tensors[key].file}: unexpected tensor {key!r}{hint}")
     return Weights(refs)
+
+
+#: The bit pattern of an all-ones exponent (infinity or NaN) in each float dtype, by (numpy view, mask).
+_NON_FINITE = {"float32": (np.uint32, 0x7F800000), "bfloat16": (np.uint16, 0x7F80), "float16": (np.uint16, 0x7C00)}
+
+
+def _check_finite_vectors(refs: Iterable[TensorRef]) -> None:
+    """Refuse a NaN or infinity in a 1-D tensor (norm weights, biases), naming it.
+
+    These vectors are a few kilobytes in all, so this costs nothing at load; matrices are not scanned (that
+    would read the whole checkpoint): a non-finite value there shows as non-finite logits instead.
+    """
+    for ref in refs:
+        if len(ref.shape) != 1 or ref.nbytes == 0:
+            continue
+        view, mask = _NON_FINITE[ref.dtype]
+        with open_regular(ref.file, WeightsError) as fh:
+            fh.seek(ref.offset)
+            bits = np.frombuffer(fh.read(ref.nbytes), dtype=view)
+        bad = np.flatnonzero((bits & mask) == mask)
+        if bad.size:
+            raise WeightsError(f"{ref.file}: tensor {ref.key!r} holds a NaN or infinity at index {int(bad[0])} "
+                               f"({bad.size} of {bits.size} values)")
 
 
 def _checkpoint_key(name: str, module_names: Mapping[str, str], head_name: str, prefix: str) -> str:

@@ -167,12 +167,7 @@ def _write_stream(pieces) -> str:
 
 
 def _chat(args: argparse.Namespace) -> None:
-    template = None
-    if args.chat_template:
-        try:
-            template = Path(args.chat_template).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise InputError(f"{args.chat_template}: cannot read chat template ({exc.strerror})") from None
+    template = Path(args.chat_template) if args.chat_template else None  # read (safely) by the model
     model = _load(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     if not sys.stdin.isatty():

@@ -5,8 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..config import ConfigView, read_json
+from ..checkpoint.files import MAX_TOKENIZER_BYTES, read_json, read_text
+from ..config import ConfigView
 from ..errors import InputError, TokenizerError
+
+#: The longest text encoded: about a million tokens, more than any supported model's context, and a few seconds
+#: of the tokenizer's time (far longer texts make the tokenizers library run for minutes or abort the process).
+MAX_TEXT_CHARS = 4_000_000
 
 
 class Tokenizer:
@@ -16,19 +21,19 @@ class Tokenizer:
         from tokenizers import Tokenizer as _Fast
 
         path = directory / "tokenizer.json"
-        if not path.is_file():
-            raise TokenizerError(f"{directory}: tokenizer.json not found (polylm reads tokenizers in the "
-                                 "tokenizers library's JSON format only)")
+        text = read_text(path, MAX_TOKENIZER_BYTES, TokenizerError, missing=" (polylm reads tokenizers in the "
+                         "tokenizers library's JSON format only)")
         try:
-            self._fast = _Fast.from_file(str(path))
+            self._fast = _Fast.from_str(text)
         except Exception as exc:  # noqa: BLE001 - the tokenizers library raises bare Exceptions
             raise TokenizerError(f"{path}: cannot load tokenizer ({str(exc).splitlines()[0]})") from None
         settings_path = directory / "tokenizer_config.json"
-        self.settings: dict[str, Any] = read_json(settings_path) if settings_path.is_file() else {}
+        self.settings: dict[str, Any] = read_json(settings_path, error=TokenizerError) if settings_path.exists() \
+            else {}
         if not isinstance(self.settings, dict):
-            raise TokenizerError(f"{settings_path}: expected a JSON object")
+            raise TokenizerError(f"{settings_path}: expected a JSON object, found {type(self.settings).__name__}")
         generation_path = directory / "generation_config.json"
-        generation = read_json(generation_path) if generation_path.is_file() else {}
+        generation = read_json(generation_path) if generation_path.exists() else {}
         sources = [(generation, generation_path), (config.data, config.path)]
         self.bos_id = self._special("bos", sources)
         eos = self._special("eos", sources, many=True)
@@ -56,12 +61,25 @@ class Tokenizer:
         return None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        if not isinstance(text, str):
-            raise InputError(f"prompt must be a string, found {type(text).__name__}")
-        return self._fast.encode(text, add_special_tokens=add_special_tokens).ids
+        return self._fast.encode(checked_text(text, "prompt"), add_special_tokens=add_special_tokens).ids
 
-    def encode_pair(self, first: str, second: str):
-        return self._fast.encode(first, second)
+    def encode_pair(self, first: str, second: str | None):
+        return self._fast.encode(checked_text(first, "text"), None if second is None else checked_text(second, "text"))
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._fast.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+def checked_text(text: Any, what: str) -> str:
+    """`text` if it is a string the tokenizer can take: Unicode text (no unpaired surrogate) of at most
+    `MAX_TEXT_CHARS` characters; `InputError` naming `what` otherwise."""
+    if not isinstance(text, str):
+        raise InputError(f"{what} must be a string, found {type(text).__name__}")
+    if len(text) > MAX_TEXT_CHARS:
+        raise InputError(f"{what} of {len(text):,} characters is longer than the {MAX_TEXT_CHARS:,} polylm encodes")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(f"{what} is not valid Unicode text: an unpaired surrogate {text[exc.start]!r} at "
+                         f"character {exc.start}") from None
+    return text

@@ -9,7 +9,7 @@ from ..backend import DTYPES
 from ..checkpoint.hub import resolve_model
 from ..checkpoint.weights import Checkpoint, resolve
 from ..config import ConfigView
-from ..errors import BackendError, TaskError, WeightsError
+from ..errors import BackendError, IRError, TaskError, WeightsError
 from ..generate.tokenizer import Tokenizer
 from ..ir import QUANTIZATIONS, TASKS, ModelIR
 from ..model import Model
@@ -52,7 +52,7 @@ def load(path: str | Path, *, backend: str = "auto", task: str | None = None, dt
         raise BackendError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZATIONS)}")
     check_supported(quantize, tensor_parallel)
     chosen = plugins.backend(backend)
-    ir = family.to_ir(config, task)
+    ir = _to_ir(family, config, task)
     if quantize is not None:
         ir = replace(ir, quantization=QUANTIZATIONS[quantize])
     plan = None
@@ -94,7 +94,17 @@ def model_ir(path: str | Path, *, task: str | None = None) -> ModelIR:
     directory = resolve_model(path)
     config = ConfigView.from_dir(directory)
     family = registry().family(config.get("model_type", kind=str), str(config.path))
-    return family.to_ir(config, task or infer_task(config))
+    return _to_ir(family, config, task or infer_task(config))
+
+
+def _to_ir(family, config: ConfigView, task: str) -> ModelIR:
+    """The family's IR of `config`; an IR error that does not name the config file yet is made to."""
+    try:
+        return family.to_ir(config, task)
+    except IRError as exc:
+        if str(exc).startswith(str(config.path)):
+            raise
+        raise IRError(f"{config.path}: {exc}") from None
 
 
 def _check_layer_count(ir: ModelIR, checkpoint: Checkpoint, config: ConfigView) -> None:
