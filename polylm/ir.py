@@ -138,6 +138,27 @@ class ALiBi:
 Position = Union[RoPE, ALiBi]
 
 
+QKNormScope = Literal["head", "head_each", "projection"]
+
+
+@dataclass(frozen=True)
+class QKNorm:
+    """Normalization of the queries and keys after their projections, before RoPE.
+
+    `scope` says over what the statistics run and which weights scale them:
+    - "head": each head's head_dim values, one weight [head_dim] shared by every head (Qwen3, Gemma 3, Phi);
+    - "head_each": each head's values, every head its own weight: [heads, head_dim] (Cohere, StableLM);
+    - "projection": the whole projection at once, weights [heads·head_dim] and [kv_heads·head_dim] (OLMo-2).
+    """
+
+    norm: Norm
+    scope: QKNormScope = "head"
+
+    def __post_init__(self) -> None:
+        _require(self.scope in ("head", "head_each", "projection"),
+                 f"query/key norm scope must be 'head', 'head_each' or 'projection', got {self.scope!r}")
+
+
 @dataclass(frozen=True)
 class Attention:
     """Multi-head / grouped-query attention.
@@ -154,6 +175,7 @@ class Attention:
     out_bias: bool = False
     qkv_layout: QKVLayout = "separate"
     scale: float | None = None
+    qk_norm: QKNorm | None = None
 
     def __post_init__(self) -> None:
         _positive_int(self.num_heads, "num_attention_heads")
@@ -204,17 +226,38 @@ class MLP:
 
 @dataclass(frozen=True)
 class Block:
-    """One pre-norm decoder layer.
+    """One decoder layer: an attention branch and an MLP branch added to the residual stream.
 
-    With `residual_from_normed` (BLOOM's apply_residual_connection_post_layernorm) each residual branch
-    starts from the normed input instead of the block input.
+    - Sequential (default): `x += attn(attn_norm(x))`, then `x += mlp(mlp_norm(x))`.
+    - `parallel`: both branches read the same input, `x += attn(attn_norm(x)) + mlp(mlp_norm(x))`; without an
+      `mlp_norm` the MLP reads the attention's normed input (one shared norm: Phi, Cohere, Falcon-7B), with one it
+      has its own (GPT-NeoX, Falcon's new decoder architecture).
+    - A norm set to None is absent (OLMo-2 has no norm before its branches); `attn_post_norm` / `mlp_post_norm`
+      norm a branch's output before it is added (OLMo-2 after, Gemma 2/3 before and after: sandwich norms).
+    - `residual_scale` multiplies each branch's output before it is added (Granite's residual_multiplier).
+    - `residual_from_normed` (BLOOM's apply_residual_connection_post_layernorm): each residual branch starts from
+      the normed input instead of the block input.
     """
 
-    attn_norm: Norm
+    attn_norm: Norm | None
     attention: Attention
-    mlp_norm: Norm
+    mlp_norm: Norm | None
     mlp: MLP
     residual_from_normed: bool = False
+    parallel: bool = False
+    attn_post_norm: Norm | None = None
+    mlp_post_norm: Norm | None = None
+    residual_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        _positive_float(self.residual_scale, "residual multiplier")
+        if self.parallel:
+            _require(self.attn_norm is not None, "a parallel block needs a norm before its branches")
+            _require(not self.residual_from_normed and self.attn_post_norm is None and self.mlp_post_norm is None,
+                     "a parallel block takes no post-branch norms and no residual from the normed input")
+        if self.residual_from_normed:
+            _require(self.attn_norm is not None and self.mlp_norm is not None,
+                     "a residual from the normed input needs a norm before each branch")
 
 
 @dataclass(frozen=True)
@@ -237,7 +280,10 @@ class Head:
     """The task head: one linear map of the final hidden states (tied to the embedding or its own tensor).
 
     What the outputs mean (vocabulary logits, labels, span start/end) is the task's; a backend only sees
-    the linear map. `labels` names the outputs of classification heads.
+    the linear map. `labels` names the outputs of classification heads. The outputs are then multiplied by
+    `logit_scale` (Cohere's logit_scale; Granite divides by logits_scaling) and capped to ±`softcap` as
+    `softcap·tanh(out / softcap)` (Gemma 2's final_logit_softcapping) — in core, on every backend's outputs
+    (`polylm.numerics.logits`).
     """
 
     task: Task
@@ -245,8 +291,13 @@ class Head:
     bias: bool = False
     tied_to_embedding: bool = False
     labels: tuple[str, ...] = ()
+    logit_scale: float = 1.0
+    softcap: float | None = None
 
     def __post_init__(self) -> None:
+        _positive_float(self.logit_scale, "logit scale")
+        if self.softcap is not None:
+            _positive_float(self.softcap, "final logit softcap")
         _require(self.task in TASKS, f"unknown task {self.task!r}; supported: {', '.join(TASKS)}")
         _positive_int(self.out_features, "head size (vocab_size or num_labels)")
         _require(not (self.tied_to_embedding and self.bias), "a head tied to the embedding has no bias")
@@ -333,6 +384,11 @@ class ModelIR:
         for i in range(self.num_layers):
             p = f"layers.{i}"
             shapes.update(_norm_shapes(f"{p}.attn_norm", self.block.attn_norm, hidden))
+            shapes.update(_norm_shapes(f"{p}.attn_post_norm", self.block.attn_post_norm, hidden))
+            if attn.qk_norm is not None:
+                for name, heads in (("q_norm", attn.num_heads), ("k_norm", attn.num_kv_heads)):
+                    shapes.update(_norm_shapes(f"{p}.attn.{name}", attn.qk_norm.norm,
+                                               *_qk_norm_shape(attn.qk_norm.scope, heads, attn.head_dim)))
             if attn.qkv_layout == "separate":
                 for name, rows in (("q", q_rows), ("k", kv_rows), ("v", kv_rows)):
                     shapes[f"{p}.attn.{name}.weight"] = (rows, hidden)
@@ -346,6 +402,7 @@ class ModelIR:
             if attn.out_bias:
                 shapes[f"{p}.attn.o.bias"] = (hidden,)
             shapes.update(_norm_shapes(f"{p}.mlp_norm", self.block.mlp_norm, hidden))
+            shapes.update(_norm_shapes(f"{p}.mlp_post_norm", self.block.mlp_post_norm, hidden))
             projections = (("gate", (mlp.intermediate_size, hidden)),) if mlp.gated else ()
             projections += (("up", (mlp.intermediate_size, hidden)), ("down", (hidden, mlp.intermediate_size)))
             for name, shape in projections:
@@ -360,8 +417,15 @@ class ModelIR:
         return shapes
 
 
-def _norm_shapes(prefix: str, norm: Norm, hidden: int) -> dict[str, tuple[int, ...]]:
-    shapes = {f"{prefix}.weight": (hidden,)}
+def _norm_shapes(prefix: str, norm: Norm | None, *shape: int) -> dict[str, tuple[int, ...]]:
+    if norm is None:
+        return {}
+    shapes = {f"{prefix}.weight": shape}
     if norm.bias:
-        shapes[f"{prefix}.bias"] = (hidden,)
+        shapes[f"{prefix}.bias"] = shape
     return shapes
+
+
+def _qk_norm_shape(scope: str, heads: int, head_dim: int) -> tuple[int, ...]:
+    """The weight shape of a query or key norm over `heads` heads (see `QKNorm`)."""
+    return {"head": (head_dim,), "head_each": (heads, head_dim), "projection": (heads * head_dim,)}[scope]

@@ -17,6 +17,7 @@ from .generate.scheduler import STOP, Scheduler
 from .generate.stream import TextStream
 from .generate.tokenizer import Tokenizer
 from .ir import ModelIR
+from .numerics.logits import finish_head
 
 
 class Model:
@@ -59,7 +60,7 @@ class Model:
             if not mask.any(axis=1).all():
                 raise InputError("attention_mask: every row needs at least one real token to classify")
             gather = mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)
-        out = self.runtime.forward(Step(ids, positions, mask, gather=gather))
+        out = finish_head(self.ir.head, self.runtime.forward(Step(ids, positions, mask, gather=gather)))
         if self.task == "question-answering":
             return {"start_logits": np.ascontiguousarray(out[..., 0]), "end_logits": np.ascontiguousarray(out[..., 1])}
         return out

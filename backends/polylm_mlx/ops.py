@@ -18,10 +18,17 @@ from .quantize import QuantizedMatrix
 
 
 def norm(x: mx.array, p: NormParams) -> mx.array:
-    """LayerNorm in the compute dtype, or RMSNorm computed in float32 and rounded back to x's dtype."""
+    """LayerNorm in the compute dtype, or RMSNorm computed in float32 and rounded back to x's dtype. A weight of
+    more dims ([heads, head_dim]: `QKNorm` "head_each") scales each of x's trailing slices by its own row."""
+    each = p.weight.ndim > 1
     if p.spec.kind == "layer":
+        if each:
+            h = mx.fast.layer_norm(x, None, None, p.spec.eps) * p.weight
+            return h if p.bias is None else h + p.bias
         return mx.fast.layer_norm(x, p.weight, p.bias, p.spec.eps)
-    h = mx.fast.rms_norm(x.astype(mx.float32), p.weight, p.spec.eps)
+    h = mx.fast.rms_norm(x.astype(mx.float32), None if each else p.weight, p.spec.eps)
+    if each:
+        h = h * p.weight
     if p.bias is not None:
         h = h + p.bias.astype(mx.float32)
     return h.astype(x.dtype)

@@ -40,16 +40,21 @@ Matrix = Union[mx.array, QuantizedMatrix]
 
 @dataclass
 class LayerParams:
-    attn_norm: NormParams
+    attn_norm: NormParams | None
     qkv: Matrix
     qkv_bias: mx.array | None
     out: Matrix
     out_bias: mx.array | None
-    mlp_norm: NormParams
+    mlp_norm: NormParams | None
     up: Matrix  # [gate; up] when gated
     up_bias: mx.array | None
     down: Matrix
     down_bias: mx.array | None
+    # the IR's optional norms (see `polylm.ir.Block` and `QKNorm`); None where the block has none
+    attn_post_norm: NormParams | None = None
+    mlp_post_norm: NormParams | None = None
+    q_norm: NormParams | None = None
+    k_norm: NormParams | None = None
 
 
 @dataclass
@@ -82,7 +87,7 @@ def build_params(ir: ModelIR, tensors: dict[str, mx.array]) -> ModelParams:
     one layer at a time, and peak memory stays near the model's own size.
     """
     embed = tensors.pop("embed.weight")
-    embed_norm = _norm(ir.embedding.norm, tensors, "embed.norm") if ir.embedding.norm else None
+    embed_norm = _norm(ir.embedding.norm, tensors, "embed.norm")
     layers = []
     for index in range(ir.num_layers):
         layers.append(_layer(ir.block, tensors, f"layers.{index}", ir.quantization))
@@ -106,7 +111,9 @@ def _arrays(node: object) -> Iterator[mx.array]:
             yield from _arrays(getattr(node, field.name))
 
 
-def _norm(spec: Norm, tensors: dict[str, mx.array], prefix: str) -> NormParams:
+def _norm(spec: Norm | None, tensors: dict[str, mx.array], prefix: str) -> NormParams | None:
+    if spec is None:
+        return None
     stored = tensors.pop(f"{prefix}.weight")
     weight = stored.astype(mx.float32) + spec.weight_offset
     if spec.kind == "layer":
@@ -144,9 +151,14 @@ def _layer(block: Block, tensors: dict[str, mx.array], prefix: str, quantization
     def matrix(stored: mx.array, name: str) -> Matrix:
         return _matrix(stored, quantization, f"{prefix}.{name}")
 
+    qk_norm = attn.qk_norm.norm if attn.qk_norm is not None else None
     return LayerParams(_norm(block.attn_norm, tensors, f"{prefix}.attn_norm"), matrix(qkv, "attn.qkv"), qkv_bias,
                        matrix(tensors.pop(f"{prefix}.attn.o.weight"), "attn.o"),
                        tensors.pop(f"{prefix}.attn.o.bias", None),
                        _norm(block.mlp_norm, tensors, f"{prefix}.mlp_norm"), matrix(up, "mlp.up"), up_bias,
                        matrix(tensors.pop(f"{prefix}.mlp.down.weight"), "mlp.down"),
-                       tensors.pop(f"{prefix}.mlp.down.bias", None))
+                       tensors.pop(f"{prefix}.mlp.down.bias", None),
+                       attn_post_norm=_norm(block.attn_post_norm, tensors, f"{prefix}.attn_post_norm"),
+                       mlp_post_norm=_norm(block.mlp_post_norm, tensors, f"{prefix}.mlp_post_norm"),
+                       q_norm=_norm(qk_norm, tensors, f"{prefix}.attn.q_norm"),
+                       k_norm=_norm(qk_norm, tensors, f"{prefix}.attn.k_norm"))

@@ -18,7 +18,7 @@ from polylm.numerics.positions import rope_frequencies_per_row
 from polylm.checkpoint.weights import Weights
 
 from . import ops
-from .params import MX_DTYPES, LayerParams, build_params, read_tensors
+from .params import MX_DTYPES, LayerParams, NormParams, build_params, read_tensors
 
 #: Decode steps attend over the cache in multiples of this many slots (a new compiled shape per multiple).
 DECODE_WINDOW = 256
@@ -112,16 +112,32 @@ class MLXRuntime(Runtime):
     def _block(self, x: mx.array, layer: LayerParams, keys: mx.array, values: mx.array, offset: mx.array,
                bias: mx.array, cos_sin: Rotary | None, only: mx.array | None
                ) -> tuple[mx.array, mx.array, mx.array]:
-        """One block; with `only` [batch] its output keeps just that slot per row ([batch, 1, hidden])."""
+        """One block (see `polylm.ir.Block`); with `only` [batch] its output keeps just that slot per row
+        ([batch, 1, hidden])."""
         block = self.ir.block
-        normed = ops.norm(x, layer.attn_norm)
-        residual = normed if block.residual_from_normed else x
+        normed = x if layer.attn_norm is None else ops.norm(x, layer.attn_norm)
         attended, keys, values = self._attention(normed, layer, keys, values, offset, bias, cos_sin, only)
-        x = (residual if only is None else _slots(residual, only, axis=1)) + attended
-        normed = ops.norm(x, layer.mlp_norm)
+        attended = self._branch(attended, layer.attn_post_norm)
+        if only is not None:
+            x, normed = _slots(x, only, axis=1), _slots(normed, only, axis=1)
+        if block.parallel:
+            mlp_in = normed if layer.mlp_norm is None else ops.norm(x, layer.mlp_norm)
+            return x + attended + self._branch(self._mlp(mlp_in, layer), layer.mlp_post_norm), keys, values
+        x = (normed if block.residual_from_normed else x) + attended
+        normed = x if layer.mlp_norm is None else ops.norm(x, layer.mlp_norm)
         residual = normed if block.residual_from_normed else x
-        hidden = ops.activation(ops.linear(normed, layer.up, layer.up_bias), block.mlp)
-        return residual + ops.reduce(ops.linear(hidden, layer.down, layer.down_bias), self.group), keys, values
+        return residual + self._branch(self._mlp(normed, layer), layer.mlp_post_norm), keys, values
+
+    def _branch(self, out: mx.array, post_norm: NormParams | None) -> mx.array:
+        """A branch's output as it is added to the residual stream: post-normed and scaled where the IR says."""
+        if post_norm is not None:
+            out = ops.norm(out, post_norm)
+        scale = self.ir.block.residual_scale
+        return out if scale == 1.0 else out * scale
+
+    def _mlp(self, x: mx.array, layer: LayerParams) -> mx.array:
+        hidden = ops.activation(ops.linear(x, layer.up, layer.up_bias), self.ir.block.mlp)
+        return ops.reduce(ops.linear(hidden, layer.down, layer.down_bias), self.group)
 
     def _attention(self, x: mx.array, layer: LayerParams, keys: mx.array, values: mx.array, offset: mx.array,
                    bias: mx.array, cos_sin: Rotary | None, only: mx.array | None
@@ -131,8 +147,13 @@ class MLXRuntime(Runtime):
         batch, new, _ = x.shape
         q_size, kv_size = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
         q, k, v = mx.split(ops.linear(x, layer.qkv, layer.qkv_bias), (q_size, q_size + kv_size), axis=-1)
-        q = q.reshape(batch, new, attn.num_heads, attn.head_dim).transpose(0, 2, 1, 3)
-        k = k.reshape(batch, new, attn.num_kv_heads, attn.head_dim).transpose(0, 2, 1, 3)
+        if attn.qk_norm is not None and attn.qk_norm.scope == "projection":
+            q, k = ops.norm(q, layer.q_norm), ops.norm(k, layer.k_norm)
+        q = q.reshape(batch, new, attn.num_heads, attn.head_dim)
+        k = k.reshape(batch, new, attn.num_kv_heads, attn.head_dim)
+        if attn.qk_norm is not None and attn.qk_norm.scope != "projection":
+            q, k = ops.norm(q, layer.q_norm), ops.norm(k, layer.k_norm)
+        q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
         v = v.reshape(batch, new, attn.num_kv_heads, attn.head_dim).transpose(0, 2, 1, 3)
         if cos_sin is not None:
             q, k = ops.rope(q, *cos_sin, attn), ops.rope(k, *cos_sin, attn)

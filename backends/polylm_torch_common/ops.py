@@ -79,7 +79,12 @@ class ReferenceOps:
         return self.norm(x, norm) if norm is not None else x
 
     def norm(self, x: torch.Tensor, p: NormParams) -> torch.Tensor:
+        """The norm over the last dim; a weight of more dims ([heads, head_dim]: `QKNorm` "head_each") scales
+        each of x's trailing slices by its own row."""
         if p.spec.kind == "layer":
+            if p.weight.dim() > 1:
+                h = F.layer_norm(x, x.shape[-1:], None, None, p.spec.eps) * p.weight
+                return h if p.bias is None else h + p.bias
             return F.layer_norm(x, x.shape[-1:], p.weight, p.bias, p.spec.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + p.spec.eps) * p.weight

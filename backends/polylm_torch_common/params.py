@@ -56,16 +56,21 @@ class NormParams:
 
 @dataclass
 class LayerParams:
-    attn_norm: NormParams
+    attn_norm: NormParams | None
     qkv: Matrix
     qkv_bias: torch.Tensor | None
     out: Matrix
     out_bias: torch.Tensor | None
-    mlp_norm: NormParams
+    mlp_norm: NormParams | None
     up: Matrix  # [gate; up] when gated
     up_bias: torch.Tensor | None
     down: Matrix
     down_bias: torch.Tensor | None
+    # the IR's optional norms (see `polylm.ir.Block` and `QKNorm`); None where the block has none
+    attn_post_norm: NormParams | None = None
+    mlp_post_norm: NormParams | None = None
+    q_norm: NormParams | None = None
+    k_norm: NormParams | None = None
 
 
 @dataclass
@@ -143,7 +148,7 @@ def build_params(ir: ModelIR, read: TensorReader, prepare: Prepare | None = None
     else:
         head, head_bias = matrix(read.tensor("head.weight"), read.optional("head.bias"))
         embed = read.tensor("embed.weight")
-    embed_norm = _norm(ir.embedding.norm, read, "embed.norm") if ir.embedding.norm else None
+    embed_norm = _norm(ir.embedding.norm, read, "embed.norm")
     layers = []
     for i in progress(range(ir.num_layers), total=ir.num_layers, desc="loading layers", unit="layer"):
         _release_freed_memory()
@@ -160,7 +165,9 @@ def _release_freed_memory() -> None:
         _MALLOC_TRIM(0)
 
 
-def _norm(spec: Norm, read: TensorReader, prefix: str) -> NormParams:
+def _norm(spec: Norm | None, read: TensorReader, prefix: str) -> NormParams | None:
+    if spec is None:
+        return None
     weight = read.tensor(f"{prefix}.weight").float() + spec.weight_offset
     if spec.kind == "layer":
         weight = weight.to(read.dtype)
@@ -177,8 +184,13 @@ def _layer(block: Block, read: TensorReader, prefix: str,
     up = matrix(_fused(read, up_parts(mlp, prefix, "weight")),
                 _fused(read, up_parts(mlp, prefix, "bias")) if mlp.bias else None)
     down = matrix(read.tensor(f"{prefix}.mlp.down.weight"), read.optional(f"{prefix}.mlp.down.bias"))
+    qk_norm = attn.qk_norm.norm if attn.qk_norm is not None else None
     return LayerParams(_norm(block.attn_norm, read, f"{prefix}.attn_norm"), *qkv, *out,
-                       _norm(block.mlp_norm, read, f"{prefix}.mlp_norm"), *up, *down)
+                       _norm(block.mlp_norm, read, f"{prefix}.mlp_norm"), *up, *down,
+                       attn_post_norm=_norm(block.attn_post_norm, read, f"{prefix}.attn_post_norm"),
+                       mlp_post_norm=_norm(block.mlp_post_norm, read, f"{prefix}.mlp_post_norm"),
+                       q_norm=_norm(qk_norm, read, f"{prefix}.attn.q_norm"),
+                       k_norm=_norm(qk_norm, read, f"{prefix}.attn.k_norm"))
 
 
 def _fused(read: TensorReader, names: tuple[str, ...], row_order: np.ndarray | None = None) -> torch.Tensor:

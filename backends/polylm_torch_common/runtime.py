@@ -6,14 +6,14 @@ import numpy as np
 import torch
 
 from polylm.backend import Cache, Runtime, Step
-from polylm.ir import ALiBi, ModelIR
-from polylm.numerics.masks import attention_bias
-from polylm.parallel.plan import ShardPlan
-from polylm.numerics.positions import alibi_slopes, rope_frequencies_per_row
 from polylm.checkpoint.weights import Weights
+from polylm.ir import ALiBi, Attention, ModelIR
+from polylm.numerics.masks import attention_bias
+from polylm.numerics.positions import alibi_slopes, rope_frequencies_per_row
+from polylm.parallel.plan import ShardPlan
 
 from .ops import ReferenceOps, StepTensors
-from .params import TORCH_DTYPES, LayerParams, Prepare, TensorReader, build_params
+from .params import TORCH_DTYPES, LayerParams, NormParams, Prepare, TensorReader, build_params
 
 
 class TorchRuntime(Runtime):
@@ -112,24 +112,58 @@ class TorchRuntime(Runtime):
     def _block(self, x: torch.Tensor, delta: torch.Tensor | None, layer: LayerParams, cache: Cache, index: int,
                step: StepTensors, rotary: tuple[torch.Tensor, torch.Tensor] | None,
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One layer on the residual stream `x + delta`; returns the next (residual, delta) pair, so that each
-        residual add happens inside the norm that follows it."""
+        """One layer (see `polylm.ir.Block`) on the residual stream `x + delta`; returns the next (residual, delta)
+        pair, so that each residual add happens inside the norm that follows it."""
         block = self.ir.block
-        x, normed = self.ops.add_norm(x, delta, layer.attn_norm)
+        x, normed = self._add_norm(x, delta, layer.attn_norm)
+        attended = self._branch(self._attention(normed, layer, cache, index, step, rotary), layer.attn_post_norm)
+        if block.parallel:
+            mlp_in = normed if layer.mlp_norm is None else self.ops.norm(x, layer.mlp_norm)
+            return x, attended + self._branch(self._mlp(mlp_in, layer), layer.mlp_post_norm)
         residual = normed if block.residual_from_normed else x
-        attended = self._attention(normed, layer, cache, index, step, rotary)
-        x, normed = self.ops.add_norm(residual, attended, layer.mlp_norm)
+        x, normed = self._add_norm(residual, attended, layer.mlp_norm)
         residual = normed if block.residual_from_normed else x
-        hidden = self.ops.activation(self.ops.linear(normed, layer.up, layer.up_bias), block.mlp)
-        return residual, self.ops.reduce(self.ops.linear(hidden, layer.down, layer.down_bias))
+        return residual, self._branch(self._mlp(normed, layer), layer.mlp_post_norm)
+
+    def _add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, norm: NormParams | None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual sum and its norm (the sum itself where the block has no norm there)."""
+        if norm is not None:
+            return self.ops.add_norm(x, delta, norm)
+        x = x if delta is None else x + delta
+        return x, x
+
+    def _branch(self, out: torch.Tensor, post_norm: NormParams | None) -> torch.Tensor:
+        """A branch's output as it is added to the residual stream: post-normed and scaled where the IR says."""
+        if post_norm is not None:
+            out = self.ops.norm(out, post_norm)
+        scale = self.ir.block.residual_scale
+        return out if scale == 1.0 else out * scale
+
+    def _mlp(self, x: torch.Tensor, layer: LayerParams) -> torch.Tensor:
+        hidden = self.ops.activation(self.ops.linear(x, layer.up, layer.up_bias), self.ir.block.mlp)
+        return self.ops.reduce(self.ops.linear(hidden, layer.down, layer.down_bias))
 
     def _attention(self, x: torch.Tensor, layer: LayerParams, cache: Cache, index: int, step: StepTensors,
                    rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         attn = self.local.attention
         keys, values = cache.keys[index], cache.values[index]
-        q = self.ops.rope_and_cache(self.ops.linear(x, layer.qkv, layer.qkv_bias), keys, values, rotary, step, attn)
+        qkv = self.ops.linear(x, layer.qkv, layer.qkv_bias)
+        if attn.qk_norm is not None:
+            qkv = self._qk_norm(qkv, layer, attn)
+        q = self.ops.rope_and_cache(qkv, keys, values, rotary, step, attn)
         out = self.ops.attention(q, keys, values, step, attn)
         return self.ops.reduce(self.ops.linear(out, layer.out, layer.out_bias))
+
+    def _qk_norm(self, qkv: torch.Tensor, layer: LayerParams, attn: Attention) -> torch.Tensor:
+        """The fused projection with its queries and keys normed as `attn.qk_norm` says (see `polylm.ir.QKNorm`)."""
+        q_size, kv_size = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
+        q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
+        if attn.qk_norm.scope == "projection":
+            return torch.cat((self.ops.norm(q, layer.q_norm), self.ops.norm(k, layer.k_norm), v), dim=-1)
+        q = self.ops.norm(q.unflatten(-1, (attn.num_heads, attn.head_dim)), layer.q_norm).flatten(-2)
+        k = self.ops.norm(k.unflatten(-1, (attn.num_kv_heads, attn.head_dim)), layer.k_norm).flatten(-2)
+        return torch.cat((q, k, v), dim=-1)
 
     def _rotary(self, step: StepTensors) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [batch, new, rotary_dim / 2], float32, for the new tokens' positions."""

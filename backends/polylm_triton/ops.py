@@ -33,6 +33,8 @@ class TritonOps(ReferenceOps):
         return super().linear(x, weight, bias)
 
     def norm(self, x: torch.Tensor, p: NormParams) -> torch.Tensor:
+        if p.weight.dim() > 1:  # a weight row per head (`QKNorm` "head_each"): the reference op
+            return super().norm(x, p)
         return norms.add_norm(x, None, p)[1]
 
     def add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, p: NormParams) -> tuple[torch.Tensor, torch.Tensor]:

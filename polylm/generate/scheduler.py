@@ -28,6 +28,7 @@ import numpy as np
 
 from ..backend import Cache, Runtime, Step
 from ..errors import InputError
+from ..numerics.logits import finish_head
 from .sampling import Sampler, Sampling, TokenChoice
 
 STOP, LENGTH, CANCELLED = "stop", "length", "cancelled"
@@ -363,7 +364,7 @@ class Scheduler:
         self.stats.slots += batch * new
         step = Step(ids, self._positions[:, :end].copy(), self._mask[:, :end].copy(),
                     gather=np.full(batch, new - 1, dtype=np.int64))
-        return self.runtime.forward(step, self._cache)
+        return finish_head(self.runtime.ir.head, self.runtime.forward(step, self._cache))
 
 
 def _common_prefix(history: list[int], prompt: list[int], limit: int) -> int:

@@ -144,6 +144,10 @@ def plan_shards(ir: ModelIR, shard: Shard) -> ShardPlan:
         if size < world:
             raise ParallelError(f"tensor parallelism over {world} ranks: the {what} ({size}) is smaller than the "
                                 f"world size")
+    if attn.qk_norm is not None and attn.qk_norm.scope == "projection" and world > 1:
+        raise ParallelError(f"tensor parallelism over {world} ranks does not split a query/key norm over the whole "
+                            "projection (OLMo-2's q_norm/k_norm) yet: its statistics span every head; run it in one "
+                            "process")
     local_heads = attn.num_heads // world
     heads = range(rank * local_heads, (rank + 1) * local_heads)
     if attn.num_kv_heads % world == 0:
@@ -171,6 +175,10 @@ def plan_shards(ir: ModelIR, shard: Shard) -> ShardPlan:
             else:  # rows [heads, 3, head_dim]: a rank's heads are one contiguous block
                 slices[parts[0]] = TensorSlice(0, heads.start * 3 * d, heads.stop * 3 * d)
         slices[f"{layer}.attn.o.weight"] = TensorSlice(1, heads.start * d, heads.stop * d)
+        if attn.qk_norm is not None and attn.qk_norm.scope == "head_each":  # one weight row per head
+            for param in ("weight", "bias") if attn.qk_norm.norm.bias else ("weight",):
+                slices[f"{layer}.attn.q_norm.{param}"] = TensorSlice(0, heads.start, heads.stop)
+                slices[f"{layer}.attn.k_norm.{param}"] = TensorSlice(0, kv_heads.start, kv_heads.stop)
         for param in ("weight", "bias") if mlp.bias else ("weight",):
             for name in up_parts(mlp, layer, param):
                 slices[name] = TensorSlice(0, intermediate.start, intermediate.stop)
