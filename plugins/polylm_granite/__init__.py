@@ -1,0 +1,8 @@
+"""Placeholder: the granite family mapping lands here."""
+
+from polylm.hookspecs import hookimpl
+
+
+@hookimpl
+def polylm_families() -> list:
+    return []
