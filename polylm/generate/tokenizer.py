@@ -8,6 +8,9 @@ from typing import Any, Sequence
 from ..config import ConfigView, read_json
 from ..errors import InputError, TokenizerError
 
+#: Texts longer than this (in characters) are encoded without holding Python's GIL.
+_LONG_TEXT = 65536
+
 
 class Tokenizer:
     """Encodes and decodes text; knows bos / eos / pad ids from the checkpoint's JSON files."""
@@ -58,6 +61,8 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if not isinstance(text, str):
             raise InputError(f"prompt must be a string, found {type(text).__name__}")
+        if len(text) > _LONG_TEXT:  # encode_batch lets other threads (a server's event loop) run meanwhile
+            return self._fast.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self._fast.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_pair(self, first: str, second: str):

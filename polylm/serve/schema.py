@@ -43,7 +43,8 @@ def load_json(raw: bytes) -> Any:
     except RecursionError:
         raise ApiError(400, "the request body is not valid JSON: it is nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer over Python's digit limit
-        raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+        reason = str(exc).split(";")[0]  # not the digit limit's advice to call sys.set_int_max_str_digits
+        raise ApiError(400, f"the request body is not valid JSON: {reason}") from None
 
 
 def _check_unicode(body: Any) -> None:
