@@ -269,6 +269,9 @@ def parse(body: Any, model: Model, name: str, *, chat: bool) -> Params:
 
 # -- responses ---------------------------------------------------------------------------------------------------
 
+#: The logprob reported for a token the model rules out (JSON has no -Infinity).
+MIN_LOGPROB = -9999.0
+
 
 @dataclass
 class Choice:
@@ -299,12 +302,12 @@ class Formatter:
         if self.params.chat:
             def item(token: int, logprob: float) -> dict:
                 text = self._text(token)
-                return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+                return {"token": text, "logprob": _json_logprob(logprob), "bytes": list(text.encode("utf-8"))}
             return {"content": [{**item(c.token, c.logprob), "top_logprobs": [item(t, lp) for t, lp in c.top]}
                                 for c, _ in entries]}
         return {"tokens": [self._text(c.token) for c, _ in entries],
-                "token_logprobs": [c.logprob for c, _ in entries],
-                "top_logprobs": [{self._text(t): lp for t, lp in c.top} for c, _ in entries],
+                "token_logprobs": [_json_logprob(c.logprob) for c, _ in entries],
+                "top_logprobs": [{self._text(t): _json_logprob(lp) for t, lp in c.top} for c, _ in entries],
                 "text_offset": [offset for _, offset in entries]}
 
     def usage(self, choices: list[Choice]) -> dict:
@@ -345,6 +348,11 @@ class Formatter:
         kind = "chat.completion.chunk" if self.params.chat else "text_completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.name, "choices": [],
                 "usage": self.usage(choices)}
+
+
+def _json_logprob(logprob: float) -> float:
+    """A logprob JSON can carry: -inf (a token the model rules out) becomes -9999.0, as in vLLM."""
+    return max(logprob, MIN_LOGPROB)
 
 
 def apply_event(choice: Choice, event: tuple) -> list[tuple[TokenChoice, int]]:
