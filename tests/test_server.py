@@ -404,15 +404,15 @@ def _health_answers_while(url, send) -> tuple[int, float, httpx.Response]:
 
 
 @pytest.mark.parametrize("body", [
-    {"model": NAME, "prompt": "Once upon a time there was a little model. " * 6_000},  # 260 kB to tokenize
-    {"model": NAME, "messages": [{"role": "user", "content": "hi"}] * 10_000},  # a template to render
+    {"model": NAME, "prompt": "Once upon a time there was a little model. " * 8_000},  # 350 kB to tokenize
+    {"model": NAME, "messages": [{"role": "user", "content": "hi"}] * 20_000},  # a template to render
 ], ids=["long-prompt", "many-messages"])
 def test_tokenizing_and_rendering_do_not_block_the_loop(plain, body):
     url = plain[0]
     path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
     answers, took, response = _health_answers_while(url, lambda: httpx.post(url + path, json=body, timeout=60))
     assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
-    assert took > 0.3 and answers >= 3, (answers, took)  # a blocked loop answers nothing until the request is done
+    assert answers >= 3, (answers, took)  # a blocked loop answers at most the poll in flight until it is done
 
 
 def test_a_prompt_with_nan_logits_fails_alone(plain, model, monkeypatch):
