@@ -50,3 +50,7 @@ class InputError(PolylmError):
 
 class ParallelError(PolylmError):
     """A model cannot be sharded over the asked number of ranks, or a rank of a tensor-parallel job failed."""
+
+
+class GenerationError(PolylmError):
+    """A model's logits leave no token to pick (NaN, or every token -inf): broken weights or an overflow."""

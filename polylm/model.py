@@ -191,6 +191,8 @@ class Model:
         rows = {scheduler.submit(prompt, sampling).id: row for row, prompt in enumerate(prompts)}
         while scheduler.busy:
             for out in scheduler.step():
+                if out.error is not None:
+                    raise out.error
                 if out.choice is None:
                     continue
                 row, text = rows[out.request.id], streams[rows[out.request.id]]

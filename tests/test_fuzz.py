@@ -1,4 +1,6 @@
-"""Property: whatever is in config.json or a safetensors header, loading succeeds or raises PolylmError."""
+"""Properties: whatever is in config.json or a safetensors header, loading succeeds or raises PolylmError;
+whatever JSON body a client sends, the server's parser gives Params or a 4xx ApiError; whatever sampling
+settings meet whatever logits, a token in range is picked or a typed PolylmError is raised."""
 
 import json
 import shutil
@@ -7,10 +9,15 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+import pytest
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+import checkpoints
 import polylm
+from polylm.errors import GenerationError
+from polylm.generate.sampling import Sampler, Sampling
+from polylm.serve.schema import ApiError, load_json, parse
 
 JSON_VALUES = st.one_of(
     st.none(), st.booleans(), st.integers(-3, 10**12), st.floats(allow_nan=True, allow_infinity=True),
@@ -19,6 +26,7 @@ JSON_VALUES = st.one_of(
                     st.one_of(st.integers(-2, 9), st.floats(-2, 9), st.text(max_size=6)), max_size=3),
 )
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+FUZZ_MORE = settings(FUZZ, max_examples=400)  # cheap properties: more examples
 
 
 def load_or_polylm_error(directory: Path) -> None:
@@ -185,3 +193,85 @@ def test_rope_parameter_mutations(make_ckpt, scaling, legacy):
         assert np.isfinite(logits).all()
 
     with_files(source, {"config.json": json.dumps(config).encode()}, check)
+
+
+# -- the server's request parser and sampling settings -----------------------------------------------------------
+
+TEXT = st.one_of(st.text(max_size=8), st.sampled_from(["\ud800", "a\udfffb", "Once upon", "", "é🙂"]))
+NUMBERS = st.one_of(st.integers(-3, 40), st.integers(-10**30, 10**30), st.floats(allow_nan=True, allow_infinity=True),
+                    st.sampled_from([0, 1, 1e-320, 5e-324, 1e308, -0.0, 2, 20, 21]))
+LEAVES = st.one_of(st.none(), st.booleans(), NUMBERS, TEXT)
+JSON = st.recursive(LEAVES, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                    st.dictionaries(TEXT, inner, max_size=3)), max_leaves=12)
+MESSAGE = st.fixed_dictionaries({"role": st.one_of(st.sampled_from(["user", "system", "assistant"]), JSON)},
+                                optional={"content": st.one_of(TEXT, JSON, st.lists(st.fixed_dictionaries(
+                                    {"type": st.sampled_from(["text", "image_url"]), "text": JSON}), max_size=2))})
+#: each field's plausible values (a valid body is the start), then anything
+PLAUSIBLE = {
+    "model": st.just("tiny"), "prompt": st.one_of(TEXT, st.lists(st.integers(-2, 400), max_size=5), st.lists(TEXT)),
+    "messages": st.lists(MESSAGE, max_size=3), "max_tokens": st.integers(-1, 20),
+    "max_completion_tokens": st.integers(-1, 20), "temperature": st.one_of(st.floats(0, 2), NUMBERS),
+    "top_p": st.one_of(st.floats(0, 1), NUMBERS), "top_k": st.integers(-2, 400), "min_p": st.floats(0, 1),
+    "repetition_penalty": st.one_of(st.floats(1e-320, 1e300), NUMBERS), "seed": st.integers(-2**70, 2**70),
+    "stop": st.one_of(TEXT, st.lists(TEXT, max_size=3)), "n": st.integers(0, 2), "logprobs": st.one_of(
+        st.booleans(), st.integers(-1, 21)), "top_logprobs": st.integers(-1, 21), "stream": st.booleans(),
+    "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.one_of(st.booleans(), JSON)}),
+    "echo": st.booleans(), "suffix": TEXT, "best_of": st.integers(0, 2), "logit_bias": JSON,
+    "presence_penalty": NUMBERS, "frequency_penalty": NUMBERS,
+}
+
+
+@pytest.fixture(scope="module")
+def chat_model(make_ckpt, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("fuzz") / "helium"
+    shutil.copytree(make_ckpt("helium"), directory)
+    (directory / "chat_template.jinja").write_text(
+        "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}<|assistant|>")
+    return polylm.load(directory, backend="torch")
+
+
+@FUZZ_MORE
+@given(data=st.data(), chat=st.booleans())
+def test_request_parser(chat_model, data, chat):
+    """Whatever JSON a client sends, parsing gives Params or an ApiError with a 4xx status, never another error."""
+    body = {"model": "tiny", **({"messages": [{"role": "user", "content": "Once"}]} if chat else {"prompt": "Once"})}
+    for key in data.draw(st.lists(st.sampled_from(sorted(PLAUSIBLE)), max_size=5, unique=True)):
+        body[key] = data.draw(st.one_of(PLAUSIBLE[key], PLAUSIBLE[key], JSON))
+    if data.draw(st.booleans()):
+        del body[data.draw(st.sampled_from(sorted(body)))]
+    try:
+        params = parse(load_json(json.dumps(body).encode()), chat_model, "tiny", chat=chat)
+    except ApiError as exc:
+        event(f"ApiError {exc.status}")
+        assert 400 <= exc.status < 500 and exc.message.encode("utf-8")
+        return
+    event("parsed")
+    assert params.prompts and all(0 <= t < checkpoints.VOCAB for p in params.prompts for t in p)
+
+
+LOGITS = st.one_of(st.floats(allow_nan=False, width=32), st.sampled_from([np.inf, -np.inf, 3e38, -3e38, 0.0]),
+                   st.floats(allow_nan=True, allow_infinity=True, width=32))
+
+
+@FUZZ_MORE
+@given(settings_=st.fixed_dictionaries({}, optional={
+    "temperature": st.one_of(NUMBERS, st.floats(0, 2)), "top_k": st.one_of(st.integers(-1, 40), NUMBERS),
+    "top_p": NUMBERS, "min_p": NUMBERS, "repetition_penalty": NUMBERS, "seed": st.integers(-1, 2**70),
+    "logprobs": st.integers(-1, 21)}),
+    logits=st.lists(LOGITS, min_size=1, max_size=24), seen=st.lists(st.integers(0, 30), max_size=6),
+    dtype=st.sampled_from([np.float32, np.float64]))
+def test_sampling_settings_and_logits(settings_, logits, seen, dtype):
+    """Any Sampling settings on any logits: a token id in range, or a typed PolylmError; never NaN trouble."""
+    try:
+        sampling = Sampling(max_new_tokens=4, **settings_)
+    except polylm.PolylmError:
+        return
+    row = np.array(logits, dtype=dtype)
+    try:
+        choice = Sampler(sampling, seen).pick(row)
+    except GenerationError:
+        assert np.isnan(row).any() or np.isneginf(row).all()
+        return
+    assert 0 <= choice.token < len(row) and row[choice.token] > -np.inf
+    if choice.logprob is not None:
+        assert not np.isnan(choice.logprob) and all(not np.isnan(lp) for _, lp in choice.top)

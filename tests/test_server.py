@@ -1,5 +1,7 @@
 """`polylm serve` driven with the real `openai` client: chat and completions, streamed and not, stop strings,
-logprobs, errors, concurrency (each client gets what it gets alone), disconnects and a full queue.
+logprobs, errors, concurrency (each client gets what it gets alone), disconnects and a full queue; reliability:
+extreme sampling values, requests that fail alone, an engine that survives exceptions and reports its death,
+a loop that large requests do not block, body limits, and a soak of good, bad and abandoned requests.
 
 Servers run in-process on 127.0.0.1 and a free port (the torch backend, tiny checkpoints); fixtures always stop them.
 """
@@ -8,8 +10,10 @@ import contextlib
 import json
 import os
 import re
+import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +33,7 @@ from polylm.serve.app import bind, create_app
 
 NAME = "tiny-helium"
 KEY = "sekret"
+SMALL_BODY_LIMIT = 1 << 20
 TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Once upon a time"}]
@@ -69,8 +74,15 @@ def model(checkpoint):
 
 @pytest.fixture(scope="module")
 def server(model):
-    with running(model, api_key=KEY, max_batch=4, min_prefix=4) as (url, engine):
+    with running(model, api_key=KEY, max_batch=4, min_prefix=4, max_body_bytes=SMALL_BODY_LIMIT) as (url, engine):
         yield url, engine
+
+
+@pytest.fixture(scope="module")
+def plain(model):
+    """A server with the default options (no key, 32 MiB bodies): (base URL, engine)."""
+    with running(model) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +194,17 @@ def test_seeded_sampling_is_reproducible(client):
     ({"model": NAME, "prompt": "hi", "n": 2}, 400, "n", ["'n' must be 1"]),
     ({"model": "gpt-4", "prompt": "hi"}, 404, "model", ["'gpt-4' does not exist"]),
     ({"model": NAME, "prompt": [1] * 300}, 400, "prompt", ["maximum context length is 256 tokens", "300"]),
+    (b'{"model": "tiny-helium", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, None, ["nested too deeply"]),
+    (b'{"model": "tiny-helium", "prompt": "hi", "max_tokens": 1' + b"0" * 5000 + b"}", 400, None,
+     ["not valid JSON", "4300 digits"]),
+    (b'{"model": "tiny-helium", "prompt": "\\ud800"}', 400, "prompt", ["lone surrogate", "'\\ud800'"]),
+    (b'{"model": "tiny-helium", "prompt": ["ok", "a\\udfffb"]}', 400, "prompt[1]", ["lone surrogate", "character 1"]),
+    (b'{"model": "\\ud800", "prompt": "hi"}', 400, "model", ["lone surrogate"]),
+    (b'{"model": "tiny-helium", "prompt": "hi", "\\ud800": 1}', 400, None, ["lone surrogate"]),
+    (b'{"model": "tiny-helium", "prompt": "hi", "temperature": NaN}', 400, "temperature", ["must be a number"]),
+    (b'{"model": "tiny-helium", "prompt": "hi", "top_p": Infinity}', 400, "top_p", ["must be a number"]),
+    (b'{"model": "tiny-helium", "prompt": "hi", "repetition_penalty": 0}', 400, None, ["repetition_penalty"]),
+    (b'{"model": "tiny-helium", "prompt": "\xff"}', 400, None, ["not valid JSON"]),
 ])
 def test_bad_completion_requests(server, body, status, param, words):
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -208,6 +231,20 @@ def test_bad_chat_requests(client, body, words):
     assert all(word in caught.value.body["message"] for word in words), caught.value.body
 
 
+@pytest.mark.parametrize("messages,param", [
+    ([{"role": "user", "content": "\ud800"}], "messages[0].content"),
+    ([MESSAGES[0], {"role": "\udc80", "content": "hi"}], "messages[1].role"),
+    ([{"role": "user", "content": [{"type": "text", "text": "a\ud800"}]}], "messages[0].content[0].text"),
+])
+def test_chat_with_lone_surrogates_is_a_400(server, messages, param):
+    """Clients that escape a lone surrogate in JSON (the openai client cannot even encode one) get a 400."""
+    content = json.dumps({"model": NAME, "messages": messages}).encode()  # "\ud800" escapes
+    response = httpx.post(server[0] + "/v1/chat/completions", content=content,
+                          headers={"Authorization": f"Bearer {KEY}"})
+    assert response.status_code == 400 and response.json()["error"]["param"] == param
+    assert "lone surrogate" in response.json()["error"]["message"]
+
+
 def test_api_key_and_unknown_routes(server, client):
     bad = openai.OpenAI(base_url=server[0] + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as caught:
@@ -219,6 +256,13 @@ def test_api_key_and_unknown_routes(server, client):
         client.completions.create(model="other", prompt="hi", max_tokens=2)
     unknown = httpx.get(server[0] + "/v1/nothing", headers={"Authorization": f"Bearer {KEY}"})
     assert unknown.status_code == 404 and "error" in unknown.json()
+    wrong_method = httpx.get(server[0] + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"})
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+    assert set(wrong_method.json()["error"]) == {"message", "type", "param", "code"}
+    for scheme in ("bearer", "BEARER", "Bearer "):  # RFC 7235: the scheme is case-insensitive
+        lower = httpx.get(server[0] + "/v1/models", headers={"Authorization": f"{scheme} {KEY}"})
+        assert lower.status_code == 200, scheme
+    assert httpx.get(server[0] + "/v1/models", headers={"Authorization": KEY}).status_code == 401
     assert client.completions.create(model=NAME, prompt="hi", max_tokens=2).usage.completion_tokens <= 2  # still up
 
 
@@ -291,6 +335,7 @@ def test_cli_serve_runs_and_stops(checkpoint):
         line = process.stderr.readline()
         port = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
         assert port, line
+        socket.create_connection(("127.0.0.1", int(port.group(1))), timeout=5).close()  # listening already
         assert httpx.get(f"http://127.0.0.1:{port.group(1)}/health", timeout=30).json()["status"] == "ok"
         reply = httpx.post(f"http://127.0.0.1:{port.group(1)}/v1/completions", timeout=30,
                            json={"model": str(checkpoint), "prompt": "Once", "max_tokens": 3})
@@ -311,8 +356,239 @@ def test_cli_serve_runs_and_stops(checkpoint):
     (["--port", "70000"], "--port must be ≥ 0 and ≤ 65535"),
     (["--max-batch", "0"], "--max-batch must be ≥ 1"),
     (["--host", "256.1.1.1"], "cannot listen on 256.1.1.1:8000"),
+    (["--max-body-bytes", "0"], "--max-body-bytes must be ≥ 1"),
 ])
 def test_cli_serve_user_errors_exit_2(checkpoint, capsys, args, message):
     assert main(["serve", "--model", str(checkpoint), *args]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
+
+
+# -- reliability -------------------------------------------------------------------------------------------------
+
+
+def test_extreme_sampling_values_complete(client, model):
+    greedy = model.generate("Once", max_new_tokens=5)
+    for extra in ({"temperature": 1e-320}, {"temperature": 5e-324, "top_p": 1e-300, "extra_body": {"min_p": 1.0}}):
+        reply = client.completions.create(model=NAME, prompt="Once", max_tokens=5, seed=1, **extra)
+        assert reply.choices[0].text == greedy  # a vanishing temperature picks the best token
+    for penalty in (1e-320, 1e300):
+        reply = client.completions.create(model=NAME, prompt="Once", max_tokens=5, temperature=1, seed=1,
+                                          extra_body={"repetition_penalty": penalty})
+        assert reply.usage.completion_tokens == 5 or reply.choices[0].finish_reason == "stop"
+    assert model.generate("Once", max_new_tokens=5, temperature=1e-310) == greedy  # the library too
+
+
+def test_body_limit_answers_413(server):
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    big = json.dumps({"model": NAME, "prompt": "x" * SMALL_BODY_LIMIT}).encode()
+    response = httpx.post(server[0] + "/v1/completions", content=big, headers=headers)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+    assert str(SMALL_BODY_LIMIT) in response.json()["error"]["message"]
+    chunks = (big[i:i + 65536] for i in range(0, len(big), 65536))  # no Content-Length: counted as it comes
+    response = httpx.post(server[0] + "/v1/completions", content=chunks, headers=headers)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+
+
+def _health_answers_while(url, send) -> tuple[int, float, httpx.Response]:
+    """(/health answers given while `send` ran, seconds it took, its response), /health polled meanwhile."""
+    with ThreadPoolExecutor(1) as pool:
+        started = time.monotonic()
+        future = pool.submit(send)
+        answers = 0
+        while not future.done():
+            assert httpx.get(url + "/health", timeout=30).status_code == 200
+            answers += not future.done()
+            time.sleep(0.02)
+        return answers, time.monotonic() - started, future.result()
+
+
+@pytest.mark.parametrize("body", [
+    {"model": NAME, "prompt": "Once upon a time there was a little model. " * 8_000},  # 350 kB to tokenize
+    {"model": NAME, "messages": [{"role": "user", "content": "hi"}] * 20_000},  # a template to render
+], ids=["long-prompt", "many-messages"])
+def test_tokenizing_and_rendering_do_not_block_the_loop(plain, body):
+    url = plain[0]
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    answers, took, response = _health_answers_while(url, lambda: httpx.post(url + path, json=body, timeout=60))
+    assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+    assert answers >= 3, (answers, took)  # a blocked loop answers at most the poll in flight until it is done
+
+
+def test_a_prompt_with_nan_logits_fails_alone(plain, model, monkeypatch):
+    """A request whose logits are NaN gets a 500 naming them; the request running beside it is unharmed."""
+    url, engine = plain
+    expected = model.generate("Once upon", max_new_tokens=30)
+    assert 7 not in model.tokenizer.encode("Once upon")
+    forward = model.runtime.forward
+
+    def poisoned(step, cache):
+        logits = np.array(forward(step, cache))
+        logits[(step.input_ids == 7).sum(axis=1) >= 3] = np.nan  # the row joining with [1, 7, 7, 7]
+        return logits
+    monkeypatch.setattr(model.runtime, "forward", poisoned)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+    stream = iter(client.completions.create(model=NAME, prompt="Once upon", max_tokens=30, temperature=0,
+                                            stream=True))
+    first = next(stream)
+    for temperature in (0, 1):
+        with pytest.raises(openai.InternalServerError) as caught:
+            client.completions.create(model=NAME, prompt=[1, 7, 7, 7], max_tokens=5, temperature=temperature)
+        assert "logits hold NaN" in caught.value.body["message"]
+        assert caught.value.body["code"] == "generation_failed"
+    text = first.choices[0].text + "".join(c.choices[0].text for c in stream)
+    assert text == expected  # what the model makes alone
+    _wait_for(lambda: httpx.get(url + "/health").json()["running"] == 0)
+    assert engine.failure is None and engine._active == 0
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(plain, model, monkeypatch):
+    url, engine = plain
+    forward, calls = model.runtime.forward, []
+
+    def failing(step, cache):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("device lost")
+        return forward(step, cache)
+    monkeypatch.setattr(model.runtime, "forward", failing)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+    with pytest.raises(openai.InternalServerError) as caught:  # both prompts run in the failing step
+        client.completions.create(model=NAME, prompt=["Once upon", "The quick"], max_tokens=10, temperature=0)
+    assert "device lost" in caught.value.body["message"] and "RuntimeError" in caught.value.body["message"]
+    health = httpx.get(url + "/health")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    reply = client.completions.create(model=NAME, prompt="Once upon", max_tokens=4, temperature=0)
+    assert reply.choices[0].text == model.generate("Once upon", max_new_tokens=4)
+    _wait_for(lambda: httpx.get(url + "/health").json()["running"] == 0)
+    assert engine._active == 0
+
+
+class _Fatal(BaseException):
+    """Something no `except Exception` stops: the engine thread ends."""
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dead_engine_fails_its_requests_and_health_says_so(model):
+    with running(model, max_batch=1, max_queue=2) as (url, engine):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        stream = iter(client.completions.create(model=NAME, prompt="Once", max_tokens=200, temperature=0,
+                                                stream=True))
+        next(stream)
+
+        def dying():
+            time.sleep(0.3)  # long enough for a second request to be waiting
+            raise _Fatal("boom")
+        engine.scheduler.step = dying
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(httpx.post, url + "/v1/completions", timeout=30,
+                                  json={"model": NAME, "prompt": "Paris", "max_tokens": 3})
+            assert waiting.result().status_code == 503  # failed at once when the engine died, no hang
+        with pytest.raises(openai.APIError, match="_Fatal"):  # the running stream ends with the error, no hang
+            list(stream)
+        health = httpx.get(url + "/health")
+        assert health.status_code == 503 and health.json()["status"] == "error" and "_Fatal" in health.json()["error"]
+        started = time.monotonic()
+        refused = httpx.post(url + "/v1/completions", json={"model": NAME, "prompt": "hi", "max_tokens": 2}, timeout=30)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "engine_stopped"
+        assert time.monotonic() - started < 2
+
+
+def test_max_queue_0_and_oversized_prompt_lists_and_a_utf8_key(model):
+    key = "clé-🔑"
+    with running(model, max_batch=2, max_queue=0, api_key=key) as (url, engine):
+        headers = {"Authorization": f"Bearer {key}".encode()}
+        reply = httpx.post(url + "/v1/completions", headers=headers, timeout=30,
+                           json={"model": NAME, "prompt": ["Once", "Paris"], "max_tokens": 2})
+        assert reply.status_code == 200 and len(reply.json()["choices"]) == 2  # idle: admitted, nothing waits
+        too_many = httpx.post(url + "/v1/completions", headers=headers, timeout=30,
+                              json={"model": NAME, "prompt": ["a", "b", "c"], "max_tokens": 2})
+        assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "prompt"
+        assert "at most 2" in too_many.json()["error"]["message"]
+        wrong = httpx.get(url + "/v1/models", headers={"Authorization": b"Bearer cl\xe9-\xf0\x9f\x94\x91"})
+        assert wrong.status_code == 401  # the key's latin-1 bytes are not its UTF-8 bytes
+        assert engine._active == 0
+
+
+def test_unexpected_errors_answer_openai_json(server, monkeypatch):
+    url, engine = server
+
+    def broken(jobs):
+        raise KeyError("surprise")
+    monkeypatch.setattr(engine, "submit", broken)
+    response = httpx.post(url + "/v1/completions", json={"model": NAME, "prompt": "hi"},
+                          headers={"Authorization": f"Bearer {KEY}"})
+    assert response.status_code == 500 and response.json()["error"]["type"] == "server_error"
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+BAD_BODIES = [
+    b"{not json", b"[" * 5000 + b"]" * 5000, b'{"model": "tiny-helium", "prompt": "hi", "max_tokens": 1' + b"0" * 5000 + b"}",
+    b'{"model": "tiny-helium", "prompt": "\\ud800"}', b'{"model": "\\ud800", "prompt": "hi"}',
+    b'{"model": "tiny-helium", "messages": [{"role": "user", "content": "\\udfff"}]}',
+    b'{"model": "other", "prompt": "hi"}', b'{"model": "tiny-helium", "prompt": "hi", "temperature": 7}',
+    b'{"model": "tiny-helium", "prompt": [1, 99999]}',
+]
+
+
+def test_soak_good_bad_and_abandoned_requests_leak_nothing(plain, model):
+    url, engine = plain
+    expected = model.generate("Once upon", max_new_tokens=4)
+    body = {"model": NAME, "prompt": "Once upon", "max_tokens": 4, "temperature": 0}
+
+    def one(i: int) -> str:
+        kind = i % 4
+        if kind == 0:
+            reply = httpx.post(url + "/v1/completions", json=body, timeout=30)
+            assert reply.status_code == 200 and reply.json()["choices"][0]["text"] == expected
+        elif kind == 1:
+            path = "/v1/chat/completions" if b"messages" in BAD_BODIES[i % len(BAD_BODIES)] else "/v1/completions"
+            reply = httpx.post(url + path, content=BAD_BODIES[i % len(BAD_BODIES)], timeout=30)
+            assert 400 <= reply.status_code < 500 and set(reply.json()["error"]) >= {"message", "type"}
+        elif kind == 2:  # abandoned mid-stream
+            with httpx.stream("POST", url + "/v1/completions", timeout=30,
+                              json={**body, "max_tokens": 100, "stream": True, "temperature": 1}) as stream:
+                next(stream.iter_lines())
+        else:  # a sampled request with extreme values, or one abandoned before its reply
+            extreme = {**body, "temperature": 1e-320, "repetition_penalty": 1e-320}
+            try:
+                reply = httpx.post(url + "/v1/completions", json=extreme, timeout=0.05 if i % 8 == 3 else 30)
+                assert reply.status_code == 200
+            except httpx.TimeoutException:
+                pass
+        return "ok"
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, range(24)))  # warm up: thread pools, caches, allocator
+        _wait_for(lambda: httpx.get(url + "/health").json()["running"] == 0)
+        before = _rss_mb()
+        started = time.monotonic()
+        assert list(pool.map(one, range(200))) == ["ok"] * 200
+    assert time.monotonic() - started < 60
+    _wait_for(lambda: (lambda h: h["running"] == 0 and h["waiting"] == 0)(httpx.get(url + "/health").json()))
+    _wait_for(lambda: engine._active == 0)
+    assert _rss_mb() - before < 40, (before, _rss_mb())
+    reply = httpx.post(url + "/v1/completions", json=body, timeout=30)
+    assert reply.status_code == 200 and reply.json()["choices"][0]["text"] == expected
+
+
+def test_logprobs_of_ruled_out_tokens_are_standard_json(plain, model, monkeypatch):
+    forward = model.runtime.forward
+
+    def masked(step, cache):
+        logits = np.array(forward(step, cache))
+        logits[:, 10:] = -np.inf  # the model rules out all but 10 tokens
+        return logits
+    monkeypatch.setattr(model.runtime, "forward", masked)
+    response = httpx.post(plain[0] + "/v1/completions", timeout=30,
+                          json={"model": NAME, "prompt": "Once", "max_tokens": 2, "logprobs": 20, "temperature": 1})
+    assert response.status_code == 200
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} is not JSON")
+    top = json.loads(response.text, parse_constant=refuse)["choices"][0]["logprobs"]["top_logprobs"][0]
+    assert min(top.values()) == -9999.0 and max(top.values()) > -9999  # (tokens with equal text share a key)

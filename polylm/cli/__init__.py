@@ -102,9 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=None, metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1")
     serve.add_argument("--max-batch", type=int, default=8, metavar="N", help="requests decoded together (default 8)")
     serve.add_argument("--max-queue", type=int, default=64, metavar="N",
-                       help="requests that may wait for a row before new ones get 429 (default 64)")
+                       help="requests that may wait for a row before new ones get 429 (default 64; 0: none wait, "
+                            "requests are taken while a row is free)")
     serve.add_argument("--min-prefix", type=int, default=16, metavar="N",
                        help="shortest cached prompt prefix to reuse, in tokens (default 16; 0 turns reuse off)")
+    serve.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024, metavar="N",
+                       help="largest request body, in bytes; larger ones get 413 (default 33554432: 32 MiB)")
     serve.set_defaults(handler=_serve)
 
     plugins = commands.add_parser("plugins", help="list plugins: families, backends, and failures",
@@ -221,7 +224,7 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    for name, low in (("port", 0), ("max_batch", 1), ("max_queue", 0), ("min_prefix", 0)):
+    for name, low in (("port", 0), ("max_batch", 1), ("max_queue", 0), ("min_prefix", 0), ("max_body_bytes", 1)):
         if getattr(args, name) < low or (name == "port" and args.port > 65535):
             raise InputError(f"--{name.replace('_', '-')} must be ≥ {low}{' and ≤ 65535' if name == 'port' else ''}, "
                              f"got {getattr(args, name)}")
@@ -233,7 +236,8 @@ def _serve(args: argparse.Namespace) -> None:
     bind(args.host, args.port).close()  # a busy port or a bad host fails before the model loads
     model = _load(args)
     serve(model, model_name=args.model, host=args.host, port=args.port, api_key=args.api_key,
-          max_batch=args.max_batch, max_queue=args.max_queue, min_prefix=args.min_prefix or None)
+          max_batch=args.max_batch, max_queue=args.max_queue, min_prefix=args.min_prefix or None,
+          max_body_bytes=args.max_body_bytes)
 
 
 def _plugins(args: argparse.Namespace) -> None:

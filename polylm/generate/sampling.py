@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import GenerationError, InputError
 
 #: The most top alternatives a token's logprobs may list (OpenAI's limit).
 MAX_TOP_LOGPROBS = 20
@@ -22,6 +22,12 @@ class Sampling:
     temperature 0 is greedy; top_k None/0, top_p None/1.0, min_p None/0 and repetition_penalty 1.0 switch those
     off. `seed` seeds this sequence's own random generator, so it samples the same in a batch as alone.
     `logprobs` None reports no log-probabilities; n ≥ 0 reports each token's and its n most likely alternatives.
+
+    Every legal value is numerically safe. Scores are float64; a temperature so small that dividing would
+    overflow divides scores shifted so that the best is 0 instead, so sampling tends to a uniform pick among the
+    best tokens (not NaN) as the temperature tends to 0; an extreme repetition penalty saturates at ±the largest
+    float64; +inf logits share all the probability. Logits holding NaN, or -inf for every token, raise
+    `GenerationError`.
     """
 
     max_new_tokens: int = 64
@@ -76,11 +82,14 @@ def adjust_scores(logits: np.ndarray, sampling: Sampling, seen: np.ndarray | Non
     scores = np.array(logits, dtype=np.float64)
     penalty = sampling.repetition_penalty
     if penalty != 1.0 and seen is not None:
-        scores = np.where(seen, np.where(scores < 0, scores * penalty, scores / penalty), scores)
+        with np.errstate(over="ignore", under="ignore"):
+            penalised = np.where(scores < 0, scores * penalty, scores / penalty)
+        penalised = np.where(np.isfinite(scores), np.clip(penalised, -_LARGEST, _LARGEST), penalised)
+        scores = np.where(seen, penalised, scores)
     if sampling.greedy:
         return scores
     if sampling.temperature != 1.0:
-        scores /= sampling.temperature
+        scores = _divide(scores, sampling.temperature)
     if sampling.top_k:
         k = min(sampling.top_k, scores.shape[-1])
         kth = np.partition(scores, -k, axis=-1)[:, -k][:, None]
@@ -102,16 +111,47 @@ def adjust_scores(logits: np.ndarray, sampling: Sampling, seen: np.ndarray | Non
     return scores
 
 
+_LARGEST = np.finfo(np.float64).max
+
+
+def _shifted(scores: np.ndarray) -> np.ndarray:
+    """`scores` less each row's best, so the best is 0; in a row with +inf scores, those are 0 and the rest -inf.
+    Every row needs a score above -inf."""
+    best = scores.max(axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore"):
+        shifted = scores - best
+    return np.where(np.isposinf(best), np.where(np.isposinf(scores), 0.0, -np.inf), shifted)
+
+
+def _divide(scores: np.ndarray, temperature: float) -> np.ndarray:
+    """`scores / temperature`; when that overflows, the shifted scores divided, so the best stay apart from the
+    rest instead of all becoming +inf."""
+    with np.errstate(over="ignore"):
+        divided = scores / temperature
+    if np.isposinf(divided[np.isfinite(scores)]).any():
+        with np.errstate(over="ignore"):
+            divided = _shifted(scores) / temperature
+    return divided
+
+
 def _softmax(scores: np.ndarray) -> np.ndarray:
-    probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    probs = np.exp(_shifted(scores))
     return probs / probs.sum(axis=-1, keepdims=True)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Log-probabilities (float64) over the last axis."""
-    scores = np.asarray(logits, dtype=np.float64)
-    shifted = scores - scores.max(axis=-1, keepdims=True)
+    """Log-probabilities (float64) over the last axis (+inf logits share all the probability)."""
+    shifted = _shifted(np.asarray(logits, dtype=np.float64))
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def _check_logits(best: float) -> None:
+    """Raise unless `best`, the largest logit (NaN when any is), leaves a token to pick."""
+    if math.isnan(best):
+        raise GenerationError("the model's logits hold NaN (broken weights, or an overflow in the forward pass); "
+                              "no token can be picked")
+    if best == -math.inf:
+        raise GenerationError("every token's logit is -inf; no token can be picked")
 
 
 @dataclass(frozen=True)
@@ -135,10 +175,12 @@ class Sampler:
         self._plain_greedy = sampling.greedy and self._seen is None
 
     def pick(self, logits: np.ndarray) -> TokenChoice:
-        """The next token from this sequence's logits [vocab]."""
+        """The next token from this sequence's logits [vocab]; `GenerationError` when they leave none to pick."""
         if self._plain_greedy:
-            token = int(np.argmax(logits))
+            token = int(np.argmax(logits))  # the first NaN, if there is one
+            _check_logits(float(logits[token]))
         else:
+            _check_logits(float(np.max(logits)))
             scores = adjust_scores(logits[None], self.sampling, self._seen_mask(logits.shape[-1]))[0]
             if self.sampling.greedy:
                 token = int(np.argmax(scores))

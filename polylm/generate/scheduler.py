@@ -27,11 +27,11 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..backend import Cache, Runtime, Step
-from ..errors import InputError
+from ..errors import InputError, PolylmError
 from ..numerics.logits import finish_head
 from .sampling import Sampler, Sampling, TokenChoice
 
-STOP, LENGTH, CANCELLED = "stop", "length", "cancelled"
+STOP, LENGTH, CANCELLED, ERROR = "stop", "length", "cancelled", "error"
 #: Steps over which demand (running and waiting requests) is remembered when sizing a fresh cache's batch.
 DEMAND_WINDOW = 64
 
@@ -46,7 +46,8 @@ class Request:
     limit: int
     sampler: Sampler
     tokens: list[int] = field(default_factory=list)
-    #: None while running; "stop" (eos, or a stop string via `cancel`), "length", or "cancelled"
+    #: None while running; "stop" (eos, or a stop string via `cancel`), "length", "cancelled", or "error" (its
+    #: logits left no token to pick, or `abort` ended it)
     finish_reason: str | None = None
     #: prompt tokens whose keys/values came from the cache instead of being computed
     reused_tokens: int = 0
@@ -68,11 +69,13 @@ class Request:
 @dataclass(frozen=True)
 class Output:
     """What one step made for one request: a token (None when the step ended it without one, e.g. at eos),
-    and the finish reason if the request ended."""
+    the finish reason if the request ended, and with "error" the error that ended it (the other requests of the
+    step go on)."""
 
     request: Request
     choice: TokenChoice | None
     finish_reason: str | None = None
+    error: PolylmError | None = None
 
 
 @dataclass
@@ -171,6 +174,18 @@ class Scheduler:
         except ValueError:
             pass
 
+    def abort(self) -> list[Request]:
+        """End every running request (finish reason "error") and let the cache go, after a `step` raised: its
+        rows and cache can no longer be trusted. Waiting requests stay queued for a fresh cache; the ended ones
+        are returned."""
+        ended = [row.request for row in self._rows if row.request is not None]
+        for request in ended:
+            request.row, request.finish_reason = None, ERROR
+        self._rows, self._cache = [], None
+        self._mask = np.zeros((0, 0), dtype=bool)
+        self._positions = np.zeros((0, 0), dtype=np.int64)
+        return ended
+
     @property
     def busy(self) -> bool:
         """Whether a `step` has anything to do."""
@@ -186,8 +201,10 @@ class Scheduler:
         return len(self._rows)
 
     def step(self) -> list[Output]:
-        """Admit what fits, run one forward pass, and pick one token for every running request."""
-        outputs, self._ended = self._ended, []
+        """Admit what fits, run one forward pass, and pick one token for every running request. A request whose
+        logits leave no token to pick ends alone (`Output.error`); an exception from the forward pass leaves the
+        scheduler to `abort`."""
+        outputs: list[Output] = []
         if self.running and self._cache.length == self._cache.capacity:
             self._move_running()
         self._demand.append(self.running + len(self.waiting))
@@ -197,11 +214,16 @@ class Scheduler:
             if row.request is not None and index not in feeds:
                 feeds[index] = ([row.pending], len(row.history))
         if not feeds:
-            return outputs
+            return self._take_ended()
         logits = self._forward(feeds, joined)
         for index in feeds:
             request = self._rows[index].request
-            choice = request.sampler.pick(logits[index])
+            try:
+                choice = request.sampler.pick(logits[index])
+            except PolylmError as exc:
+                self._free(request, ERROR)
+                outputs.append(Output(request, None, ERROR, exc))
+                continue
             if choice.token in self.eos:
                 self._free(request, STOP)
                 outputs.append(Output(request, None, STOP))
@@ -214,7 +236,11 @@ class Scheduler:
             else:
                 self._rows[index].pending = choice.token
                 outputs.append(Output(request, choice))
-        return outputs
+        return self._take_ended() + outputs
+
+    def _take_ended(self) -> list[Output]:
+        ended, self._ended = self._ended, []
+        return ended
 
     # -- admission -------------------------------------------------------------------------------------------
 
@@ -386,6 +412,10 @@ def decode_batch(runtime: Runtime, prompts: Sequence[Sequence[int]], sampling: S
     scheduler = Scheduler(runtime, max_batch=len(prompts), context_length=capacity, eos_ids=eos_ids)
     requests = [scheduler.submit(prompt, sampling) for prompt in prompts]
     while scheduler.busy:
-        made = {out.request.id: out.choice.token for out in scheduler.step() if out.choice is not None}
+        outputs = scheduler.step()
+        for out in outputs:
+            if out.error is not None:
+                raise out.error
+        made = {out.request.id: out.choice.token for out in outputs if out.choice is not None}
         if made:
             yield [made.get(request.id) for request in requests]

@@ -12,6 +12,8 @@ from ..errors import InputError, TokenizerError
 #: The longest text encoded: about a million tokens, more than any supported model's context, and a few seconds
 #: of the tokenizer's time (far longer texts make the tokenizers library run for minutes or abort the process).
 MAX_TEXT_CHARS = 4_000_000
+#: Texts longer than this (in characters) are encoded without holding Python's GIL.
+_LONG_TEXT = 65536
 
 
 class Tokenizer:
@@ -61,7 +63,10 @@ class Tokenizer:
         return None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._fast.encode(checked_text(text, "prompt"), add_special_tokens=add_special_tokens).ids
+        text = checked_text(text, "prompt")
+        if len(text) > _LONG_TEXT:  # encode_batch lets other threads (a server's event loop) run meanwhile
+            return self._fast.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+        return self._fast.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_pair(self, first: str, second: str | None):
         return self._fast.encode(checked_text(first, "text"), None if second is None else checked_text(second, "text"))

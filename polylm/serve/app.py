@@ -2,9 +2,11 @@
 
 One worker thread (`Engine`) owns the model and its `Scheduler`: it takes prompts and cancellations from a
 thread-safe inbox, runs steps while there is work, turns tokens into text (stop strings included) and posts
-each request's events onto that request's asyncio queue. HTTP handlers only parse, queue and format, so the
-event loop never waits on the model. A client that goes away cancels its requests at once, which frees their
-rows for the next step; a full queue answers 429.
+each request's events onto that request's asyncio queue. HTTP handlers only read, queue and format: parsing,
+tokenizing and chat-template rendering run in a worker thread, so the event loop never waits on the model or on
+a large request. A client that goes away cancels its requests at once, which frees their rows for the next step;
+a full queue answers 429, a body over `max_body_bytes` 413, a stopped engine 503. Every error, starlette's own
+404/405 and unexpected 500s included, has OpenAI's JSON body.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import signal
 import socket
@@ -21,6 +22,7 @@ import time
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response
@@ -30,9 +32,12 @@ from ..errors import InputError
 from ..generate.stream import TextStream
 from ..model import Model
 from .engine import MIN_PREFIX, Engine, Job
-from .schema import ApiError, Choice, Formatter, apply_event, parse, sse
+from .schema import ApiError, Choice, Formatter, apply_event, load_json, parse, sse
 
 log = logging.getLogger("polylm.server")
+
+#: Default limit on a request body's size (413 above it).
+MAX_BODY_BYTES = 32 * 1024 * 1024
 
 
 class _EventStream:
@@ -75,22 +80,22 @@ class _EventStream:
 
 
 def create_app(model: Model, *, model_name: str, api_key: str | None = None, max_batch: int = 8,
-               max_queue: int = 64, capacity: int | None = None, min_prefix: int | None = MIN_PREFIX) -> Any:
+               max_queue: int = 64, capacity: int | None = None, min_prefix: int | None = MIN_PREFIX,
+               max_body_bytes: int = MAX_BODY_BYTES) -> Any:
     """The ASGI app; its lifespan starts and stops the worker. `app.state.engine` is the `Engine`."""
     if model.task != "causal-lm":
         raise InputError(f"{model.path} holds a {model.task} model; serving needs a causal-lm checkpoint")
     if model.tokenizer is None:
         raise InputError(f"{model.path}: no tokenizer.json; serving needs one to turn tokens into text")
     engine = Engine(model, max_batch=max_batch, max_queue=max_queue, capacity=capacity, min_prefix=min_prefix)
+    key = None if api_key is None else api_key.encode("utf-8", "surrogateescape")  # the bytes given on the CLI
 
     def endpoint(handler: Callable[[HttpRequest], Awaitable[Response]], *, auth: bool = True):
         async def run(request: HttpRequest) -> Response:
             try:
-                if auth and api_key is not None:
-                    given = request.headers.get("authorization", "")
-                    if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                        raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
-                                       code="invalid_api_key")
+                if auth and key is not None and not _authorized(request, key):
+                    raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
+                                   code="invalid_api_key")
                 return await handler(request)
             except ApiError as exc:
                 request.scope["polylm.log"] = exc.message
@@ -101,6 +106,9 @@ def create_app(model: Model, *, model_name: str, api_key: str | None = None, max
         return run
 
     async def health(request: HttpRequest) -> Response:
+        if engine.failure is not None:
+            return JSONResponse({"status": "error", "error": engine.failure, "model": model_name, **engine.snapshot},
+                                status_code=503)
         return JSONResponse({"status": "ok", "model": model_name, **engine.snapshot})
 
     def model_card() -> dict:
@@ -122,11 +130,8 @@ def create_app(model: Model, *, model_name: str, api_key: str | None = None, max
         return await _complete(request, chat=True)
 
     async def _complete(request: HttpRequest, chat: bool) -> Response:
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
-        params = parse(body, model, model_name, chat=chat)
+        raw = await _read_body(request, max_body_bytes)
+        params = await run_in_threadpool(lambda: parse(load_json(raw), model, model_name, chat=chat))
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -165,10 +170,15 @@ def create_app(model: Model, *, model_name: str, api_key: str | None = None, max
         note()
         return JSONResponse(formatter.whole(choices))
 
-    async def not_found(request: HttpRequest, exc: HTTPException) -> Response:
+    async def http_error(request: HttpRequest, exc: HTTPException) -> Response:
         status = exc.status_code
-        return ApiError(status, f"{request.method} {request.url.path}: {exc.detail}",
-                        type="invalid_request_error" if status < 500 else "server_error").response()
+        response = ApiError(status, f"{request.method} {request.url.path}: {exc.detail}",
+                            type="invalid_request_error" if status < 500 else "server_error").response()
+        response.headers.update(exc.headers or {})
+        return response
+
+    async def server_error(request: HttpRequest, exc: Exception) -> Response:
+        return ApiError(500, f"internal error: {type(exc).__name__}", type="server_error").response()
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -185,9 +195,34 @@ def create_app(model: Model, *, model_name: str, api_key: str | None = None, max
         Route("/v1/completions", endpoint(completions), methods=["POST"]),
         Route("/v1/chat/completions", endpoint(chat_completions), methods=["POST"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: not_found})
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={HTTPException: http_error, Exception: server_error})
     app.state.engine = engine
     return _LogRequests(app)
+
+
+def _authorized(request: HttpRequest, key: bytes) -> bool:
+    """Whether the request's Authorization header is `Bearer KEY` (the scheme in any case, RFC 7235), compared
+    as bytes, so a key outside ASCII matches a client sending it in UTF-8."""
+    given = dict(request.scope["headers"]).get(b"authorization", b"")
+    scheme, _, token = given.strip().partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key)
+
+
+async def _read_body(request: HttpRequest, limit: int) -> bytes:
+    """The request body; ApiError 413 as soon as it is known to be over `limit` bytes."""
+    too_large = ApiError(413, f"the request body is over the server's limit of {limit} bytes (--max-body-bytes)",
+                         code="request_too_large")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and (len(length) > 18 or int(length) > limit):
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def _collect(request: HttpRequest, events: asyncio.Queue, choices: list[Choice]) -> bool:
@@ -271,25 +306,29 @@ class _LogRequests:
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A listening-ready TCP socket on host:port (port 0: a free one); InputError when it cannot be had."""
+    """A listening TCP socket on host:port (port 0: a free one); InputError when it cannot be had. Connections
+    wait in its backlog until the server accepts them."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
+        sock.listen(2048)
     except OSError as exc:
         raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     return sock
 
 
 def serve(model: Model, *, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_batch: int = 8, max_queue: int = 64, min_prefix: int | None = MIN_PREFIX) -> None:
-    """Serve `model` until interrupted (uvicorn handles SIGINT/SIGTERM and shuts down gracefully)."""
+          max_batch: int = 8, max_queue: int = 64, min_prefix: int | None = MIN_PREFIX,
+          max_body_bytes: int = MAX_BODY_BYTES) -> None:
+    """Serve `model` until interrupted (uvicorn handles SIGINT/SIGTERM and shuts down gracefully). The
+    "serving on" line is logged once the socket listens."""
     import uvicorn
 
-    sock = bind(host, port)
     app = create_app(model, model_name=model_name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
-                     min_prefix=min_prefix)
+                     min_prefix=min_prefix, max_body_bytes=max_body_bytes)
+    sock = bind(host, port)
     if not log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))

@@ -4,6 +4,7 @@ stream chunks (`Formatter`)."""
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ class ApiError(Exception):
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None) -> None:
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")  # a lone surrogate shows as \ud800
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
@@ -32,6 +34,50 @@ class ApiError(Exception):
 
 
 # -- request parsing ---------------------------------------------------------------------------------------------
+
+
+def load_json(raw: bytes) -> Any:
+    """A request body's JSON; ApiError 400 when it is not JSON, or is nested or numbered beyond Python's limits."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ApiError(400, "the request body is not valid JSON: it is nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer over Python's digit limit
+        reason = str(exc).split(";")[0]  # not the digit limit's advice to call sys.set_int_max_str_digits
+        raise ApiError(400, f"the request body is not valid JSON: {reason}") from None
+
+
+def _check_unicode(body: Any) -> None:
+    """ApiError 400 naming a string (key or value) that holds a lone surrogate: JSON's "\\ud800"
+    escape makes one, but it is no text a tokenizer, template or response can take."""
+    stack: list[tuple[Any, tuple]] = [(body, ())]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, dict):
+            stack.extend((item, (path, key)) for key, item in value.items())
+            strings = value.keys()
+        elif isinstance(value, list):
+            stack.extend((item, (path, index)) for index, item in enumerate(value))
+            continue
+        else:
+            strings = (value,) if isinstance(value, str) else ()
+        for text in strings:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                where = _path_text(path)
+                raise ApiError(400, f"{where or 'the request body'} holds a lone surrogate "
+                                    f"({text[exc.start]!r} at character {exc.start}), which is not text",
+                               param=where or None) from None
+
+
+def _path_text(path: tuple) -> str:
+    """'messages[0].content' for the linked path ((((), 'messages'), 0), 'content')."""
+    parts = []
+    while path:
+        path, key = path
+        parts.append(f"[{key}]" if isinstance(key, int) else f".{key}")
+    return "".join(reversed(parts)).lstrip(".")
 
 _JSON_TYPES = {str: "a string", bool: "a boolean", int: "an integer", float: "a number", list: "an array",
                dict: "an object"}
@@ -55,7 +101,7 @@ def _field(body: dict, name: str, kind: type, default: Any = None, *, low: float
         return default
     ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
     if kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok:
         raise ApiError(400, f"'{name}' must be {_JSON_TYPES[kind]}, got {_json_type(value)}", param=name)
     if (low is not None and value < low) or (high is not None and value > high):
@@ -196,12 +242,17 @@ def _chat_prompt(body: dict, model: Model) -> list[int]:
         return model.chat_prompt(rendered)
     except PolylmError as exc:
         raise ApiError(400, str(exc), param="messages") from None
+    except Exception as exc:  # noqa: BLE001 - a template may fail in any way on the messages it is given
+        raise ApiError(400, f"the chat template failed on these messages ({type(exc).__name__}: {exc})",
+                       param="messages") from None
 
 
 def parse(body: Any, model: Model, name: str, *, chat: bool) -> Params:
-    """Validate a /v1/completions or /v1/chat/completions body."""
+    """Validate a /v1/completions or /v1/chat/completions body (tokenizing and rendering it: call it off the
+    event loop); ApiError 4xx when it is not valid."""
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {_json_type(body)}")
+    _check_unicode(body)
     _check_model(body, name)
     prompts = [_chat_prompt(body, model)] if chat else _completion_prompts(body, model)
     _check_context(prompts, model, "messages" if chat else "prompt")
@@ -217,6 +268,9 @@ def parse(body: Any, model: Model, name: str, *, chat: bool) -> Params:
 
 
 # -- responses ---------------------------------------------------------------------------------------------------
+
+#: The logprob reported for a token the model rules out (JSON has no -Infinity).
+MIN_LOGPROB = -9999.0
 
 
 @dataclass
@@ -248,12 +302,12 @@ class Formatter:
         if self.params.chat:
             def item(token: int, logprob: float) -> dict:
                 text = self._text(token)
-                return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+                return {"token": text, "logprob": _json_logprob(logprob), "bytes": list(text.encode("utf-8"))}
             return {"content": [{**item(c.token, c.logprob), "top_logprobs": [item(t, lp) for t, lp in c.top]}
                                 for c, _ in entries]}
         return {"tokens": [self._text(c.token) for c, _ in entries],
-                "token_logprobs": [c.logprob for c, _ in entries],
-                "top_logprobs": [{self._text(t): lp for t, lp in c.top} for c, _ in entries],
+                "token_logprobs": [_json_logprob(c.logprob) for c, _ in entries],
+                "top_logprobs": [{self._text(t): _json_logprob(lp) for t, lp in c.top} for c, _ in entries],
                 "text_offset": [offset for _, offset in entries]}
 
     def usage(self, choices: list[Choice]) -> dict:
@@ -294,6 +348,11 @@ class Formatter:
         kind = "chat.completion.chunk" if self.params.chat else "text_completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.name, "choices": [],
                 "usage": self.usage(choices)}
+
+
+def _json_logprob(logprob: float) -> float:
+    """A logprob JSON can carry: -inf (a token the model rules out) becomes -9999.0, as in vLLM."""
+    return max(logprob, MIN_LOGPROB)
 
 
 def apply_event(choice: Choice, event: tuple) -> list[tuple[TokenChoice, int]]:
