@@ -18,6 +18,7 @@ import polylm
 from polylm.errors import GenerationError
 from polylm.generate.sampling import Sampler, Sampling
 from polylm.serve.schema import ApiError, load_json, parse
+from polylm.testing import VOCAB
 
 JSON_VALUES = st.one_of(
     st.none(), st.booleans(), st.integers(-3, 10**12), st.floats(allow_nan=True, allow_infinity=True),
@@ -246,7 +247,7 @@ def test_request_parser(chat_model, data, chat):
         assert 400 <= exc.status < 500 and exc.message.encode("utf-8")
         return
     event("parsed")
-    assert params.prompts and all(0 <= t < checkpoints.VOCAB for p in params.prompts for t in p)
+    assert params.prompts and all(0 <= t < VOCAB for p in params.prompts for t in p)
 
 
 LOGITS = st.one_of(st.floats(allow_nan=False, width=32), st.sampled_from([np.inf, -np.inf, 3e38, -3e38, 0.0]),
