@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
 
 from .checkpoint.weights import Weights
 from .errors import BackendError, InputError
-from .ir import ModelIR
+from .ir import ModelIR, Norm
 
 if TYPE_CHECKING:
     from .parallel.plan import Shard, ShardPlan
@@ -69,6 +69,53 @@ class Cache:
             raise InputError(f"step covers {step.mask.shape[1]} slots, cache holds {past} of {self.capacity} "
                              f"and {new} are new")
         return past, new
+
+
+A = TypeVar("A")  # a backend's array type (torch.Tensor, mx.array, …)
+
+
+@dataclass
+class NormParams(Generic[A]):
+    """A norm's spec and arrays as a runtime holds them: the weight carries the IR's `weight_offset` already."""
+
+    spec: Norm
+    weight: A
+    bias: A | None
+
+
+@dataclass
+class LayerParams(Generic[A]):
+    """One block's arrays, laid out as the IR's lowering recipes say (`polylm.numerics.layouts`): one [q; k; v]
+    projection and one [gate; up] (or up) projection. A matrix is whatever the backend multiplies with (an array,
+    a packed or quantized layer). Norms the block does not have are None."""
+
+    attn_norm: NormParams[A] | None
+    qkv: Any
+    qkv_bias: A | None
+    out: Any
+    out_bias: A | None
+    mlp_norm: NormParams[A] | None
+    up: Any
+    up_bias: A | None
+    down: Any
+    down_bias: A | None
+    attn_post_norm: NormParams[A] | None = None
+    mlp_post_norm: NormParams[A] | None = None
+    q_norm: NormParams[A] | None = None
+    k_norm: NormParams[A] | None = None
+
+
+@dataclass
+class ModelParams(Generic[A]):
+    """A whole model's arrays: the embedding table (or the tied head's layer that serves it), the blocks, the
+    final norm and the head's matrix and bias."""
+
+    embed: Any
+    embed_norm: NormParams[A] | None
+    layers: list[LayerParams[A]]
+    final_norm: NormParams[A]
+    head: Any
+    head_bias: A | None
 
 
 class Runtime(ABC):

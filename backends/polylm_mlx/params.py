@@ -12,11 +12,12 @@ the CPU goes through BLAS, which multiplies a contiguous [in, out] copy about 2Ã
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import fields, is_dataclass
 from typing import Iterator, Union
 
 import mlx.core as mx
 
+from polylm.backend import LayerParams, ModelParams, NormParams
 from polylm.errors import WeightsError
 from polylm.ir import Block, ModelIR, Norm, Quantization
 from polylm.numerics.layouts import qkv_parts, qkv_row_order, up_parts
@@ -27,44 +28,8 @@ from .quantize import QuantizedMatrix, quantize
 MX_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 
-@dataclass
-class NormParams:
-    spec: Norm
-    weight: mx.array  # float32 for RMSNorm (computed in float32), compute dtype for LayerNorm
-    bias: mx.array | None
-
-
 #: A projection: a dense [in, out] operand of `x @ w`, or a quantized [out, in] one (see `ops.linear`).
 Matrix = Union[mx.array, QuantizedMatrix]
-
-
-@dataclass
-class LayerParams:
-    attn_norm: NormParams | None
-    qkv: Matrix
-    qkv_bias: mx.array | None
-    out: Matrix
-    out_bias: mx.array | None
-    mlp_norm: NormParams | None
-    up: Matrix  # [gate; up] when gated
-    up_bias: mx.array | None
-    down: Matrix
-    down_bias: mx.array | None
-    # the IR's optional norms (see `polylm.ir.Block` and `QKNorm`); None where the block has none
-    attn_post_norm: NormParams | None = None
-    mlp_post_norm: NormParams | None = None
-    q_norm: NormParams | None = None
-    k_norm: NormParams | None = None
-
-
-@dataclass
-class ModelParams:
-    embed: mx.array
-    embed_norm: NormParams | None
-    layers: list[LayerParams]
-    final_norm: NormParams
-    head: Matrix  # [hidden, out]; a transposed view of `embed` when tied
-    head_bias: mx.array | None
 
 
 def read_tensors(weights: Weights, dtype: mx.Dtype) -> dict[str, mx.array]:

@@ -9,12 +9,12 @@ the other backends. Norm weights carry their offset already.
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
 
+from polylm.backend import LayerParams, ModelParams, NormParams
 from polylm.checkpoint.slices import TensorFiles, slice_shape
 from polylm.ir import Block, ModelIR, Norm, Quantization
 from polylm.numerics.layouts import qkv_parts, qkv_row_order, up_parts
@@ -45,42 +45,6 @@ class RowTable(Protocol):
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """`weight[ids]`, exactly."""
-
-
-@dataclass
-class NormParams:
-    spec: Norm
-    weight: torch.Tensor  # float32 for RMSNorm (computed in float32), compute dtype for LayerNorm
-    bias: torch.Tensor | None
-
-
-@dataclass
-class LayerParams:
-    attn_norm: NormParams | None
-    qkv: Matrix
-    qkv_bias: torch.Tensor | None
-    out: Matrix
-    out_bias: torch.Tensor | None
-    mlp_norm: NormParams | None
-    up: Matrix  # [gate; up] when gated
-    up_bias: torch.Tensor | None
-    down: Matrix
-    down_bias: torch.Tensor | None
-    # the IR's optional norms (see `polylm.ir.Block` and `QKNorm`); None where the block has none
-    attn_post_norm: NormParams | None = None
-    mlp_post_norm: NormParams | None = None
-    q_norm: NormParams | None = None
-    k_norm: NormParams | None = None
-
-
-@dataclass
-class ModelParams:
-    embed: torch.Tensor | RowTable  # the head's layer when tied to it
-    embed_norm: NormParams | None
-    layers: list[LayerParams]
-    final_norm: NormParams
-    head: Matrix
-    head_bias: torch.Tensor | None
 
 
 class TensorReader:
