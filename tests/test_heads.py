@@ -5,11 +5,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import checkpoints
 import polylm
-from polylm import testing
 from polylm.errors import InputError, TaskError
 from polylm.cli import main
 from test_parity import BACKENDS
@@ -17,22 +16,7 @@ from test_parity import BACKENDS
 
 def qa_checkpoint(root, family):
     """A QA checkpoint for a family transformers has no QA class for: its base model plus `qa_outputs`."""
-    directory = root / f"{family}-qa"
-    if directory.exists():
-        return directory
-    base = checkpoints.build(root, family)
-    directory.mkdir()
-    tensors = load_file(base / "model.safetensors")
-    tensors = {k: v for k, v in tensors.items() if not k.startswith("lm_head.")}
-    generator = torch.Generator().manual_seed(3)
-    tensors["qa_outputs.weight"] = torch.randn(2, 64, generator=generator) * 0.1
-    tensors["qa_outputs.bias"] = torch.randn(2, generator=generator) * 0.1
-    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((base / "config.json").read_text())
-    config["architectures"] = [f"{family.capitalize()}ForQuestionAnswering"]
-    (directory / "config.json").write_text(json.dumps(config))
-    testing.save_tokenizer(directory)
-    return directory
+    return checkpoints.with_qa_head(checkpoints.build(root, family))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
