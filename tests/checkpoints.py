@@ -52,28 +52,6 @@ def build(root: Path, family: str, task: str = "causal-lm", *, dtype: str = "flo
     return variant
 
 
-def with_qa_head(base: Path, seed: int = 3) -> Path:
-    """A question-answering checkpoint beside `base` (a saved causal LM) for a family transformers has no QA class
-    for: the base model's tensors plus a random `qa_outputs` head (2 × hidden, with a bias)."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    directory = base.with_name(f"{base.name}-qa")
-    if directory.exists():
-        return directory
-    config = json.loads((base / "config.json").read_text())
-    tensors = {k: v for k, v in load_file(base / "model.safetensors").items() if not k.startswith("lm_head.")}
-    generator = torch.Generator().manual_seed(seed)
-    tensors["qa_outputs.weight"] = torch.randn(2, config["hidden_size"], generator=generator) * 0.1
-    tensors["qa_outputs.bias"] = torch.randn(2, generator=generator) * 0.1
-    config["architectures"] = [f"{config['model_type'].capitalize()}ForQuestionAnswering"]
-    directory.mkdir()
-    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
-    (directory / "config.json").write_text(json.dumps(config))
-    testing.save_tokenizer(directory)
-    return directory
-
-
 def _rename_tensors(directory: Path, rename) -> None:
     from safetensors.torch import load_file, save_file
 

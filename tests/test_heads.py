@@ -1,14 +1,16 @@
 """Task heads beyond transformers' classes, and the pipelines that read them (classify, tag, answer)."""
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import checkpoints
 import polylm
+from polylm import testing
 from polylm.errors import InputError, TaskError
 from polylm.cli import main
 from test_parity import BACKENDS
@@ -16,7 +18,39 @@ from test_parity import BACKENDS
 
 def qa_checkpoint(root, family):
     """A QA checkpoint for a family transformers has no QA class for: its base model plus `qa_outputs`."""
-    return checkpoints.with_qa_head(checkpoints.build(root, family))
+    return with_qa_head(checkpoints.build(root, family), root / f"{family}-qa")
+
+
+def with_qa_head(base, directory):
+    """`directory`, once: the causal-LM checkpoint `base` with a random `qa_outputs` head for its `lm_head`."""
+    if directory.exists():
+        return directory
+    config = json.loads((base / "config.json").read_text())
+    tensors = {k: v for k, v in load_file(base / "model.safetensors").items() if not k.startswith("lm_head.")}
+    generator = torch.Generator().manual_seed(3)
+    tensors["qa_outputs.weight"] = torch.randn(2, config["hidden_size"], generator=generator) * 0.1
+    tensors["qa_outputs.bias"] = torch.randn(2, generator=generator) * 0.1
+    directory.mkdir()
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    config["architectures"] = [config["architectures"][0].replace("ForCausalLM", "ForQuestionAnswering")]
+    (directory / "config.json").write_text(json.dumps(config))
+    testing.save_tokenizer(directory)
+    return directory
+
+
+def qa_reference(directory):
+    """transformers' outputs for a `with_qa_head` checkpoint, as `testing.check_parity(hf=…)` reads them: its base
+    model's hidden states through `qa_outputs`."""
+    import transformers
+
+    base = transformers.AutoModel.from_pretrained(directory, dtype=torch.float32).eval()
+    tensors = load_file(directory / "model.safetensors")
+
+    def run(ids):
+        logits = base(ids).last_hidden_state @ tensors["qa_outputs.weight"].T + tensors["qa_outputs.bias"]
+        start, end = logits.unbind(-1)
+        return SimpleNamespace(start_logits=start, end_logits=end)
+    return run
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

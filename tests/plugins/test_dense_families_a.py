@@ -3,14 +3,10 @@ every backend (fp32, padded on both sides, greedy ids), causal LMs with each fam
 move the logits; cohere tensor-parallel; and the variants they decline or refuse, with the key named."""
 
 import json
-from functools import lru_cache
-from types import SimpleNamespace
+from functools import cache
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
-import checkpoints
 import polylm
 from polylm import testing
 from polylm.errors import ConfigError, ParallelError, TaskError
@@ -18,6 +14,7 @@ from polylm.ir import TASKS
 from polylm.loading import model_ir
 from polylm.loading.registry import registry
 from polylm.parallel.ranks import free_port
+from test_heads import qa_reference, with_qa_head
 from test_parity import BACKENDS, TOLERANCE
 from test_tensor_parallel import WORKER, assert_matches_one_process, run_two_ranks
 
@@ -45,7 +42,7 @@ QUIRKS = {
 FAMILIES = tuple(QUIRKS)
 
 
-@lru_cache(maxsize=None)
+@cache
 def hf_has(family: str, task: str) -> bool:
     """Whether transformers has an `AutoModelFor<task>` class for this model type."""
     try:
@@ -55,31 +52,15 @@ def hf_has(family: str, task: str) -> bool:
     return True
 
 
-class BaseModelQA(torch.nn.Module):
-    """transformers' base model with the checkpoint's `qa_outputs` on top: the QA reference where transformers
-    has no QA class."""
-
-    def __init__(self, directory):
-        import transformers
-
-        super().__init__()
-        self.base = transformers.AutoModel.from_pretrained(directory, dtype=torch.float32).eval()
-        tensors = load_file(directory / "model.safetensors")
-        self.weight, self.bias = tensors["qa_outputs.weight"], tensors["qa_outputs.bias"]
-
-    def forward(self, ids):
-        start, end = (self.base(ids).last_hidden_state @ self.weight.T + self.bias).unbind(-1)
-        return SimpleNamespace(start_logits=start, end_logits=end)
-
-
 def checkpoint(root, family: str, task: str):
     """(directory, reference model or None for transformers' own class) of `family` for `task`."""
     if task == "causal-lm":
         return testing.tiny_checkpoint(root, family, **SMALL, **QUIRKS[family]), None
     if hf_has(family, task):
         return testing.tiny_checkpoint(root, family, task, **SMALL), None
-    directory = checkpoints.with_qa_head(testing.tiny_checkpoint(root, family, **SMALL))
-    return directory, BaseModelQA(directory)
+    base = testing.tiny_checkpoint(root, family, **SMALL)
+    directory = with_qa_head(base, root / f"{base.name}-qa")
+    return directory, qa_reference(directory)
 
 
 CASES = [(f, t) for f in FAMILIES for t in registry().families[f][0].tasks]
