@@ -109,8 +109,8 @@ def test_third_party_family_overrides_builtin_with_warning(fake_root):
 
 
 def test_unknown_model_type_lists_installed():
-    with pytest.raises(ConfigError, match="unknown model_type 'llama'.*gemma"):
-        Registry().family("llama")
+    with pytest.raises(ConfigError, match="unknown model_type 'mamba'.*gemma"):
+        Registry().family("mamba")
 
 
 def test_unknown_and_unavailable_backend_errors():
