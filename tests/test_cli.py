@@ -72,3 +72,27 @@ def test_bench_reports_import_load_and_model_memory(make_ckpt):
     assert report["new_tokens"] == 2 and report["import_s"] > 0 and report["load_s"] > 0
     if sys.platform.startswith("linux"):  # the RSS before the load comes from /proc
         assert 0 < report["model_rss_mb"] < report["peak_rss_mb"]
+
+
+def test_bare_polylm_prints_its_commands():
+    result = run_cli()
+    assert result.returncode == 0 and result.stderr == ""
+    assert result.stdout.startswith("usage: polylm") and all(f"    {c} " in result.stdout for c in ("run", "serve", "bench"))
+
+
+def test_abbreviated_flags_are_refused(make_ckpt):
+    result = run_cli("run", "--model", str(make_ckpt("helium")), "--max-new-token", "3", "hi")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "unrecognized arguments: --max-new-token" in result.stderr
+
+
+def test_quantize_and_quiet_on_every_model_command(make_ckpt):
+    import polylm
+
+    directory = make_ckpt("helium")
+    result = run_cli("run", "--model", str(directory), "--backend", "torch", "--quantize", "int8", "--max-new-tokens",
+                     "6", "Once upon", "--quiet")
+    assert result.returncode == 0, result.stderr
+    expected = polylm.load(directory, backend="torch", quantize="int8").generate("Once upon", max_new_tokens=6)
+    assert result.stdout == expected + "\n"
+    assert main(["--quiet", "families"]) == 0 and main(["families", "--quiet"]) == 0

@@ -19,7 +19,11 @@ EXIT_INTERRUPTED = 130
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that raises instead of exiting, so bad flags look like every other user error."""
+    """argparse that raises instead of exiting, so bad flags look like every other user error, and that takes no
+    abbreviation of a flag (`--max-new-token` is an error, not `--max-new-tokens`)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise InputError(message)
@@ -36,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                      formatter_class=_formatter)
     parser.add_argument("--version", action="version", version=f"polylm {__version__}")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     run = commands.add_parser("run", help="continue a prompt and stream the text", formatter_class=_formatter,
                               epilog='example:\n  polylm run "Once upon a time"        # the built-in demo model\n'
@@ -86,7 +90,6 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=_formatter,
                                 epilog="example:\n  polylm bench --model ./gemma-2b --dtype bfloat16 --quantize int8")
     _add_model_options(bench)
-    bench.add_argument("--quantize", default=None, choices=["int8", "int4"], help="weight-only quantization")
     bench.add_argument("--prompt-tokens", type=int, default=128, metavar="N")
     bench.add_argument("--new-tokens", type=int, default=64, metavar="N")
     bench.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (OMP_NUM_THREADS)")
@@ -120,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     backends = commands.add_parser("backends", help="list backends in auto-selection order and whether each runs",
                                    formatter_class=_formatter, epilog="example:\n  polylm backends")
     backends.set_defaults(handler=_backends)
+    for command in commands.choices.values():  # `polylm run --quiet …` as well as `polylm --quiet run …`
+        command.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     return parser
 
 
@@ -152,6 +157,7 @@ def _add_model_options(parser: argparse.ArgumentParser, default_demo: bool = Fal
                              + ("; default: polylm's small built-in demo model" if default_demo else ""))
     parser.add_argument("--backend", default="auto", metavar="NAME", help=_backend_help())
     parser.add_argument("--dtype", default=None, metavar="D", help="float32, bfloat16 or float16 (default: as stored)")
+    parser.add_argument("--quantize", default=None, choices=["int8", "int4"], help="weight-only quantization")
     parser.add_argument("--tp", type=int, default=1, metavar="N",
                         help="tensor parallelism: shard the model over N ranks (started here, or by torchrun)")
 
@@ -272,9 +278,10 @@ def _load(args: argparse.Namespace):
         if args.tp != 1:
             from ..parallel.launch import load_ranked
 
-            model = load_ranked(args.model, args.tp, args.argv, backend=args.backend, dtype=args.dtype)
+            model = load_ranked(args.model, args.tp, args.argv, backend=args.backend, dtype=args.dtype,
+                                quantize=args.quantize)
         else:
-            model = load(args.model, backend=args.backend, dtype=args.dtype)
+            model = load(args.model, backend=args.backend, dtype=args.dtype, quantize=args.quantize)
     for note in model.notes:
         print(f"note: {note}", file=sys.stderr)
     return model
@@ -328,7 +335,11 @@ def _backends(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `polylm` console script; returns the exit status."""
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:  # bare `polylm`: what it can do
+            parser.print_help()
+            return 0
         args.argv = list(sys.argv[1:] if argv is None else argv)  # what ranks started by --tp run
         if args.quiet:
             os.environ["POLYLM_QUIET"] = "1"
