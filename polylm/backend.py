@@ -33,11 +33,13 @@ _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 @dataclass(frozen=True)
 class Availability:
-    """Whether a backend runs here; `auto` says whether `backend="auto"` may pick it."""
+    """Whether a backend runs here; `auto` says whether `backend="auto"` may pick it; `installed` whether its
+    framework is installed at all (only then is the backend's install hint worth showing)."""
 
     available: bool
     reason: str
     auto: bool = True
+    installed: bool = True
 
 
 @dataclass(frozen=True)

@@ -226,7 +226,8 @@ class Model:
 
     def _need_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
-            raise TokenizerError(f"{self.path}: no tokenizer.json, so text prompts cannot be encoded; pass token ids")
+            raise TokenizerError(f"{self.path}: no tokenizer.json, so text prompts cannot be encoded (from Python, "
+                                 "`generate` takes a list of token ids instead)")
         return self.tokenizer
 
 

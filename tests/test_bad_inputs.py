@@ -355,7 +355,9 @@ class _StubBackend(Backend):
         self.priority = -100
 
     def availability(self):
-        return Availability(self._available, "ready" if self._available else "stub hardware missing")
+        # the unavailable stub's framework is not installed, so the error carries its install hint
+        return Availability(self._available, "ready" if self._available else "stub hardware missing",
+                            installed=self._available)
 
     def lower(self, ir, weights, dtype):
         raise AssertionError("never reached")

@@ -96,3 +96,20 @@ def test_quantize_and_quiet_on_every_model_command(make_ckpt):
     expected = polylm.load(directory, backend="torch", quantize="int8").generate("Once upon", max_new_tokens=6)
     assert result.stdout == expected + "\n"
     assert main(["--quiet", "families"]) == 0 and main(["families", "--quiet"]) == 0
+
+
+def test_a_file_as_model_says_it_is_a_file(tmp_path):
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"x")
+    result = run_cli("run", "--model", str(weights), "hi")
+    assert result.returncode == 2 and "is a file, not a model directory" in result.stderr
+
+
+def test_an_installed_backend_that_cannot_run_gets_no_install_hint(make_ckpt, monkeypatch):
+    import polylm
+    from polylm.errors import BackendError
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # triton is installed; this machine has no CUDA GPU
+    with pytest.raises(BackendError, match="no CUDA GPU") as caught:
+        polylm.load(make_ckpt("helium"), backend="triton")
+    assert "install" not in str(caught.value)

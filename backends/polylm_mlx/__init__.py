@@ -41,7 +41,7 @@ class MLXBackend(Backend):
         except Exception as exc:  # noqa: BLE001 - a broken install must not break choosing another backend
             where = ("" if sys.platform == "darwin" or sys.platform.startswith("linux")
                      else f"; MLX has no build for {sys.platform}")
-            return Availability(False, f"mlx does not import ({exc}){where}", auto=False)
+            return Availability(False, f"mlx does not import ({exc}){where}", auto=False, installed=False)
         device = f"mlx {mx.__version__} on {mx.default_device().type.name.upper()}"
         if _apple_silicon():
             return Availability(True, device)

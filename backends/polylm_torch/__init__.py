@@ -20,7 +20,7 @@ class TorchBackend(Backend):
         try:
             import torch
         except ImportError as exc:
-            return Availability(False, f"torch does not import ({exc})")
+            return Availability(False, f"torch does not import ({exc})", installed=False)
         return Availability(True, f"torch {torch.__version__} on CPU")
 
     def lower(self, ir: ModelIR, weights: Weights, dtype: str) -> Runtime:

@@ -46,7 +46,7 @@ class TritonBackend(Backend):
 
     def availability(self) -> Availability:
         if importlib.util.find_spec("triton") is None:
-            return Availability(False, "triton is not installed")
+            return Availability(False, "triton is not installed", installed=False)
         version = importlib.metadata.version("triton")
         # the interpreter runs kernels even where a GPU exists, so it decides first
         if interpreting():

@@ -29,6 +29,9 @@ def resolve_model(spec: str | os.PathLike) -> Path:
     path = Path(spec).expanduser()
     if path.is_dir():
         return path
+    if path.exists():
+        raise ConfigError(f"{spec}: is a file, not a model directory; pass the directory that holds config.json "
+                          "and the *.safetensors files")
     text = str(spec)
     if not _REPO_ID.match(text) or text.startswith((".", "/")):
         raise ConfigError(f"{text}: model directory not found")
@@ -43,7 +46,8 @@ def resolve_model(spec: str | os.PathLike) -> Path:
             return snapshot
     raise ConfigError(f"{text}: not a local directory, and no cached snapshot of Hub repo {repo!r}"
                       f"{' at ' + revision if revision else ''} was found (looked in {', '.join(looked)}); "
-                      "polylm does not download — fetch it with `huggingface-cli download` first")
+                      f"polylm does not download — fetch it first with `hf download {repo}` (huggingface_hub's "
+                      "command line)")
 
 
 def _snapshot(repo_dir: Path, revision: str) -> Path | None:

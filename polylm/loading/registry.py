@@ -167,7 +167,8 @@ class Registry:
         reasons = []
         for candidate in self.ranked_backends():
             state = candidate.availability()
-            hint = f" (install with: {candidate.install_hint})" if candidate.install_hint else ""
+            needs_install = candidate.install_hint and not state.installed
+            hint = f" (install with: {candidate.install_hint})" if needs_install else ""
             reasons.append(f"{candidate.name}: {state.reason}{hint}")
         return reasons or ["none is installed"]
 
@@ -185,7 +186,7 @@ class Registry:
         chosen = self.backends[name][0]
         state = chosen.availability()
         if not state.available:
-            hint = f"; install with: {chosen.install_hint}" if chosen.install_hint else ""
+            hint = f"; install with: {chosen.install_hint}" if chosen.install_hint and not state.installed else ""
             raise BackendError(f"backend {name!r} is not available here: {state.reason}{hint}")
         return chosen
 

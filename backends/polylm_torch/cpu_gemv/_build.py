@@ -128,6 +128,9 @@ def _build() -> tuple[types.ModuleType | None, str]:
     module = _import_built(name, directory)
     if module is None:
         verbose = os.environ.get("POLYLM_GEMV_VERBOSE", "") not in ("", "0")
+        if not os.environ.get("POLYLM_QUIET"):  # the first run on a machine would sit silent for a while
+            print(f"polylm: compiling the CPU kernels for this machine (once; about a minute, cached in {directory})",
+                  file=sys.stderr, flush=True)
         try:
             directory.mkdir(parents=True, exist_ok=True)
             from torch.utils import cpp_extension
