@@ -113,3 +113,19 @@ def test_an_installed_backend_that_cannot_run_gets_no_install_hint(make_ckpt, mo
     with pytest.raises(BackendError, match="no CUDA GPU") as caught:
         polylm.load(make_ckpt("helium"), backend="triton")
     assert "install" not in str(caught.value)
+
+
+def test_bench_refuses_a_prompt_longer_than_the_context(make_ckpt):
+    result = run_cli("bench", "--model", str(make_ckpt("gemma")), "--backend", "torch", "--prompt-tokens", "3000")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "3000 prompt tokens + 64 new exceed the model's context of 256 tokens" in result.stderr
+
+
+def test_bench_of_a_task_head_reports_no_decode(make_ckpt):
+    import json
+
+    result = run_cli("bench", "--model", str(make_ckpt("gemma", "sequence-classification")), "--backend", "torch",
+                     "--prompt-tokens", "16", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["decode_tok_s"] is None and report["new_tokens"] == 0 and report["prefill_tok_s"] > 0

@@ -223,7 +223,8 @@ def _bench(args: argparse.Namespace) -> None:
     print(f"load            {result.load_s:8.2f} s")
     print(f"first token     {result.ttft_s * 1000:8.1f} ms")
     print(f"prefill         {result.prefill_tok_s:8.1f} tok/s")
-    print(f"decode          {result.decode_tok_s:8.1f} tok/s")
+    if result.decode_tok_s is not None:  # a task head makes no tokens
+        print(f"decode          {result.decode_tok_s:8.1f} tok/s")
     print(f"peak RSS        {result.peak_rss_mb:8.0f} MB")
     if result.model_rss_mb is not None:
         print(f"model RSS       {result.model_rss_mb:8.0f} MB  (peak above the RSS before the load)")

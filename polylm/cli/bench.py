@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from ..errors import InputError
 from ..generate.sampling import Sampling
 from ..generate.scheduler import decode_batch
 from ..loading import load
@@ -20,13 +21,14 @@ from ..loading.registry import registry
 class BenchResult:
     """`import_s`: importing the backend's framework (torch, MLX…), which any runtime on it pays; `load_s`:
     `polylm.load` after it; `model_rss_mb`: the peak resident memory above what it was right before the load
-    (None where the current resident memory cannot be read)."""
+    (None where the current resident memory cannot be read). A task head (classification, QA) makes no tokens:
+    its "first token" is one forward pass over the prompt, and `decode_tok_s` is None."""
 
     import_s: float
     load_s: float
     ttft_s: float
     prefill_tok_s: float
-    decode_tok_s: float
+    decode_tok_s: float | None
     peak_rss_mb: float
     model_rss_mb: float | None
     prompt_tokens: int
@@ -67,7 +69,22 @@ def bench(path: str, *, backend: str = "auto", dtype: str | None = None, quantiz
     start = time.perf_counter()
     model = load(path, backend=backend, dtype=dtype, quantize=quantize)
     load_s = time.perf_counter() - start
+    generates = model.task == "causal-lm"
+    wanted = prompt_tokens + (new_tokens if generates else 0)
+    if wanted > model.ir.context_length:
+        raise InputError(f"{prompt_tokens} prompt tokens{f' + {new_tokens} new' if generates else ''} exceed the "
+                         f"model's context of {model.ir.context_length} tokens; lower --prompt-tokens"
+                         f"{' / --new-tokens' if generates else ''}")
     prompt = np.random.default_rng(0).integers(3, model.ir.embedding.vocab_size, prompt_tokens).tolist()
+    if not generates:
+        model.forward([prompt[:8]])  # warm-up
+        start = time.perf_counter()
+        model.forward([prompt])
+        ttft = time.perf_counter() - start
+        peak = peak_rss_mb()
+        return BenchResult(import_s, load_s, ttft, prompt_tokens / ttft, None, peak,
+                           None if before is None else max(0.0, peak - before), prompt_tokens, 0, model.backend,
+                           model.dtype)
     sampling = Sampling(max_new_tokens=new_tokens)
     if warmup:
         for _ in decode_batch(model.runtime, [prompt[:8]], Sampling(max_new_tokens=4), (), 16):
