@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping
 
-from .checkpoint.weights import ModuleName, Stored
+from .checkpoint.weights import ModuleName, Stored  # noqa: F401 - Stored: families import it from here
 from .config import ConfigView, read_activation, read_head, read_heads, read_rope
 from .ir import MLP, Attention, Block, Embedding, ModelIR, Norm
 

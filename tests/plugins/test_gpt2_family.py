@@ -232,17 +232,16 @@ def test_tensor_parallel_slices_of_gpt2_views(ckpt_root):
     ir = model_ir(directory)
     weights = resolve(Checkpoint(directory), ir.tensor_shapes(), FAMILY.module_names, "score",
                       FAMILY.base_prefixes, FAMILY.ignored_tensors, {})
-    whole = TensorReader(weights, torch.float32)
+    names = ("layers.1.attn.k.weight", "layers.1.attn.v.bias", "layers.0.attn.o.weight", "layers.0.mlp.up.weight",
+             "layers.0.mlp.down.weight", "embed.positions.weight")
+    with TensorReader(weights, torch.float32) as whole:
+        tensors = {name: whole.tensor(name) for name in names}
     for rank in range(2):
         plan = plan_shards(ir, Shard(rank, 2))
+        assert plan.part("layers.1.attn.k.weight") is not None and plan.part("embed.positions.weight") is None
         with TensorReader(weights, torch.float32, plan=plan) as part:
-            for name in ("layers.1.attn.k.weight", "layers.1.attn.v.bias", "layers.0.attn.o.weight",
-                         "layers.0.mlp.up.weight", "layers.0.mlp.down.weight", "embed.positions.weight"):
-                expected = whole.tensor(name)
-                piece = plan.part(name)
+            for name in names:
+                expected, piece = tensors[name], plan.part(name)
                 if piece is not None:
                     expected = expected.narrow(piece.dim, piece.start, piece.stop - piece.start)
-                assert plan.reads(name)
                 torch.testing.assert_close(part.tensor(name), expected, rtol=0, atol=0)
-        assert plan.part("layers.1.attn.k.weight") is not None and plan.part("embed.positions.weight") is None
-    whole.__exit__()
