@@ -21,9 +21,11 @@ from polylm.ir import Embedding, LearnedPositions, Norm
 from polylm.loading import model_ir
 from polylm.loading.registry import PluginInfo, registry
 from polylm.parallel.plan import Shard, TensorSlice, plan_shards
+from polylm.parallel.ranks import free_port
 from polylm_gpt2 import FAMILY
 from polylm_torch_common.params import TensorReader
 from test_parity import BACKENDS, TASKS, TOLERANCE
+from test_tensor_parallel import WORKER, assert_matches_one_process, run_two_ranks
 
 DIMS = dict(n_embd=64, n_layer=2, n_head=4, vocab_size=320)
 #: The causal-LM config (quirks away from their defaults; 24 positions hold the parity's longest prompt and the
@@ -245,3 +247,23 @@ def test_tensor_parallel_slices_of_gpt2_views(ckpt_root):
                 if piece is not None:
                     expected = expected.narrow(piece.dim, piece.start, piece.stop - piece.start)
                 torch.testing.assert_close(part.tensor(name), expected, rtol=0, atol=0)
+
+
+#: The ranks register the family as `gpt2_registered` does (until its entry point is installed).
+GPT2_WORKER = ("from polylm.loading.registry import PluginInfo, registry\nfrom polylm_gpt2 import FAMILY\n"
+               "registry().claimants.setdefault('gpt2', [(FAMILY, PluginInfo('gpt2', 'polylm', '0'))])\n" + WORKER)
+
+
+def test_two_ranks_match_one_process(ckpt_root, tmp_path):
+    """A vocab-parallel tied head, split stacked c_attn views and the replicated position table over two ranks."""
+    from polylm_torch_common.parallel import param_bytes
+
+    directory = checkpoint(ckpt_root, variant="other")
+    port = str(free_port())
+    rank0, rank1 = run_two_ranks(GPT2_WORKER, {"gpt2": str(directory)}, tmp_path, lambda r: dict(
+        RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+    single = polylm.load(directory, backend="torch")
+    assert single.task == "causal-lm" and single.ir.head.tied_to_embedding
+    assert_matches_one_process(rank0["gpt2"], single)
+    whole = param_bytes(single.runtime.params)
+    assert all(r["gpt2"]["held_bytes"] < 0.7 * whole for r in (rank0, rank1))
