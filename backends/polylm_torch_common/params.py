@@ -79,7 +79,8 @@ class TensorReader:
             return self.tensor(names[0])
         refs = [self.weights[name] for name in names]
         direct = self.plan is None and torch.device(self.device).type == "cpu" and all(
-            ref.plain and TORCH_DTYPES[ref.dtype] == self.dtype and ref.shape[1:] == refs[0].shape[1:] for ref in refs)
+            ref.plain and TORCH_DTYPES[ref.dtype] == self.dtype and ref.shape[1:] == refs[0].shape[1:]
+            for ref in refs)
         if not direct:
             return torch.cat([self.tensor(name) for name in names])
         out = torch.empty(sum(ref.shape[0] for ref in refs), *refs[0].shape[1:], dtype=self.dtype)

@@ -56,7 +56,7 @@ class TensorFiles:
         (`STORAGE[ref.dtype]`). Rows of dimension 0 are one read; a slice of a later dimension reads runs of
         whole rows and keeps the slice. `out`, when given, is filled instead: a C-contiguous array of exactly
         the slice's bytes, of any type (a framework's tensor seen through numpy). A view (`TensorRef.plain`
-        false) reads the stored rows it covers, then cuts, transposes and copies."""
+        false) reads the stored rows or columns it covers, then cuts, transposes and copies."""
         if not ref.plain:
             return self._read_view(ref, part, out)
         shape = slice_shape(ref, part)
@@ -89,8 +89,12 @@ class TensorFiles:
             ranges[0] = (ranges[0][0] + ref.rows[0], ranges[0][1] + ref.rows[0])
         if ref.transposed:
             ranges.reverse()
-        first, *rest = ranges
-        data = self.read(ref.stored(), TensorSlice(0, *first))[(slice(None), *(slice(a, b) for a, b in rest))]
+        stored = ref.stored()
+        # read along one cut dimension (a run of rows, or of columns), then cut the others
+        cut = [d for d, (start, stop) in enumerate(ranges) if (start, stop) != (0, stored.shape[d])]
+        dim = cut[0] if cut else 0
+        data = self.read(stored, TensorSlice(dim, *ranges[dim]))
+        data = data[tuple(slice(None) if d == dim else slice(*r) for d, r in enumerate(ranges))]
         data = np.ascontiguousarray(data.T if ref.transposed else data)
         if out is None:
             return data

@@ -261,8 +261,8 @@ def resolve(checkpoint: Checkpoint, shapes: Mapping[str, tuple[int, ...]], modul
             ref = _view(ref, stored, name, layer, param, shapes)
         if ref.shape != tuple(shape):
             seen = "" if ref.plain else " seen as"
-            raise WeightsError(f"{ref.file}: tensor {key!r}{seen} has shape {list(ref.shape)}, expected {list(shape)}"
-                               f" (for {name})")
+            raise WeightsError(f"{ref.file}: tensor {key!r}{seen} has shape {list(ref.shape)}, expected "
+                               f"{list(shape)} (for {name})")
         if ref.dtype not in ("float32", "bfloat16", "float16"):
             raise WeightsError(f"{ref.file}: tensor {key!r} has dtype {ref.dtype}; expected F32, BF16 or F16")
         refs[name] = ref
