@@ -110,7 +110,7 @@ class LayerParams(Generic[A]):
 @dataclass
 class ModelParams(Generic[A]):
     """A whole model's arrays: the embedding table (or the tied head's layer that serves it), the blocks, the
-    final norm and the head's matrix and bias."""
+    final norm, the head's matrix and bias, and the learned position embeddings (`ir.LearnedPositions`)."""
 
     embed: Any
     embed_norm: NormParams[A] | None
@@ -118,6 +118,7 @@ class ModelParams(Generic[A]):
     final_norm: NormParams[A]
     head: Any
     head_bias: A | None
+    positions: A | None = None
 
 
 class Runtime(ABC):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping
 
+from .checkpoint.weights import ModuleName, Stored  # noqa: F401 - Stored: families import it from here
 from .config import ConfigView, read_activation, read_head, read_heads, read_rope
 from .ir import MLP, Attention, Block, Embedding, ModelIR, Norm
 
@@ -60,7 +61,8 @@ class Family:
       `polylm.errors.Declined` for a variant another family claiming the model type may handle.
     - `module_names` maps canonical module names (`embed`, `layers.{i}.attn.q`, …; see
       `ModelIR.tensor_shapes`) to the checkpoint's, without the base-model prefix; `.weight` / `.bias` are
-      appended to both sides.
+      appended to both sides. A value may be a `Stored` record instead of a name: candidate names, rows of a
+      tensor stacking several canonical ones, transposed storage.
     - `head_names` maps each task to its head module in the checkpoint (top level, no prefix).
     - `base_prefixes`: the prefixes the body tensors may carry (`model.`, `transformer.`); none is also tried.
     - `ignored_tensors`: regular expressions of checkpoint tensors nobody reads (e.g. stale rotary buffers).
@@ -69,7 +71,7 @@ class Family:
     name: str
     model_types: tuple[str, ...]
     to_ir: Callable[[ConfigView, str], ModelIR | Mapped]
-    module_names: Mapping[str, str]
+    module_names: Mapping[str, ModuleName]
     head_names: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_HEAD_NAMES))
     base_prefixes: tuple[str, ...] = ("model.",)
     ignored_tensors: tuple[str, ...] = (r"(^|\.)rotary_emb\.inv_freq$",)

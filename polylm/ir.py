@@ -135,7 +135,19 @@ class ALiBi:
     max_bias: float = 8.0
 
 
-Position = Union[RoPE, ALiBi]
+#: How attention sees positions; None: it does not (the embedding's `LearnedPositions` carry them, GPT-2).
+Position = Union[RoPE, ALiBi, None]
+
+
+@dataclass(frozen=True)
+class LearnedPositions:
+    """Absolute position embeddings (GPT-2): row p of `embed.positions.weight` [max_positions, hidden] is added
+    to the (scaled) token embedding of a token at position p."""
+
+    max_positions: int
+
+    def __post_init__(self) -> None:
+        _positive_int(self.max_positions, "max_position_embeddings")
 
 
 QKNormScope = Literal["head", "head_each", "projection"]
@@ -165,6 +177,7 @@ class Attention:
 
     `qkv_layout` says how the checkpoint stores the projections: separately (q, k, v) or as one tensor
     interleaved per head ([heads, 3, head_dim] rows, BLOOM). `scale` defaults to head_dim ** -0.5.
+    `position` None: attention sees no positions (the embedding adds learned ones, `LearnedPositions`).
     """
 
     num_heads: int
@@ -262,17 +275,21 @@ class Block:
 
 @dataclass(frozen=True)
 class Embedding:
-    """Token embedding, multiplied by `scale` in the compute dtype, then optionally normed."""
+    """Token embedding, multiplied by `scale` in the compute dtype, then optionally normed; or, with learned
+    `positions`, plus the position embedding of each token's position (no norm then)."""
 
     vocab_size: int
     hidden_size: int
     scale: float = 1.0
     norm: Norm | None = None
+    positions: LearnedPositions | None = None
 
     def __post_init__(self) -> None:
         _positive_int(self.vocab_size, "vocab_size")
         _positive_int(self.hidden_size, "hidden_size")
         _positive_float(self.scale, "embedding scale")
+        _require(self.positions is None or self.norm is None,
+                 "an embedding with learned positions takes no embedding norm")
 
 
 @dataclass(frozen=True)
@@ -355,6 +372,10 @@ class ModelIR:
     def __post_init__(self) -> None:
         _positive_int(self.num_layers, "num_hidden_layers")
         _positive_int(self.max_positions, "max_position_embeddings")
+        learned = self.embedding.positions
+        _require(learned is None or self.context_length <= learned.max_positions,
+                 f"a context of {self.context_length} positions needs as many learned position embeddings, "
+                 f"got {learned.max_positions if learned else 0}")
         _require(not self.head.tied_to_embedding or self.head.out_features == self.embedding.vocab_size,
                  "a head tied to the embedding must have vocab_size outputs")
 
@@ -380,6 +401,8 @@ class ModelIR:
         shapes: dict[str, tuple[int, ...]] = {"embed.weight": (self.embedding.vocab_size, hidden)}
         if self.embedding.norm is not None:
             shapes.update(_norm_shapes("embed.norm", self.embedding.norm, hidden))
+        if self.embedding.positions is not None:
+            shapes["embed.positions.weight"] = (self.embedding.positions.max_positions, hidden)
         q_rows, kv_rows = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
         for i in range(self.num_layers):
             p = f"layers.{i}"

@@ -41,7 +41,7 @@ def read_tensors(weights: Weights, dtype: mx.Dtype) -> dict[str, mx.array]:
         except Exception as exc:  # noqa: BLE001 - mlx raises plain RuntimeError/ValueError
             raise WeightsError(f"{path}: cannot read tensor data ({exc})") from None
         for name, key in names.items():
-            tensors[name] = stored[key].astype(dtype)
+            tensors[name] = weights[name].view_of(stored[key]).astype(dtype)
     return tensors
 
 
@@ -53,13 +53,14 @@ def build_params(ir: ModelIR, tensors: dict[str, mx.array]) -> ModelParams:
     """
     embed = tensors.pop("embed.weight")
     embed_norm = _norm(ir.embedding.norm, tensors, "embed.norm")
+    positions = tensors.pop("embed.positions.weight", None)
     layers = []
     for index in range(ir.num_layers):
         layers.append(_layer(ir.block, tensors, f"layers.{index}", ir.quantization))
         mx.eval(list(_arrays(layers[-1])))
     final_norm = _norm(ir.final_norm, tensors, "final_norm")
     head = embed.T if ir.head.tied_to_embedding else _matrix(tensors.pop("head.weight"), ir.quantization, "head")
-    params = ModelParams(embed, embed_norm, layers, final_norm, head, tensors.pop("head.bias", None))
+    params = ModelParams(embed, embed_norm, layers, final_norm, head, tensors.pop("head.bias", None), positions)
     mx.eval(list(_arrays(params)))
     return params
 

@@ -74,14 +74,15 @@ class MLXRuntime(Runtime):
             rotary = (mx.array(query_positions.astype(np.int32)), mx.array(inv_freq))
         gather = mx.array(step.gather.astype(np.int32)) if step.gather is not None else None
         graph = self._compiled_graph if decode else self._graph
-        out, cache.keys, cache.values = graph(mx.array(step.input_ids.astype(np.int32)), rotary,
+        positions = mx.array(step.positions[:, past:].astype(np.int32))
+        out, cache.keys, cache.values = graph(mx.array(step.input_ids.astype(np.int32)), positions, rotary,
                                               bias.astype(self.mx_dtype), mx.array([past], dtype=mx.int32),
                                               gather, cache.keys, cache.values)
         cache.length = end
         mx.eval(out, cache.keys, cache.values)
         return np.array(out)
 
-    def _graph(self, ids: mx.array, rotary: Rotary | None, bias: mx.array, offset: mx.array,
+    def _graph(self, ids: mx.array, positions: mx.array, rotary: Rotary | None, bias: mx.array, offset: mx.array,
                gather: mx.array | None, keys: list[mx.array], values: list[mx.array]
                ) -> tuple[mx.array, list[mx.array], list[mx.array]]:
         """Head outputs (float32) and the updated caches; pure in its array arguments, so it compiles."""
@@ -89,6 +90,8 @@ class MLXRuntime(Runtime):
         x = ops.embed_rows(ids, params.embed, self.plan, self.group)
         if self.ir.embedding.scale != 1.0:
             x = x * self.embed_scale
+        if params.positions is not None:  # learned positions (`polylm.ir.LearnedPositions`), replicated
+            x = x + params.positions[positions]
         if params.embed_norm is not None:
             x = ops.norm(x, params.embed_norm)
         cos_sin = ops.rotary(*rotary, self.rope_factor, self.mx_dtype) if rotary is not None else None

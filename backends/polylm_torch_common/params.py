@@ -79,7 +79,8 @@ class TensorReader:
             return self.tensor(names[0])
         refs = [self.weights[name] for name in names]
         direct = self.plan is None and torch.device(self.device).type == "cpu" and all(
-            TORCH_DTYPES[ref.dtype] == self.dtype and ref.shape[1:] == refs[0].shape[1:] for ref in refs)
+            ref.plain and TORCH_DTYPES[ref.dtype] == self.dtype and ref.shape[1:] == refs[0].shape[1:]
+            for ref in refs)
         if not direct:
             return torch.cat([self.tensor(name) for name in names])
         out = torch.empty(sum(ref.shape[0] for ref in refs), *refs[0].shape[1:], dtype=self.dtype)
@@ -113,13 +114,14 @@ def build_params(ir: ModelIR, read: TensorReader, prepare: Prepare | None = None
         head, head_bias = matrix(read.tensor("head.weight"), read.optional("head.bias"))
         embed = read.tensor("embed.weight")
     embed_norm = _norm(ir.embedding.norm, read, "embed.norm")
+    positions = read.optional("embed.positions.weight")
     layers = []
     for i in progress(range(ir.num_layers), total=ir.num_layers, desc="loading layers", unit="layer"):
         _release_freed_memory()
         layers.append(_layer(ir.block, read, f"layers.{i}", matrix))
     _release_freed_memory()
     final_norm = _norm(ir.final_norm, read, "final_norm")
-    return ModelParams(embed, embed_norm, layers, final_norm, head, head_bias)
+    return ModelParams(embed, embed_norm, layers, final_norm, head, head_bias, positions)
 
 
 def _release_freed_memory() -> None:

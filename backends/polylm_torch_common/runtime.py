@@ -60,7 +60,7 @@ class TorchRuntime(Runtime):
         core's attention bias when the ops read it)."""
         new = step.input_ids.shape[1]
         inv_freq, rope_factor = None, 1.0
-        if self.alibi is None:
+        if self.ir.attention.rotary_dim:
             inv_freq, rope_factor = self.rope_frequencies(step.positions[:, past:])
         bias = None
         if self.ops.reads_bias:
@@ -98,6 +98,8 @@ class TorchRuntime(Runtime):
         else:
             x = self.ops.embed_rows(step.input_ids, self.params.embed, self.plan, self.embed_scale,
                                     self.params.embed_norm)
+        if self.params.positions is not None:  # learned positions (`polylm.ir.LearnedPositions`), replicated
+            x = x + self.params.positions[step.new_positions]
         delta = None
         for index, layer in enumerate(self.params.layers):
             x, delta = self._block(x, delta, layer, cache, index, step, rotary)

@@ -46,7 +46,7 @@ class DecodeGraph:
         self.mask = torch.zeros((batch, capacity), dtype=torch.bool, device=device)
         self.host_positions = np.full((batch, capacity), -1, dtype=np.int64)  # what the device buffers hold
         self.host_mask = np.zeros((batch, capacity), dtype=bool)
-        rotary = runtime.alibi is None
+        rotary = runtime.ir.attention.rotary_dim > 0
         self.inv_freq = torch.zeros((batch, runtime.ir.attention.rotary_dim // 2), dtype=torch.float32,
                                     device=device) if rotary else None
         self.host_inv_freq: np.ndarray | None = None

@@ -55,7 +55,10 @@ class TensorFiles:
         """`part` of `ref`'s tensor (the whole tensor when None) as a C-contiguous array of its stored bits
         (`STORAGE[ref.dtype]`). Rows of dimension 0 are one read; a slice of a later dimension reads runs of
         whole rows and keeps the slice. `out`, when given, is filled instead: a C-contiguous array of exactly
-        the slice's bytes, of any type (a framework's tensor seen through numpy)."""
+        the slice's bytes, of any type (a framework's tensor seen through numpy). A view (`TensorRef.plain`
+        false) reads the stored rows or columns it covers, then cuts, transposes and copies."""
+        if not ref.plain:
+            return self._read_view(ref, part, out)
         shape = slice_shape(ref, part)
         storage = STORAGE[ref.dtype]
         nbytes = math.prod(shape) * storage.itemsize
@@ -75,6 +78,31 @@ class TensorFiles:
         except OSError as exc:
             raise WeightsError(f"{ref.file}: cannot read tensor data ({exc.strerror or exc})") from None
         return out.view(storage).reshape(shape) if out.dtype == np.uint8 else out
+
+    def _read_view(self, ref: TensorRef, part: TensorSlice | None, out: np.ndarray | None) -> np.ndarray:
+        """`part` of a transposed or row-range view: its index ranges mapped onto the stored tensor."""
+        shape = slice_shape(ref, part)
+        ranges = [(0, size) for size in ref.shape]
+        if part is not None:
+            ranges[part.dim] = (part.start, part.stop)
+        if ref.rows is not None:
+            ranges[0] = (ranges[0][0] + ref.rows[0], ranges[0][1] + ref.rows[0])
+        if ref.transposed:
+            ranges.reverse()
+        stored = ref.stored()
+        # read along one cut dimension (a run of rows, or of columns), then cut the others
+        cut = [d for d, (start, stop) in enumerate(ranges) if (start, stop) != (0, stored.shape[d])]
+        dim = cut[0] if cut else 0
+        data = self.read(stored, TensorSlice(dim, *ranges[dim]))
+        data = data[tuple(slice(None) if d == dim else slice(*r) for d, r in enumerate(ranges))]
+        data = np.ascontiguousarray(data.T if ref.transposed else data)
+        if out is None:
+            return data
+        if not (out.flags.c_contiguous and out.nbytes == data.nbytes):
+            raise ValueError(f"out holds {out.nbytes} bytes, contiguous={out.flags.c_contiguous}; "
+                             f"tensor {ref.key!r} needs {data.nbytes}")
+        out.reshape(-1).view(np.uint8)[:] = data.reshape(-1).view(np.uint8)
+        return out.view(data.dtype).reshape(shape) if out.dtype == np.uint8 else out
 
     def _read_columns(self, fh: BinaryIO, ref: TensorRef, part: TensorSlice, data: np.ndarray) -> None:
         """A slice of dimension `part.dim` ≥ 1: the tensor seen as [outer, size, inner] bytes, read in runs of

@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Union
 
 import numpy as np
 
@@ -31,14 +31,65 @@ SINGLE_FILE = "model.safetensors"
 
 @dataclass(frozen=True)
 class TensorRef:
-    """Where one checkpoint tensor lives and what it is."""
+    """Where one checkpoint tensor lives and what it is; for a canonical tensor stored otherwise (`Stored`), the
+    view of it: the stored tensor transposed, then rows [a, b) of that.
+
+    `shape` is the view's; `offset`, `nbytes` and `stored_shape` are the whole stored tensor's.
+    """
 
     file: Path
     key: str
     dtype: str
     shape: tuple[int, ...]
-    offset: int = 0  # where the tensor's bytes start in the file
+    offset: int = 0  # where the stored tensor's bytes start in the file
     nbytes: int = 0
+    transposed: bool = False
+    rows: tuple[int, int] | None = None
+    stored_shape: tuple[int, ...] | None = None  # None: `shape`
+
+    @property
+    def plain(self) -> bool:
+        """Whether the tensor is the stored one as it is (no transposition, no row range)."""
+        return not self.transposed and self.rows is None
+
+    def stored(self) -> TensorRef:
+        """The whole stored tensor, plain."""
+        return self if self.plain else TensorRef(self.file, self.key, self.dtype, self.stored_shape, self.offset,
+                                                 self.nbytes)
+
+    def view_of(self, stored: Any) -> Any:
+        """This view of the whole `stored` tensor, an array of any framework with `.T` and slicing."""
+        view = stored.T if self.transposed else stored
+        return view if self.rows is None else view[self.rows[0]:self.rows[1]]
+
+
+@dataclass(frozen=True, init=False)
+class Stored:
+    """How a family stores a canonical module when it is not one plain tensor of its own name (a value of
+    `Family.module_names`; `.weight` / `.bias` are appended as for a name).
+
+    - `names`: candidate checkpoint module names, the first present wins (`Stored("a", "b")`).
+    - `stacked`: canonical modules whose rows the stored tensor holds one after the other (GPT-2's `c_attn`:
+      q, k, v; Phi-3's `gate_up_proj`: gate, up); the one mapped to this value is its share of the rows, whose
+      sizes come from the IR's shapes. Map each of them to the same `Stored`.
+    - `transposed`: matrices are stored [in, out] (GPT-2's Conv1D); the rows are then the stored columns.
+    Names may hold `{i}` (the layer) as plain names do.
+    """
+
+    names: tuple[str, ...]
+    stacked: tuple[str, ...]
+    transposed: bool
+
+    def __init__(self, *names: str, stacked: tuple[str, ...] = (), transposed: bool = False) -> None:
+        if not names:
+            raise ValueError("Stored needs at least one checkpoint module name")
+        object.__setattr__(self, "names", names)
+        object.__setattr__(self, "stacked", tuple(stacked))
+        object.__setattr__(self, "transposed", transposed)
+
+
+#: A value of `Family.module_names`: the checkpoint module's name, or how it is stored.
+ModuleName = Union[str, Stored]
 
 
 def read_header(path: Path) -> dict[str, TensorRef]:
@@ -186,24 +237,32 @@ class Weights(Mapping[str, TensorRef]):
         return progress(grouped.items(), total=len(grouped), desc="loading shards", unit="shard")
 
 
-def resolve(checkpoint: Checkpoint, shapes: Mapping[str, tuple[int, ...]], module_names: Mapping[str, str],
+def resolve(checkpoint: Checkpoint, shapes: Mapping[str, tuple[int, ...]], module_names: Mapping[str, ModuleName],
             head_name: str, base_prefixes: tuple[str, ...], ignored: tuple[str, ...],
             other_heads: Mapping[str, str]) -> Weights:
-    """Match every canonical tensor to its checkpoint tensor, checking presence, shape, dtype and leftovers."""
+    """Match every canonical tensor to its checkpoint tensor (or its view: `Stored`), checking presence, shape,
+    dtype and leftovers (a checkpoint tensor may serve several canonical ones)."""
     prefix = _detect_prefix(checkpoint, module_names, base_prefixes)
     refs: dict[str, TensorRef] = {}
     for name, shape in shapes.items():
-        key = _checkpoint_key(name, module_names, head_name, prefix)
+        stored, layer, param = _stored_as(name, module_names, head_name, prefix)
+        keys = [f"{module}.{param}" for module in stored.names]
+        key = next((k for k in keys if k in checkpoint.tensors), keys[0])
         ref = checkpoint.tensors.get(key)
         if ref is None and name.startswith("head."):
             held = [task for task, module in other_heads.items() if f"{module}.weight" in checkpoint.tensors]
             found = f"; it holds a {held[0]} head — load it with task={held[0]!r}" if held else ""
             raise TaskError(f"{checkpoint.directory}: no {head_name!r} head tensor {key!r} for this task{found}")
         if ref is None:
-            raise WeightsError(f"{checkpoint.directory}: missing tensor {key!r} (for {name}, expected shape "
+            wanted = " or ".join(repr(k) for k in keys)
+            raise WeightsError(f"{checkpoint.directory}: missing tensor {wanted} (for {name}, expected shape "
                                f"{list(shape)})")
+        if stored.transposed or stored.stacked:
+            ref = _view(ref, stored, name, layer, param, shapes)
         if ref.shape != tuple(shape):
-            raise WeightsError(f"{ref.file}: tensor {key!r} has shape {list(ref.shape)}, expected {list(shape)}")
+            seen = "" if ref.plain else " seen as"
+            raise WeightsError(f"{ref.file}: tensor {key!r}{seen} has shape {list(ref.shape)}, expected "
+                               f"{list(shape)} (for {name})")
         if ref.dtype not in ("float32", "bfloat16", "float16"):
             raise WeightsError(f"{ref.file}: tensor {key!r} has dtype {ref.dtype}; expected F32, BF16 or F16")
         refs[name] = ref
@@ -220,6 +279,28 @@ def resolve(checkpoint: Checkpoint, shapes: Mapping[str, tuple[int, ...]], modul
                 hint = f"; it belongs to a {task} head — load with task={task!r}"
         raise WeightsError(f"{checkpoint.tensors[key].file}: unexpected tensor {key!r}{hint}")
     return Weights(refs)
+
+
+def _view(ref: TensorRef, stored: Stored, name: str, layer: str | None, param: str,
+          shapes: Mapping[str, tuple[int, ...]]) -> TensorRef:
+    """`ref` (a whole stored tensor) seen as canonical tensor `name`: transposed, then its share of the rows."""
+    shape = ref.shape[::-1] if stored.transposed else ref.shape
+    rows = None
+    if stored.stacked:
+        module = name[:-len(param) - 1]
+        parts = [part.format(i=layer) for part in stored.stacked]
+        if module not in parts:
+            raise WeightsError(f"module names map {module} to {stored} which does not list it in `stacked`")
+        start = sum(shapes[f"{part}.{param}"][0] for part in parts[:parts.index(module)])
+        size = shapes[name][0]
+        total = sum(shapes[f"{part}.{param}"][0] for part in parts)
+        if not shape or shape[0] != total:
+            raise WeightsError(f"{ref.file}: tensor {ref.key!r}{' transposed' if stored.transposed else ''} has "
+                               f"shape {list(shape)}; expected {total} rows stacking {', '.join(parts)}")
+        rows = (start, start + size)
+        shape = (size, *shape[1:])
+    return replace(ref, shape=tuple(shape), transposed=stored.transposed and len(shape) > 1, rows=rows,
+                   stored_shape=ref.shape)
 
 
 #: The bit pattern of an all-ones exponent (infinity or NaN) in each float dtype, by (numpy view, mask).
@@ -245,20 +326,26 @@ def _check_finite_vectors(refs: Iterable[TensorRef]) -> None:
                                f"({bad.size} of {bits.size} values)")
 
 
-def _checkpoint_key(name: str, module_names: Mapping[str, str], head_name: str, prefix: str) -> str:
+def _stored_as(name: str, module_names: Mapping[str, ModuleName], head_name: str, prefix: str
+               ) -> tuple[Stored, str | None, str]:
+    """How canonical tensor `name` is stored (names with the prefix and layer filled in), its layer and its
+    parameter (`weight`, `bias`)."""
     module, _, param = name.rpartition(".")
     if module == "head":
-        return f"{head_name}.{param}"
+        return Stored(head_name), None, param
     match = re.match(r"layers\.(\d+)\.(.*)$", module)
-    if match:
-        pattern = module_names[f"layers.{{i}}.{match.group(2)}"]
-        return f"{prefix}{pattern.format(i=match.group(1))}.{param}"
-    return f"{prefix}{module_names[module]}.{param}"
+    layer = match.group(1) if match else None
+    entry = module_names[f"layers.{{i}}.{match.group(2)}"] if match else module_names[module]
+    stored = entry if isinstance(entry, Stored) else Stored(entry)
+    names = tuple(f"{prefix}{n.format(i=layer)}" for n in stored.names)
+    return Stored(*names, stacked=stored.stacked, transposed=stored.transposed), layer, param
 
 
-def _detect_prefix(checkpoint: Checkpoint, module_names: Mapping[str, str], base_prefixes: tuple[str, ...]) -> str:
-    embed = module_names["embed"] + ".weight"
+def _detect_prefix(checkpoint: Checkpoint, module_names: Mapping[str, ModuleName],
+                   base_prefixes: tuple[str, ...]) -> str:
+    entry = module_names["embed"]
+    embeds = [f"{n}.weight" for n in (entry.names if isinstance(entry, Stored) else (entry,))]
     for prefix in (*base_prefixes, "transformer.", "model.", ""):
-        if prefix + embed in checkpoint.tensors:
+        if any(prefix + embed in checkpoint.tensors for embed in embeds):
             return prefix
     return base_prefixes[0] if base_prefixes else ""
