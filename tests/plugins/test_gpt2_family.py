@@ -19,7 +19,6 @@ from polylm.checkpoint.weights import Checkpoint, Stored, resolve
 from polylm.errors import ConfigError, IRError, WeightsError
 from polylm.ir import Embedding, LearnedPositions, Norm
 from polylm.loading import model_ir
-from polylm.loading.registry import PluginInfo, registry
 from polylm.parallel.plan import Shard, TensorSlice, plan_shards
 from polylm.parallel.ranks import free_port
 from polylm_gpt2 import FAMILY
@@ -35,18 +34,6 @@ CONFIGS = {
     "untied": dict(tie_word_embeddings=False, scale_attn_weights=False, activation_function="gelu", n_inner=96),
     "other": dict(scale_attn_weights=False, n_positions=64),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def gpt2_registered():
-    """The family on the process-wide registry, as its entry point will put it once installed."""
-    claimants = registry().claimants
-    added = "gpt2" not in claimants
-    if added:
-        claimants["gpt2"] = [(FAMILY, PluginInfo("gpt2", "polylm", polylm.__version__))]
-    yield
-    if added:
-        del claimants["gpt2"]
 
 
 def checkpoint(root, task="causal-lm", variant=None, **overrides):
@@ -249,18 +236,13 @@ def test_tensor_parallel_slices_of_gpt2_views(ckpt_root):
                 torch.testing.assert_close(part.tensor(name), expected, rtol=0, atol=0)
 
 
-#: The ranks register the family as `gpt2_registered` does (until its entry point is installed).
-GPT2_WORKER = ("from polylm.loading.registry import PluginInfo, registry\nfrom polylm_gpt2 import FAMILY\n"
-               "registry().claimants.setdefault('gpt2', [(FAMILY, PluginInfo('gpt2', 'polylm', '0'))])\n" + WORKER)
-
-
 def test_two_ranks_match_one_process(ckpt_root, tmp_path):
     """A vocab-parallel tied head, split stacked c_attn views and the replicated position table over two ranks."""
     from polylm_torch_common.parallel import param_bytes
 
     directory = checkpoint(ckpt_root, variant="other")
     port = str(free_port())
-    rank0, rank1 = run_two_ranks(GPT2_WORKER, {"gpt2": str(directory)}, tmp_path, lambda r: dict(
+    rank0, rank1 = run_two_ranks(WORKER, {"gpt2": str(directory)}, tmp_path, lambda r: dict(
         RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
     single = polylm.load(directory, backend="torch")
     assert single.task == "causal-lm" and single.ir.head.tied_to_embedding
