@@ -19,11 +19,17 @@ def hf_has(family, task):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("family,task", [(f, t) for f in checkpoints.FAMILIES for t in TASKS if hf_has(f, t)])
 def test_matches_transformers(make_ckpt, family, backend, task):
-    """Logits of left- and right-padded batches; for causal LMs also 12 greedy tokens of a batch of 2 prompts."""
-    report = check_parity(make_ckpt(family, task), backends=[backend], tolerance=TOLERANCE)
+    assert_parity(make_ckpt(family, task), task, backend)
+
+
+def assert_parity(directory, task, backend):
+    """Logits of left- and right-padded batches against transformers on `backend` (the task read from the
+    checkpoint's `architectures`); for causal LMs also 12 greedy tokens of a batch of 2 prompts."""
+    report = check_parity(directory, backends=[backend], tolerance=TOLERANCE)
     assert report.task == task and report.unavailable == {}
     assert set(report.max_diff[backend]) == {"left", "right"}
     assert max(report.max_diff[backend].values()) <= TOLERANCE
     if task == "causal-lm":
         assert report.greedy[backend] == report.reference_greedy
         assert sum(len(g) for g in report.reference_greedy) >= 12
+    return report
