@@ -4,6 +4,8 @@
 import pytest
 
 import checkpoints
+from polylm.config import ConfigView
+from polylm.loading import infer_task
 from polylm.testing import TASK_CLASSES, check_parity
 
 BACKENDS = ["torch", "mlx", "triton"]
@@ -19,13 +21,15 @@ def hf_has(family, task):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("family,task", [(f, t) for f in checkpoints.FAMILIES for t in TASKS if hf_has(f, t)])
 def test_matches_transformers(make_ckpt, family, backend, task):
-    assert_parity(make_ckpt(family, task), task, backend)
+    directory = make_ckpt(family, task)
+    assert infer_task(ConfigView.from_dir(directory)) == task  # from the checkpoint's `architectures`
+    assert_parity(directory, task, backend)
 
 
-def assert_parity(directory, task, backend):
-    """Logits of left- and right-padded batches against transformers on `backend` (the task read from the
-    checkpoint's `architectures`); for causal LMs also 12 greedy tokens of a batch of 2 prompts."""
-    report = check_parity(directory, backends=[backend], tolerance=TOLERANCE)
+def assert_parity(directory, task, backend, hf=None):
+    """Logits of left- and right-padded batches against transformers (or the model `hf`) on `backend`; for
+    causal LMs also 12 greedy tokens of a batch of 2 prompts."""
+    report = check_parity(directory, task=task, backends=[backend], tolerance=TOLERANCE, hf=hf)
     assert report.task == task and report.unavailable == {}
     assert set(report.max_diff[backend]) == {"left", "right"}
     assert max(report.max_diff[backend].values()) <= TOLERANCE

@@ -15,7 +15,7 @@ from polylm.loading import model_ir
 from polylm.loading.registry import registry
 from polylm.parallel.ranks import free_port
 from test_heads import qa_reference, with_qa_head
-from test_parity import BACKENDS, TOLERANCE
+from test_parity import BACKENDS, assert_parity
 from test_tensor_parallel import WORKER, assert_matches_one_process, run_two_ranks
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -77,12 +77,7 @@ def test_tasks_are_transformers_classes_and_question_answering(family):
 def test_matches_transformers(ckpt_root, family, task, backend):
     directory, hf = checkpoint(ckpt_root, family, task)
     assert model_ir(directory).family == family
-    report = testing.check_parity(directory, task=task, backends=[backend], tolerance=TOLERANCE, hf=hf)
-    assert report.unavailable == {} and set(report.max_diff[backend]) == {"left", "right"}
-    assert max(report.max_diff[backend].values()) <= TOLERANCE
-    if task == "causal-lm":
-        assert report.greedy[backend] == report.reference_greedy
-        assert sum(len(g) for g in report.reference_greedy) >= 12
+    assert_parity(directory, task, backend, hf=hf)
 
 
 def test_quirks_reach_the_ir(ckpt_root):

@@ -15,7 +15,7 @@ from polylm.errors import ConfigError
 from polylm.loading import model_ir
 from polylm.parallel.ranks import free_port
 from test_heads import qa_reference, with_qa_head
-from test_parity import BACKENDS, TASKS, TOLERANCE
+from test_parity import BACKENDS, TASKS, assert_parity
 from test_tensor_parallel import WORKER, assert_matches_one_process, run_two_ranks
 
 DIMS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -52,23 +52,11 @@ def qa_checkpoint(root, family):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("family,task", [(f, t) for f in CONFIGS for t in TASKS])
 def test_matches_transformers(ckpt_root, family, task, backend):
-    """Logits of left- and right-padded batches; for causal LMs also 12 greedy tokens of a batch of 2 prompts."""
     if task == "question-answering" and family in NO_HF_QA:
         directory = qa_checkpoint(ckpt_root, family)
-        report = check(directory, task, backend, hf=qa_reference(directory))
+        assert_parity(directory, task, backend, hf=qa_reference(directory))
     else:
-        report = check(checkpoint(ckpt_root, family, task), task, backend)
-    if task == "causal-lm":
-        assert report.greedy[backend] == report.reference_greedy
-        assert sum(len(g) for g in report.reference_greedy) >= 12
-
-
-def check(directory, task, backend, hf=None):
-    report = testing.check_parity(directory, task=task, backends=[backend], tolerance=TOLERANCE, hf=hf)
-    assert report.task == task and report.unavailable == {}
-    assert set(report.max_diff[backend]) == {"left", "right"}
-    assert max(report.max_diff[backend].values()) <= TOLERANCE
-    return report
+        assert_parity(checkpoint(ckpt_root, family, task), task, backend)
 
 
 def test_quirks_reach_the_ir(ckpt_root):
