@@ -67,22 +67,21 @@ class MLXRuntime(Runtime):
         window = min(cache.capacity, -(-end // DECODE_WINDOW) * DECODE_WINDOW) if decode else end
         bias = mx.array(attention_bias(self.ir.attention, step.positions, step.mask, past, self.dtype, window,
                                        self.plan.heads if self.plan is not None else None))
-        rotary = None
+        query_positions = step.positions[:, past:]
+        inv_freq = None
         if self.rope_factor is not None:
-            query_positions = step.positions[:, past:]
-            inv_freq, _ = rope_frequencies_per_row(self.ir.attention, query_positions)
-            rotary = (mx.array(query_positions.astype(np.int32)), mx.array(inv_freq))
+            inv_freq = mx.array(rope_frequencies_per_row(self.ir.attention, query_positions)[0])
         gather = mx.array(step.gather.astype(np.int32)) if step.gather is not None else None
         graph = self._compiled_graph if decode else self._graph
-        positions = mx.array(step.positions[:, past:].astype(np.int32))
-        out, cache.keys, cache.values = graph(mx.array(step.input_ids.astype(np.int32)), positions, rotary,
+        positions = mx.array(query_positions.astype(np.int32))
+        out, cache.keys, cache.values = graph(mx.array(step.input_ids.astype(np.int32)), positions, inv_freq,
                                               bias.astype(self.mx_dtype), mx.array([past], dtype=mx.int32),
                                               gather, cache.keys, cache.values)
         cache.length = end
         mx.eval(out, cache.keys, cache.values)
         return np.array(out)
 
-    def _graph(self, ids: mx.array, positions: mx.array, rotary: Rotary | None, bias: mx.array, offset: mx.array,
+    def _graph(self, ids: mx.array, positions: mx.array, inv_freq: mx.array | None, bias: mx.array, offset: mx.array,
                gather: mx.array | None, keys: list[mx.array], values: list[mx.array]
                ) -> tuple[mx.array, list[mx.array], list[mx.array]]:
         """Head outputs (float32) and the updated caches; pure in its array arguments, so it compiles."""
@@ -94,7 +93,7 @@ class MLXRuntime(Runtime):
             x = x + params.positions[positions]
         if params.embed_norm is not None:
             x = ops.norm(x, params.embed_norm)
-        cos_sin = ops.rotary(*rotary, self.rope_factor, self.mx_dtype) if rotary is not None else None
+        cos_sin = ops.rotary(positions, inv_freq, self.rope_factor, self.mx_dtype) if inv_freq is not None else None
         new_keys, new_values = [], []
         last = len(params.layers) - 1
         for index, (layer, layer_keys, layer_values) in enumerate(zip(params.layers, keys, values)):
