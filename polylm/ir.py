@@ -8,7 +8,7 @@ something that runs. No tensors and no framework imports live here. Building any
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Union
 
 from .errors import IRError
@@ -178,6 +178,10 @@ class Attention:
     `qkv_layout` says how the checkpoint stores the projections: separately (q, k, v) or as one tensor
     interleaved per head ([heads, 3, head_dim] rows, BLOOM). `scale` defaults to head_dim ** -0.5.
     `position` None: attention sees no positions (the embedding adds learned ones, `LearnedPositions`).
+    `window`: sliding-window attention, a query sees only the keys fewer than `window` positions before it (itself
+    included: transformers' `sliding_window`); None sees every earlier key. `softcap` caps the scaled attention
+    logits to ±softcap as `softcap·tanh(logit / softcap)` before the mask is applied (Gemma 2's
+    attn_logit_softcapping).
     """
 
     num_heads: int
@@ -189,9 +193,15 @@ class Attention:
     qkv_layout: QKVLayout = "separate"
     scale: float | None = None
     qk_norm: QKNorm | None = None
+    window: int | None = None
+    softcap: float | None = None
 
     def __post_init__(self) -> None:
         _positive_int(self.num_heads, "num_attention_heads")
+        if self.window is not None:
+            _positive_int(self.window, "sliding_window")
+        if self.softcap is not None:
+            _positive_float(self.softcap, "attention logit softcap")
         _positive_int(self.num_kv_heads, "num_key_value_heads")
         _positive_int(self.head_dim, "head_dim")
         _require(self.num_heads % self.num_kv_heads == 0,
@@ -357,8 +367,14 @@ QUANTIZATIONS: dict[str, Quantization] = {"int8": Quantization(8), "int4": Quant
 
 @dataclass(frozen=True)
 class ModelIR:
-    """A whole decoder: embedding, `num_layers` identical blocks, final norm, task head, and how its weights
-    are quantized at load (None: kept as they are)."""
+    """A whole decoder: embedding, `num_layers` blocks, final norm, task head, and how its weights are quantized
+    at load (None: kept as they are).
+
+    Every layer is `block` unless layers differ (Gemma 2/3's local and global attention, Qwen2's
+    max_window_layers, transformers' `layer_types`): then `variants` holds the other kinds of block and
+    `layer_kinds` says, per layer, which one it is (0: `block`, k: `variants[k - 1]`); `with_layers` builds
+    both from a block per layer. The kinds share the attention's head counts and sizes and the MLP's sizes.
+    """
 
     family: str
     embedding: Embedding
@@ -368,16 +384,61 @@ class ModelIR:
     head: Head
     max_positions: int
     quantization: Quantization | None = None
+    variants: tuple[Block, ...] = ()
+    layer_kinds: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         _positive_int(self.num_layers, "num_hidden_layers")
         _positive_int(self.max_positions, "max_position_embeddings")
+        self._check_layers()
         learned = self.embedding.positions
         _require(learned is None or self.context_length <= learned.max_positions,
                  f"a context of {self.context_length} positions needs as many learned position embeddings, "
                  f"got {learned.max_positions if learned else 0}")
         _require(not self.head.tied_to_embedding or self.head.out_features == self.embedding.vocab_size,
                  "a head tied to the embedding must have vocab_size outputs")
+
+    def _check_layers(self) -> None:
+        if not self.layer_kinds:
+            _require(not self.variants, "block variants need layer_kinds saying which layer is which")
+            return
+        _require(len(self.layer_kinds) == self.num_layers,
+                 f"layer kinds name {len(self.layer_kinds)} layers, the model has {self.num_layers}")
+        _require(all(isinstance(k, int) and 0 <= k <= len(self.variants) for k in self.layer_kinds),
+                 f"layer kinds must be in 0..{len(self.variants)}, got {self.layer_kinds}")
+        _require(set(self.layer_kinds) == set(range(len(self.variants) + 1)), "every block variant must be used")
+        attn, mlp = self.block.attention, self.block.mlp
+        for variant in self.variants:
+            other = variant.attention
+            _require((other.num_heads, other.num_kv_heads, other.head_dim, other.qkv_layout)
+                     == (attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.qkv_layout),
+                     "block variants must share the attention's heads, key/value heads, head_dim and qkv layout")
+            _require((variant.mlp.intermediate_size, variant.mlp.gated) == (mlp.intermediate_size, mlp.gated),
+                     "block variants must share the MLP's intermediate size and gating")
+
+    def with_layers(self, blocks: "tuple[Block, ...] | list[Block]") -> "ModelIR":
+        """This model with `blocks[i]` as layer i (equal blocks become one kind; see the class docstring)."""
+        kinds: list[Block] = []
+        for block in blocks:
+            if block not in kinds:
+                kinds.append(block)
+        if len(kinds) == 1:
+            return replace(self, block=kinds[0], num_layers=len(blocks), variants=(), layer_kinds=())
+        return replace(self, block=kinds[0], num_layers=len(blocks), variants=tuple(kinds[1:]),
+                       layer_kinds=tuple(kinds.index(block) for block in blocks))
+
+    @property
+    def blocks(self) -> tuple[Block, ...]:
+        """The kinds of block: `block`, then the variants."""
+        return (self.block, *self.variants)
+
+    @property
+    def layers(self) -> tuple[Block, ...]:
+        """The block of each layer."""
+        if not self.layer_kinds:
+            return (self.block,) * self.num_layers
+        blocks = self.blocks
+        return tuple(blocks[kind] for kind in self.layer_kinds)
 
     @property
     def hidden_size(self) -> int:
@@ -397,17 +458,17 @@ class ModelIR:
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor this model reads, by canonical name, with its shape."""
-        hidden, attn, mlp = self.hidden_size, self.block.attention, self.block.mlp
+        hidden = self.hidden_size
         shapes: dict[str, tuple[int, ...]] = {"embed.weight": (self.embedding.vocab_size, hidden)}
         if self.embedding.norm is not None:
             shapes.update(_norm_shapes("embed.norm", self.embedding.norm, hidden))
         if self.embedding.positions is not None:
             shapes["embed.positions.weight"] = (self.embedding.positions.max_positions, hidden)
-        q_rows, kv_rows = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
-        for i in range(self.num_layers):
-            p = f"layers.{i}"
-            shapes.update(_norm_shapes(f"{p}.attn_norm", self.block.attn_norm, hidden))
-            shapes.update(_norm_shapes(f"{p}.attn_post_norm", self.block.attn_post_norm, hidden))
+        for i, block in enumerate(self.layers):
+            p, attn, mlp = f"layers.{i}", block.attention, block.mlp
+            q_rows, kv_rows = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
+            shapes.update(_norm_shapes(f"{p}.attn_norm", block.attn_norm, hidden))
+            shapes.update(_norm_shapes(f"{p}.attn_post_norm", block.attn_post_norm, hidden))
             if attn.qk_norm is not None:
                 for name, heads in (("q_norm", attn.num_heads), ("k_norm", attn.num_kv_heads)):
                     shapes.update(_norm_shapes(f"{p}.attn.{name}", attn.qk_norm.norm,
@@ -424,8 +485,8 @@ class ModelIR:
             shapes[f"{p}.attn.o.weight"] = (hidden, q_rows)
             if attn.out_bias:
                 shapes[f"{p}.attn.o.bias"] = (hidden,)
-            shapes.update(_norm_shapes(f"{p}.mlp_norm", self.block.mlp_norm, hidden))
-            shapes.update(_norm_shapes(f"{p}.mlp_post_norm", self.block.mlp_post_norm, hidden))
+            shapes.update(_norm_shapes(f"{p}.mlp_norm", block.mlp_norm, hidden))
+            shapes.update(_norm_shapes(f"{p}.mlp_post_norm", block.mlp_post_norm, hidden))
             projections = (("gate", (mlp.intermediate_size, hidden)),) if mlp.gated else ()
             projections += (("up", (mlp.intermediate_size, hidden)), ("down", (hidden, mlp.intermediate_size)))
             for name, shape in projections:
