@@ -13,8 +13,8 @@ caching by construction:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Generic, TypeVar
 
 import numpy as np
 
@@ -52,16 +52,89 @@ class Step:
     gather: np.ndarray | None = None
 
 
+#: The most new tokens one forward pass of a model with sliding-window layers computes: a longer step runs as
+#: several passes, so that a windowed layer's ring (`Ring`) holds its window plus one pass of new tokens.
+PASS_LIMIT = 512
+
+
+@dataclass
+class Ring:
+    """The slot bookkeeping of the sliding-window layers of one window size: their caches hold `size` slots, the
+    key of a token at position p in slot p % size, plus one spare slot (index `size`) that masked slots' writes
+    go to. `owner[b, r]` is the step slot whose key ring slot r of row b holds (-1: none yet)."""
+
+    window: int
+    size: int
+    owner: np.ndarray
+    wraps: bool  # whether positions reach `size` (else the ring is as long as the cache: slot = position)
+
+    @classmethod
+    def new(cls, window: int, batch: int, capacity: int) -> "Ring":
+        size = min(capacity, window + PASS_LIMIT - 1)  # the window of the first new token, and the pass's tokens
+        return cls(window, size, np.full((batch, size + 1), -1, dtype=np.int64), size < capacity)
+
+    def write(self, step: Step, past: int) -> "RingPass":
+        """Record the new slots of `step` (after `past`) and say where each goes."""
+        new_positions, new_mask = step.positions[:, past:], step.mask[:, past:]
+        slots = np.where(new_mask, new_positions % self.size, self.size)
+        rows = np.broadcast_to(np.arange(slots.shape[0])[:, None], slots.shape)
+        self.owner[rows[new_mask], slots[new_mask]] = (past + np.nonzero(new_mask)[1])
+        # a pass attends over ring slots [0, span): past the largest position written so far none is used yet
+        filled = step.positions[step.mask]
+        span = min(self.size, int(filled.max()) + 1) if filled.size else 1
+        return RingPass(self.window, slots, self.owner.copy(), span)
+
+    @property
+    def tail_allowance(self) -> int | None:
+        """How many of a row's latest slots may be masked out (a reused prefix, `generate.scheduler`) without
+        losing a key the prefix's next tokens see: the slots beyond the window (None: any, the ring never wraps)."""
+        return self.size - self.window if self.wraps else None
+
+
+@dataclass(frozen=True)
+class RingPass:
+    """What one pass does to a ring: `slots` [batch, new] where each new token's key goes (the spare slot for
+    masked ones), `owner` the ring's owners after the pass, `span` the ring slots the pass attends over."""
+
+    window: int
+    slots: np.ndarray
+    owner: np.ndarray
+    span: int
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One forward pass over a cache (`Cache.passes`): `step` covers the cache's slots [0, past + new), of which
+    the last `new` are computed; `rings` maps each sliding window to its `RingPass`."""
+
+    step: Step
+    past: int
+    new: int
+    rings: dict[int, RingPass]
+
+
 @dataclass
 class Cache:
-    """A key/value cache for one batch: per layer, keys and values [batch, kv_heads, capacity, head_dim] as the
-    backend's arrays; slots [0, length) are filled."""
+    """A key/value cache for one batch: per layer, keys and values [batch, kv_heads, slots, head_dim] as the
+    backend's arrays. A full-attention layer has `capacity` slots, of which [0, length) are filled; a layer with
+    a sliding window smaller than the capacity has its window's `Ring` (`windows[i]` says which; None: full)."""
 
     keys: list[Any]
     values: list[Any]
     batch: int
     capacity: int
     length: int = 0
+    windows: tuple[int | None, ...] = ()
+    rings: dict[int, Ring] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, ir: ModelIR, batch: int, capacity: int, make: Callable[[int], Any]) -> "Cache":
+        """An empty cache for `ir`'s layers, with `make(slots)` making one layer's keys (or values) array."""
+        windows = tuple(w if w is not None and w < capacity else None
+                        for w in (block.attention.window for block in ir.layers))
+        rings = {w: Ring.new(w, batch, capacity) for w in set(windows) if w is not None}
+        sizes = [capacity if w is None else rings[w].size + 1 for w in windows]
+        return cls([make(n) for n in sizes], [make(n) for n in sizes], batch, capacity, 0, windows, rings)
 
     def admit(self, step: Step) -> tuple[int, int]:
         """(past, new): the filled slots `step` follows and the slots it adds; `InputError` when the step does
@@ -70,7 +143,38 @@ class Cache:
         if step.mask.shape[1] != past + new or past + new > self.capacity:
             raise InputError(f"step covers {step.mask.shape[1]} slots, cache holds {past} of {self.capacity} "
                              f"and {new} are new")
+        if step.input_ids.shape[0] != self.batch:
+            raise InputError(f"step has {step.input_ids.shape[0]} rows, the cache {self.batch}")
         return past, new
+
+    @property
+    def tail_allowance(self) -> int | None:
+        """How many of a row's latest slots may be masked out and the rest still be attended (None: any)."""
+        limits = [ring.tail_allowance for ring in self.rings.values()]
+        limits = [limit for limit in limits if limit is not None]
+        return min(limits) if limits else None
+
+    def run(self, step: Step, forward_pass: Callable[[Pass], np.ndarray]) -> np.ndarray:
+        """`step` through `forward_pass` (a runtime's forward over one `Pass`, writing this cache): in passes of
+        at most `PASS_LIMIT` new tokens when the cache has rings, else one. Returns the passes' outputs joined as
+        `Runtime.forward` gives them; `length` advances after each pass."""
+        past, new = self.admit(step)
+        limit = PASS_LIMIT if self.rings else new
+        outputs, starts = [], range(0, new, limit)
+        for start in starts:
+            stop = min(start + limit, new)
+            end = past + stop
+            gather = None if step.gather is None else np.clip(step.gather - start, 0, stop - start - 1)
+            part = Step(step.input_ids[:, start:stop], step.positions[:, :end], step.mask[:, :end], gather)
+            rings = {w: ring.write(part, past + start) for w, ring in self.rings.items()}
+            outputs.append(forward_pass(Pass(part, past + start, stop - start, rings)))
+            self.length = end
+        if len(outputs) == 1:
+            return outputs[0]
+        if step.gather is None:
+            return np.concatenate(outputs, axis=1)
+        chosen = np.minimum(step.gather // limit, len(outputs) - 1)
+        return np.stack(outputs)[chosen, np.arange(self.batch)]
 
 
 A = TypeVar("A")  # a backend's array type (torch.Tensor, mx.array, …)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .checkpoint.files import read_json
 from .errors import ConfigError, IRError
@@ -168,6 +168,26 @@ def read_heads(config: ConfigView, hidden_size: int, *, heads_keys: tuple[str, .
                               f"{heads_keys[0]} ({heads}) and no head_dim is given")
         head_dim = hidden_size // heads
     return heads, kv_heads, head_dim
+
+
+#: transformers' `layer_types` values polylm's IR expresses: whether a layer's attention slides.
+LAYER_TYPES = {"full_attention": False, "sliding_attention": True}
+
+
+def read_sliding_layers(config: ConfigView, num_layers: int, default: Callable[[int], bool]) -> tuple[bool, ...]:
+    """Which layers use sliding-window attention: as transformers' `layer_types` says ("full_attention" or
+    "sliding_attention" per layer) when the config has it, else `default(layer index)`."""
+    if not config.has("layer_types"):
+        return tuple(default(i) for i in range(num_layers))
+    types = config.get("layer_types", kind=list)
+    if len(types) != num_layers:
+        raise ConfigError(f"{config.path}: key 'layer_types' names {len(types)} layers, num_hidden_layers is "
+                          f"{num_layers}")
+    unknown = sorted({str(t) for t in types if t not in LAYER_TYPES})
+    if unknown:
+        raise ConfigError(f"{config.path}: key 'layer_types' has {', '.join(map(repr, unknown))}; supported: "
+                          f"{', '.join(LAYER_TYPES)}")
+    return tuple(LAYER_TYPES[t] for t in types)
 
 
 #: transformers' ACT2FN names → IR activations (gelu_new / gelu_fast are the same tanh approximation).

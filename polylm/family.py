@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping
 
 from .checkpoint.weights import ModuleName, Stored  # noqa: F401 - Stored: families import it from here
-from .config import ConfigView, read_activation, read_head, read_heads, read_rope
+from .config import ConfigView, read_activation, read_head, read_heads, read_rope, read_sliding_layers
 from .ir import MLP, Attention, Block, Embedding, ModelIR, Norm
 
 API_VERSION = 1
@@ -129,3 +129,17 @@ def llama_like(config: ConfigView, task: str, *, family: str,
                    config.positive("num_hidden_layers"), norm,
                    read_head(config, task, vocab_size=vocab, tie_default=tie_default),
                    config.positive("max_position_embeddings", default=context_default))
+
+
+def sliding_window(ir: ModelIR, config: ConfigView, *, default: Callable[[int], bool] = lambda i: True,
+                   local: Callable[[Block], Block] = lambda block: block) -> ModelIR:
+    """`ir` with sliding-window attention of `sliding_window` (the config key; null: none) on the layers that
+    `polylm.config.read_sliding_layers` picks (`layer_types`, else `default(i)`: every layer); `local` changes
+    such a layer's block further (Gemma 3's local RoPE theta)."""
+    window = config.positive("sliding_window", default=None)
+    if window is None:
+        return ir
+    block = ir.block
+    windowed = local(replace(block, attention=replace(block.attention, window=window)))
+    return ir.with_layers([windowed if slides else block
+                           for slides in read_sliding_layers(config, ir.num_layers, default)])

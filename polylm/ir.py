@@ -22,6 +22,8 @@ Task = Literal["causal-lm", "sequence-classification", "token-classification", "
 ACTIVATIONS: tuple[str, ...] = ("silu", "gelu_tanh", "gelu", "relu", "relu2")
 TASKS: tuple[str, ...] = ("causal-lm", "sequence-classification", "token-classification", "question-answering")
 MAX_ROPE_FACTOR = 1e6
+#: More layers than any decoder has (the largest have ~130); a config asking for more is refused, not enumerated.
+MAX_LAYERS = 65536
 MIN_YARN_BETA = 1e-3
 
 
@@ -389,6 +391,7 @@ class ModelIR:
 
     def __post_init__(self) -> None:
         _positive_int(self.num_layers, "num_hidden_layers")
+        _require(self.num_layers <= MAX_LAYERS, f"num_hidden_layers must be at most {MAX_LAYERS}, got {self.num_layers}")
         _positive_int(self.max_positions, "max_position_embeddings")
         self._check_layers()
         learned = self.embedding.positions

@@ -55,8 +55,8 @@ def build_params(ir: ModelIR, tensors: dict[str, mx.array]) -> ModelParams:
     embed_norm = _norm(ir.embedding.norm, tensors, "embed.norm")
     positions = tensors.pop("embed.positions.weight", None)
     layers = []
-    for index in range(ir.num_layers):
-        layers.append(_layer(ir.block, tensors, f"layers.{index}", ir.quantization))
+    for index, block in enumerate(ir.layers):
+        layers.append(_layer(block, tensors, f"layers.{index}", ir.quantization))
         mx.eval(list(_arrays(layers[-1])))
     final_norm = _norm(ir.final_norm, tensors, "final_norm")
     head = embed.T if ir.head.tied_to_embedding else _matrix(tensors.pop("head.weight"), ir.quantization, "head")

@@ -7,12 +7,14 @@ masked), so its shapes repeat and the compiled graph is reused from token to tok
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import mlx.core as mx
 import numpy as np
 
-from polylm.backend import Cache, Runtime, Step
-from polylm.ir import ModelIR, RoPE
-from polylm.numerics.masks import attention_bias
+from polylm.backend import Cache, Pass, Runtime, Step
+from polylm.ir import Attention, Block, ModelIR, RoPE
+from polylm.numerics.masks import attention_bias, ring_bias
 from polylm.parallel.plan import ShardPlan
 from polylm.numerics.positions import rope_frequencies_per_row
 from polylm.checkpoint.weights import Weights
@@ -24,6 +26,12 @@ from .params import MX_DTYPES, LayerParams, NormParams, build_params, read_tenso
 DECODE_WINDOW = 256
 
 Rotary = tuple[mx.array, mx.array]
+#: a sliding-window layer's pass inputs: the ring slot of each new token [batch, new] and the ring's bias
+RingInputs = tuple[mx.array, mx.array]
+
+
+def _round_up(slots: int) -> int:
+    return -(-slots // DECODE_WINDOW) * DECODE_WINDOW
 
 
 class MLXRuntime(Runtime):
@@ -39,9 +47,12 @@ class MLXRuntime(Runtime):
         self.plan, self.local = plan, plan.local_ir if plan is not None else ir
         self.params = build_params(self.local, self.read_tensors(weights))
         self.embed_scale = mx.array(ir.embedding.scale, dtype=self.mx_dtype)
-        attn = ir.attention
-        self.rope_factor = (rope_frequencies_per_row(attn, np.zeros((1, 1), np.int64))[1]
-                            if isinstance(attn.position, RoPE) else None)
+        # the attention of each kind of RoPE the layers use (Gemma 3's local layers have their own theta), and the
+        # cos/sin multiplier of each
+        self.ropes = {block.attention.position: block.attention for block in ir.blocks
+                      if isinstance(block.attention.position, RoPE)}
+        self.rope_factors = {rope: rope_frequencies_per_row(attn, np.zeros((1, 1), np.int64))[1]
+                             for rope, attn in self.ropes.items()}
         self._compiled_graph = mx.compile(self._graph)
 
     def read_tensors(self, weights: Weights) -> dict[str, mx.array]:
@@ -50,40 +61,46 @@ class MLXRuntime(Runtime):
 
     def new_cache(self, batch: int, capacity: int) -> Cache:
         attn = self.local.attention
-        shape = (batch, attn.num_kv_heads, capacity, attn.head_dim)
 
-        def make() -> list[mx.array]:
-            return [mx.zeros(shape, dtype=self.mx_dtype) for _ in range(self.ir.num_layers)]
+        def make(slots: int) -> mx.array:
+            return mx.zeros((batch, attn.num_kv_heads, slots, attn.head_dim), dtype=self.mx_dtype)
 
-        cache = Cache(make(), make(), batch, capacity)
+        cache = Cache.build(self.ir, batch, capacity, make)
         mx.eval(cache.keys, cache.values)
         return cache
 
     def forward(self, step: Step, cache: Cache | None = None) -> np.ndarray:
         cache = cache if cache is not None else self.new_cache(step.input_ids.shape[0], step.mask.shape[1])
-        past, new = cache.admit(step)
-        end = past + new
-        decode = new == 1
-        window = min(cache.capacity, -(-end // DECODE_WINDOW) * DECODE_WINDOW) if decode else end
-        bias = mx.array(attention_bias(self.ir.attention, step.positions, step.mask, past, self.dtype, window,
-                                       self.plan.heads if self.plan is not None else None))
+        return cache.run(step, lambda part: self._forward_pass(part, cache))
+
+    def _forward_pass(self, part: Pass, cache: Cache) -> np.ndarray:
+        step, past = part.step, part.past
+        end = past + part.new
+        decode = part.new == 1
+        heads = self.plan.heads if self.plan is not None else None
+        window = min(cache.capacity, _round_up(end)) if decode else end
+        bias = attention_bias(self.ir.attention, step.positions, step.mask, past, self.dtype, window, heads)
+        rings = {}
+        for size, ring in part.rings.items():
+            if decode:  # a repeating span too (the spare slot and the unfilled ones are never seen)
+                ring = replace(ring, span=min(ring.owner.shape[1], _round_up(ring.span)))
+            rings[size] = (mx.array(ring.slots.astype(np.int32)), mx.array(
+                ring_bias(self.ir.attention, step.positions, step.mask, past, ring, self.dtype, heads)
+            ).astype(self.mx_dtype))
         query_positions = step.positions[:, past:]
-        inv_freq = None
-        if self.rope_factor is not None:
-            inv_freq = mx.array(rope_frequencies_per_row(self.ir.attention, query_positions)[0])
+        inv_freqs = [mx.array(rope_frequencies_per_row(attn, query_positions)[0]) for attn in self.ropes.values()]
         gather = mx.array(step.gather.astype(np.int32)) if step.gather is not None else None
         graph = self._compiled_graph if decode else self._graph
         positions = mx.array(query_positions.astype(np.int32))
-        out, cache.keys, cache.values = graph(mx.array(step.input_ids.astype(np.int32)), positions, inv_freq,
-                                              bias.astype(self.mx_dtype), mx.array([past], dtype=mx.int32),
-                                              gather, cache.keys, cache.values)
-        cache.length = end
+        out, cache.keys, cache.values = graph(mx.array(step.input_ids.astype(np.int32)), positions, inv_freqs,
+                                              mx.array(bias).astype(self.mx_dtype), rings,
+                                              mx.array([past], dtype=mx.int32), gather, cache.keys, cache.values)
         mx.eval(out, cache.keys, cache.values)
         return np.array(out)
 
-    def _graph(self, ids: mx.array, positions: mx.array, inv_freq: mx.array | None, bias: mx.array, offset: mx.array,
-               gather: mx.array | None, keys: list[mx.array], values: list[mx.array]
-               ) -> tuple[mx.array, list[mx.array], list[mx.array]]:
+    def _graph(self, ids: mx.array, positions: mx.array, inv_freqs: list[mx.array], bias: mx.array,
+               rings: dict[int, RingInputs], offset: mx.array, gather: mx.array | None, keys: list[mx.array],
+               values: list[mx.array]) -> tuple[mx.array, list[mx.array], list[mx.array]]:
         """Head outputs (float32) and the updated caches; pure in its array arguments, so it compiles."""
         params = self.params
         x = ops.embed_rows(ids, params.embed, self.plan, self.group)
@@ -93,14 +110,18 @@ class MLXRuntime(Runtime):
             x = x + params.positions[positions]
         if params.embed_norm is not None:
             x = ops.norm(x, params.embed_norm)
-        cos_sin = ops.rotary(positions, inv_freq, self.rope_factor, self.mx_dtype) if inv_freq is not None else None
+        rotaries = {rope: ops.rotary(positions, inv_freq, self.rope_factors[rope], self.mx_dtype)
+                    for rope, inv_freq in zip(self.ropes, inv_freqs)}
         new_keys, new_values = [], []
         last = len(params.layers) - 1
-        for index, (layer, layer_keys, layer_values) in enumerate(zip(params.layers, keys, values)):
+        for index, (block, layer, layer_keys, layer_values) in enumerate(zip(self.local.layers, params.layers, keys,
+                                                                             values)):
             # the last block needs its queries (and everything after attention) only at the gathered slots
             only = gather if index == last else None
-            x, layer_keys, layer_values = self._block(x, layer, layer_keys, layer_values, offset, bias, cos_sin,
-                                                      only)
+            ring = rings.get(block.attention.window)
+            x, layer_keys, layer_values = self._block(x, block, layer, layer_keys, layer_values, offset,
+                                                      bias if ring is None else ring,
+                                                      rotaries.get(block.attention.position), only)
             new_keys.append(layer_keys)
             new_values.append(layer_values)
         if gather is not None:
@@ -111,41 +132,42 @@ class MLXRuntime(Runtime):
             out = ops.gather_columns(out, self.plan.head_sizes, self.group)
         return out.astype(mx.float32), new_keys, new_values
 
-    def _block(self, x: mx.array, layer: LayerParams, keys: mx.array, values: mx.array, offset: mx.array,
-               bias: mx.array, cos_sin: Rotary | None, only: mx.array | None
+    def _block(self, x: mx.array, block: Block, layer: LayerParams, keys: mx.array, values: mx.array,
+               offset: mx.array, visibility: mx.array | RingInputs, cos_sin: Rotary | None, only: mx.array | None
                ) -> tuple[mx.array, mx.array, mx.array]:
         """One block (see `polylm.ir.Block`); with `only` [batch] its output keeps just that slot per row
-        ([batch, 1, hidden])."""
-        block = self.ir.block
+        ([batch, 1, hidden]). `visibility` is the step's attention bias, or a sliding-window layer's ring inputs."""
         normed = x if layer.attn_norm is None else ops.norm(x, layer.attn_norm)
-        attended, keys, values = self._attention(normed, layer, keys, values, offset, bias, cos_sin, only)
-        attended = self._branch(attended, layer.attn_post_norm)
+        attended, keys, values = self._attention(normed, block.attention, layer, keys, values, offset, visibility,
+                                                 cos_sin, only)
+        attended = self._branch(attended, block, layer.attn_post_norm)
         if only is not None:
             x, normed = _slots(x, only, axis=1), _slots(normed, only, axis=1)
         if block.parallel:
             mlp_in = normed if layer.mlp_norm is None else ops.norm(x, layer.mlp_norm)
-            return x + attended + self._branch(self._mlp(mlp_in, layer), layer.mlp_post_norm), keys, values
+            mlp_out = self._branch(self._mlp(mlp_in, block, layer), block, layer.mlp_post_norm)
+            return x + attended + mlp_out, keys, values
         x = (normed if block.residual_from_normed else x) + attended
         normed = x if layer.mlp_norm is None else ops.norm(x, layer.mlp_norm)
         residual = normed if block.residual_from_normed else x
-        return residual + self._branch(self._mlp(normed, layer), layer.mlp_post_norm), keys, values
+        return residual + self._branch(self._mlp(normed, block, layer), block, layer.mlp_post_norm), keys, values
 
-    def _branch(self, out: mx.array, post_norm: NormParams | None) -> mx.array:
+    @staticmethod
+    def _branch(out: mx.array, block: Block, post_norm: NormParams | None) -> mx.array:
         """A branch's output as it is added to the residual stream: post-normed and scaled where the IR says."""
         if post_norm is not None:
             out = ops.norm(out, post_norm)
-        scale = self.ir.block.residual_scale
-        return out if scale == 1.0 else out * scale
+        return out if block.residual_scale == 1.0 else out * block.residual_scale
 
-    def _mlp(self, x: mx.array, layer: LayerParams) -> mx.array:
-        hidden = ops.activation(ops.linear(x, layer.up, layer.up_bias), self.ir.block.mlp)
+    def _mlp(self, x: mx.array, block: Block, layer: LayerParams) -> mx.array:
+        hidden = ops.activation(ops.linear(x, layer.up, layer.up_bias), block.mlp)
         return ops.reduce(ops.linear(hidden, layer.down, layer.down_bias), self.group)
 
-    def _attention(self, x: mx.array, layer: LayerParams, keys: mx.array, values: mx.array, offset: mx.array,
-                   bias: mx.array, cos_sin: Rotary | None, only: mx.array | None
-                   ) -> tuple[mx.array, mx.array, mx.array]:
-        """Attention of the new slots (or of slot `only` per row) over the cache, after writing k/v into it."""
-        attn = self.local.attention
+    def _attention(self, x: mx.array, attn: Attention, layer: LayerParams, keys: mx.array, values: mx.array,
+                   offset: mx.array, visibility: mx.array | RingInputs, cos_sin: Rotary | None,
+                   only: mx.array | None) -> tuple[mx.array, mx.array, mx.array]:
+        """Attention of the new slots (or of slot `only` per row) over the cache, after writing k/v into it (at
+        the step's slots, or a sliding-window layer's ring slots)."""
         batch, new, _ = x.shape
         q_size, kv_size = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
         q, k, v = mx.split(ops.linear(x, layer.qkv, layer.qkv_bias), (q_size, q_size + kv_size), axis=-1)
@@ -159,8 +181,15 @@ class MLXRuntime(Runtime):
         v = v.reshape(batch, new, attn.num_kv_heads, attn.head_dim).transpose(0, 2, 1, 3)
         if cos_sin is not None:
             q, k = ops.rope(q, *cos_sin, attn), ops.rope(k, *cos_sin, attn)
-        keys = mx.slice_update(keys, k, offset, axes=(2,))
-        values = mx.slice_update(values, v, offset, axes=(2,))
+        if isinstance(visibility, tuple):
+            ring_slots, bias = visibility
+            ring_slots = ring_slots[:, None, :, None]
+            keys = mx.put_along_axis(keys, ring_slots, k, axis=2)
+            values = mx.put_along_axis(values, ring_slots, v, axis=2)
+        else:
+            bias = visibility
+            keys = mx.slice_update(keys, k, offset, axes=(2,))
+            values = mx.slice_update(values, v, offset, axes=(2,))
         if only is not None:
             q, bias = _slots(q, only, axis=2), _slots(bias, only, axis=2)
         window = bias.shape[-1]

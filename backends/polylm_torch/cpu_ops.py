@@ -30,6 +30,8 @@ class CpuOps(ReferenceOps):
     def rope_and_cache(self, qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                        rotary: tuple[torch.Tensor, torch.Tensor] | None, step: StepTensors,
                        attn: Attention) -> torch.Tensor:
+        if step.ring_slots is not None:  # the kernel writes consecutive slots; a ring's are scattered
+            return super().rope_and_cache(qkv, keys, values, rotary, step, attn)
         interleaved = rotary is not None and attn.position.interleaved
         fused = cpu_gemv.rope_and_cache(qkv, rotary, keys, values, step.past, attn.num_heads, attn.num_kv_heads,
                                         attn.head_dim, attn.rotary_dim, interleaved)
@@ -38,7 +40,7 @@ class CpuOps(ReferenceOps):
     def attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, step: StepTensors,
                   attn: Attention) -> torch.Tensor:
         if q.shape[2] <= _COMPILED_ATTENTION_MAX_NEW:
-            fused = cpu_gemv.attention(q, keys, values, step.attention_bias, step.mask.shape[1], attn.softmax_scale)
+            fused = cpu_gemv.attention(q, keys, values, step.attention_bias, step.key_slots, attn.softmax_scale)
             if fused is not None:
                 return fused
         return super().attention(q, keys, values, step, attn)

@@ -8,12 +8,12 @@ The backends subclass `ReferenceOps` and replace ops with their kernels (`polylm
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from polylm.ir import Attention, MLP
+from polylm.ir import MLP, Attention, RoPE
 from polylm.parallel.plan import ShardPlan
 
 from .params import NormParams, RowTable
@@ -34,14 +34,25 @@ class StepTensors:
     mask: torch.Tensor  # [batch, keys] bool: the slot holds a real token
     slots: torch.Tensor  # [new] int32: cache slot of each new token (past, past + 1, …)
     gather: torch.Tensor | None  # [batch]: the one new token per row that reaches the head
-    inv_freq: torch.Tensor | None  # [batch or 1, rotary_dim / 2] float32 RoPE inverse frequencies
-    rope_factor: float  # multiplier of cos and sin (YaRN attention factor)
+    # per kind of RoPE the layers use: [batch or 1, rotary_dim / 2] float32 inverse frequencies, and the
+    # multiplier of cos and sin (YaRN attention factor)
+    frequencies: dict[RoPE, tuple[torch.Tensor, float]]
     alibi: torch.Tensor | None  # [heads] ALiBi slopes
     past: int
     dtype: torch.dtype
     # [batch, 1|heads, new, keys] in `dtype`: core's visibility rule (`polylm.numerics.masks.attention_bias`),
     # uploaded for ops that read it (`ReferenceOps.reads_bias`); None for ops with the rule in their kernel
     attention_bias: torch.Tensor | None = None
+    # a sliding-window layer's ring (`polylm.backend.Ring`): [batch, new] the ring slot each new token's key goes
+    # to; `attention_bias` is then the ring's (`masks.ring_bias`, always uploaded) and covers the slots attended
+    ring_slots: torch.Tensor | None = None
+    # the tensors of the layers with each sliding window, by window (ring_slots and their bias set)
+    rings: dict[int, "StepTensors"] = field(default_factory=dict)
+
+    @property
+    def key_slots(self) -> int:
+        """How many cache slots attention reads: the step's slots, or the ring slots its bias covers."""
+        return self.mask.shape[1] if self.ring_slots is None else self.attention_bias.shape[-1]
 
 
 def _lookup(table: torch.Tensor | RowTable, ids: torch.Tensor) -> torch.Tensor:
@@ -139,6 +150,11 @@ class ReferenceOps:
         if rotary is not None:
             cos, sin = (t.to(qkv.dtype)[:, None] for t in rotary)
             q, k = self.rope(q, cos, sin, attn), self.rope(k, cos, sin, attn)
+        if step.ring_slots is not None:  # a sliding-window layer: each token to its own ring slot
+            rows = torch.arange(batch, device=qkv.device)[:, None]
+            keys.transpose(1, 2)[rows, step.ring_slots] = k.transpose(1, 2)
+            values.transpose(1, 2)[rows, step.ring_slots] = v.transpose(1, 2)
+            return q
         keys[:, :, step.past:step.past + new] = k
         values[:, :, step.past:step.past + new] = v
         return q
@@ -148,7 +164,7 @@ class ReferenceOps:
         """q [batch, heads, new, d] attends to the cache's keys/values [batch, kv_heads, capacity, d] in the slots
         the step's mask covers; returns [batch, new, heads·d]."""
         batch, _, new, _ = q.shape
-        end = step.mask.shape[1]
+        end = step.key_slots
         out = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=step.attention_bias,
                                              scale=attn.softmax_scale, enable_gqa=attn.num_heads != attn.num_kv_heads)
         return out.transpose(1, 2).reshape(batch, new, -1)

@@ -116,9 +116,9 @@ def build_params(ir: ModelIR, read: TensorReader, prepare: Prepare | None = None
     embed_norm = _norm(ir.embedding.norm, read, "embed.norm")
     positions = read.optional("embed.positions.weight")
     layers = []
-    for i in progress(range(ir.num_layers), total=ir.num_layers, desc="loading layers", unit="layer"):
+    for i, block in progress(enumerate(ir.layers), total=ir.num_layers, desc="loading layers", unit="layer"):
         _release_freed_memory()
-        layers.append(_layer(ir.block, read, f"layers.{i}", matrix))
+        layers.append(_layer(block, read, f"layers.{i}", matrix))
     _release_freed_memory()
     final_norm = _norm(ir.final_norm, read, "final_norm")
     return ModelParams(embed, embed_norm, layers, final_norm, head, head_bias, positions)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from polylm.backend import Cache, Runtime, Step
+from dataclasses import replace
+
+from polylm.backend import Cache, Pass, Runtime, Step
 from polylm.checkpoint.weights import Weights
-from polylm.ir import ALiBi, Attention, ModelIR
-from polylm.numerics.masks import attention_bias
+from polylm.ir import ALiBi, Attention, Block, ModelIR, RoPE
+from polylm.numerics.masks import attention_bias, ring_bias
 from polylm.numerics.positions import alibi_slopes, rope_frequencies_per_row
 from polylm.parallel.plan import ShardPlan
 
@@ -36,52 +38,54 @@ class TorchRuntime(Runtime):
                       if isinstance(attn.position, ALiBi) else None)
         # the embedding scale as a value of the compute dtype (Gemma multiplies by √hidden rounded to it)
         self.embed_scale = float(torch.tensor(ir.embedding.scale, dtype=self.torch_dtype))
-        self._frequencies: tuple[bytes, torch.Tensor] | None = None  # the last upload, reused while unchanged
+        # the attention of each kind of RoPE the layers use (Gemma 3's local layers have their own theta)
+        self.ropes = {block.attention.position: block.attention for block in ir.blocks
+                      if isinstance(block.attention.position, RoPE)}
+        self._frequencies: dict[RoPE, tuple[bytes, torch.Tensor]] = {}  # the last uploads, reused while unchanged
 
     def new_cache(self, batch: int, capacity: int) -> Cache:
         attn = self.local.attention
-        shape = (batch, attn.num_kv_heads, capacity, attn.head_dim)
 
-        def make() -> list[torch.Tensor]:
-            return [torch.zeros(shape, dtype=self.torch_dtype, device=self.device) for _ in range(self.ir.num_layers)]
+        def make(slots: int) -> torch.Tensor:
+            return torch.zeros((batch, attn.num_kv_heads, slots, attn.head_dim), dtype=self.torch_dtype,
+                               device=self.device)
 
-        return Cache(make(), make(), batch, capacity)
+        return Cache.build(self.ir, batch, capacity, make)
 
     @torch.inference_mode()
     def forward(self, step: Step, cache: Cache | None = None) -> np.ndarray:
         cache = cache if cache is not None else self.new_cache(step.input_ids.shape[0], step.mask.shape[1])
-        past, new = cache.admit(step)
-        out = self.run(self.upload(step, past), cache)
-        cache.length = past + new
-        return out.float().cpu().numpy()
+        return cache.run(step, lambda part: self.run(self.upload(part), cache).float().cpu().numpy())
 
-    def upload(self, step: Step, past: int) -> StepTensors:
-        """A step's arrays on the device, with what the ops need besides (RoPE frequencies, ALiBi slopes, and
-        core's attention bias when the ops read it)."""
-        new = step.input_ids.shape[1]
-        inv_freq, rope_factor = None, 1.0
-        if self.ir.attention.rotary_dim:
-            inv_freq, rope_factor = self.rope_frequencies(step.positions[:, past:])
+    def upload(self, part: Pass) -> StepTensors:
+        """A pass's arrays on the device, with what the ops need besides (RoPE frequencies, ALiBi slopes, core's
+        attention bias when the ops read it, and each sliding-window ring's slots and bias)."""
+        step, past, new = part.step, part.past, part.new
+        heads = self.plan.heads if self.plan is not None else None
         bias = None
         if self.ops.reads_bias:
-            heads = self.plan.heads if self.plan is not None else None
             bias = self._put(attention_bias(self.ir.attention, step.positions, step.mask, past, self.dtype,
                                             heads=heads)).to(self.torch_dtype)
-        return StepTensors(
+        tensors = StepTensors(
             input_ids=self._put(step.input_ids), positions=self._put(step.positions),
             new_positions=self._put(step.positions[:, past:]), mask=self._put(step.mask),
             slots=torch.arange(past, past + new, dtype=torch.int32, device=self.device),
             gather=self._put(step.gather) if step.gather is not None else None,
-            inv_freq=inv_freq, rope_factor=rope_factor, alibi=self.alibi, past=past, dtype=self.torch_dtype,
-            attention_bias=bias)
+            frequencies={rope: self.rope_frequencies(rope, step.positions[:, past:]) for rope in self.ropes},
+            alibi=self.alibi, past=past, dtype=self.torch_dtype, attention_bias=bias)
+        tensors.rings = {window: replace(tensors, ring_slots=self._put(ring.slots), attention_bias=self._put(
+            ring_bias(self.ir.attention, step.positions, step.mask, past, ring, self.dtype, heads)
+        ).to(self.torch_dtype)) for window, ring in part.rings.items()}
+        return tensors
 
-    def rope_frequencies(self, positions: np.ndarray) -> tuple[torch.Tensor, float]:
-        """RoPE inverse frequencies [batch or 1, rotary_dim / 2] for query `positions`, kept on the device."""
-        inv_freq, factor = rope_frequencies_per_row(self.ir.attention, positions)
+    def rope_frequencies(self, rope: RoPE, positions: np.ndarray) -> tuple[torch.Tensor, float]:
+        """RoPE inverse frequencies [batch or 1, rotary_dim / 2] of `rope` for query `positions`, kept on the
+        device, and the cos/sin multiplier."""
+        inv_freq, factor = rope_frequencies_per_row(self.ropes[rope], positions)
         key = inv_freq.tobytes() + bytes(inv_freq.shape)
-        if self._frequencies is None or self._frequencies[0] != key:  # only dynamic NTK scaling changes them
-            self._frequencies = (key, self._put(inv_freq))
-        return self._frequencies[1], factor
+        if rope not in self._frequencies or self._frequencies[rope][0] != key:  # only dynamic NTK changes them
+            self._frequencies[rope] = (key, self._put(inv_freq))
+        return self._frequencies[rope][1], factor
 
     def _put(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
@@ -92,7 +96,7 @@ class TorchRuntime(Runtime):
         It uploads nothing and reads no host value of the step (`past`), so with ops that do neither
         (`TritonOps`) a CUDA graph can capture it and replay it on new contents of the same step tensors.
         """
-        rotary = self._rotary(step) if step.inv_freq is not None else None
+        rotaries = {rope: self._rotary(step, *frequencies) for rope, frequencies in step.frequencies.items()}
         if self.plan is None:
             x = self.ops.embed(step.input_ids, self.params.embed, self.embed_scale, self.params.embed_norm)
         else:
@@ -101,8 +105,10 @@ class TorchRuntime(Runtime):
         if self.params.positions is not None:  # learned positions (`polylm.ir.LearnedPositions`), replicated
             x = x + self.params.positions[step.new_positions]
         delta = None
-        for index, layer in enumerate(self.params.layers):
-            x, delta = self._block(x, delta, layer, cache, index, step, rotary)
+        for index, (block, layer) in enumerate(zip(self.local.layers, self.params.layers)):
+            window = cache.windows[index]
+            x, delta = self._block(x, delta, block, layer, cache, index, step if window is None else step.rings[window],
+                                   rotaries.get(block.attention.position))
         _, x = self.ops.add_norm(x, delta, self.params.final_norm)
         if step.gather is not None:
             x = self.ops.gather(x, step.gather)
@@ -111,21 +117,21 @@ class TorchRuntime(Runtime):
             out = self.ops.gather_columns(out, self.plan.head_sizes)
         return out
 
-    def _block(self, x: torch.Tensor, delta: torch.Tensor | None, layer: LayerParams, cache: Cache, index: int,
-               step: StepTensors, rotary: tuple[torch.Tensor, torch.Tensor] | None,
+    def _block(self, x: torch.Tensor, delta: torch.Tensor | None, block: Block, layer: LayerParams, cache: Cache,
+               index: int, step: StepTensors, rotary: tuple[torch.Tensor, torch.Tensor] | None,
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """One layer (see `polylm.ir.Block`) on the residual stream `x + delta`; returns the next (residual, delta)
         pair, so that each residual add happens inside the norm that follows it."""
-        block = self.ir.block
         x, normed = self._add_norm(x, delta, layer.attn_norm)
-        attended = self._branch(self._attention(normed, layer, cache, index, step, rotary), layer.attn_post_norm)
+        attended = self._attention(normed, block.attention, layer, cache, index, step, rotary)
+        attended = self._branch(attended, block, layer.attn_post_norm)
         if block.parallel:
             mlp_in = normed if layer.mlp_norm is None else self.ops.norm(x, layer.mlp_norm)
-            return x, attended + self._branch(self._mlp(mlp_in, layer), layer.mlp_post_norm)
+            return x, attended + self._branch(self._mlp(mlp_in, block, layer), block, layer.mlp_post_norm)
         residual = normed if block.residual_from_normed else x
         x, normed = self._add_norm(residual, attended, layer.mlp_norm)
         residual = normed if block.residual_from_normed else x
-        return residual, self._branch(self._mlp(normed, layer), layer.mlp_post_norm)
+        return residual, self._branch(self._mlp(normed, block, layer), block, layer.mlp_post_norm)
 
     def _add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, norm: NormParams | None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,20 +141,18 @@ class TorchRuntime(Runtime):
         x = x if delta is None else x + delta
         return x, x
 
-    def _branch(self, out: torch.Tensor, post_norm: NormParams | None) -> torch.Tensor:
+    def _branch(self, out: torch.Tensor, block: Block, post_norm: NormParams | None) -> torch.Tensor:
         """A branch's output as it is added to the residual stream: post-normed and scaled where the IR says."""
         if post_norm is not None:
             out = self.ops.norm(out, post_norm)
-        scale = self.ir.block.residual_scale
-        return out if scale == 1.0 else out * scale
+        return out if block.residual_scale == 1.0 else out * block.residual_scale
 
-    def _mlp(self, x: torch.Tensor, layer: LayerParams) -> torch.Tensor:
-        hidden = self.ops.activation(self.ops.linear(x, layer.up, layer.up_bias), self.ir.block.mlp)
+    def _mlp(self, x: torch.Tensor, block: Block, layer: LayerParams) -> torch.Tensor:
+        hidden = self.ops.activation(self.ops.linear(x, layer.up, layer.up_bias), block.mlp)
         return self.ops.reduce(self.ops.linear(hidden, layer.down, layer.down_bias))
 
-    def _attention(self, x: torch.Tensor, layer: LayerParams, cache: Cache, index: int, step: StepTensors,
-                   rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        attn = self.local.attention
+    def _attention(self, x: torch.Tensor, attn: Attention, layer: LayerParams, cache: Cache, index: int,
+                   step: StepTensors, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         keys, values = cache.keys[index], cache.values[index]
         qkv = self.ops.linear(x, layer.qkv, layer.qkv_bias)
         if attn.qk_norm is not None:
@@ -167,7 +171,8 @@ class TorchRuntime(Runtime):
         k = self.ops.norm(k.unflatten(-1, (attn.num_kv_heads, attn.head_dim)), layer.k_norm).flatten(-2)
         return torch.cat((q, k, v), dim=-1)
 
-    def _rotary(self, step: StepTensors) -> tuple[torch.Tensor, torch.Tensor]:
+    @staticmethod
+    def _rotary(step: StepTensors, inv_freq: torch.Tensor, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [batch, new, rotary_dim / 2], float32, for the new tokens' positions."""
-        angles = step.new_positions.float()[..., None] * step.inv_freq[:, None, :]
-        return angles.cos() * step.rope_factor, angles.sin() * step.rope_factor
+        angles = step.new_positions.float()[..., None] * inv_freq[:, None, :]
+        return angles.cos() * factor, angles.sin() * factor

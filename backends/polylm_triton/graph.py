@@ -81,7 +81,9 @@ class DecodeGraph:
             input_ids=packed[:, _ID:_ID + 1].contiguous(), positions=self.positions,
             new_positions=packed[:, _POSITION:_POSITION + 1].contiguous(), mask=self.mask,
             slots=packed[:1, _SLOT].to(torch.int32), gather=packed[:, _GATHER].contiguous(),
-            inv_freq=self.inv_freq, rope_factor=self.rope_factor, alibi=self.runtime.alibi,
+            frequencies={} if self.inv_freq is None else {self.runtime.ir.attention.position: (self.inv_freq,
+                                                                                             self.rope_factor)},
+            alibi=self.runtime.alibi,
             past=self.cache.capacity - 1, dtype=self.runtime.torch_dtype)
         return self.runtime.run(step, self.cache)
 
@@ -139,8 +141,8 @@ class GraphedRuntime(TorchRuntime):
         return super().new_cache(batch, capacity)
 
     def forward(self, step: Step, cache: Cache | None = None) -> np.ndarray:
-        if cache is None or step.input_ids.shape[1] != 1:
-            return super().forward(step, cache)
+        if cache is None or step.input_ids.shape[1] != 1 or cache.rings or len(self.ropes) > 1:
+            return super().forward(step, cache)  # the graph holds one kind of RoPE and no sliding-window rings
         if self._graph is None or self._graph.cache is not cache:
             self._graph = None  # the last graph's memory goes before the next one is captured
             self._graph = DecodeGraph(self, cache, capture=self.device.type == "cuda")

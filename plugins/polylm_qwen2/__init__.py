@@ -1,32 +1,26 @@
-"""Alibaba's Qwen2: Llama with biases on q, k and v (not on o); declines sliding-window attention."""
+"""Alibaba's Qwen2: Llama with biases on q, k and v (not on o); with `use_sliding_window`, a sliding window on the
+layers `layer_types` names, else on those from `max_window_layers` on (transformers' rule)."""
 
 from polylm.config import ConfigView
-from polylm.errors import Declined
-from polylm.family import LLAMA_MODULE_NAMES, Family, llama_like
+from polylm.family import LLAMA_MODULE_NAMES, Family, llama_like, sliding_window
 from polylm.hookspecs import hookimpl
 from polylm.ir import ModelIR
 
 
 def to_ir(config: ConfigView, task: str) -> ModelIR:
-    ir = llama_like(config, task, family="qwen2", qkv_bias=True, out_bias=False, mlp_bias=False)
-    decline_sliding_window(config, ir)
-    return ir
+    return qwen_windows(llama_like(config, task, family="qwen2", qkv_bias=True, out_bias=False, mlp_bias=False),
+                        config)
 
 
-def decline_sliding_window(config: ConfigView, ir: ModelIR) -> None:
-    """Raise `Declined` when `use_sliding_window` windows some layer's attention within the context limit, as
-    transformers' Qwen2/Qwen3 configs decide: the layers `layer_types` names "sliding_attention", else those
-    from `max_window_layers` (default 28) on. A window as long as the context limit changes nothing."""
+def qwen_windows(ir: ModelIR, config: ConfigView) -> ModelIR:
+    """Qwen2/Qwen3's sliding windows: none unless `use_sliding_window`; `sliding_window` defaults to 4096 and
+    `max_window_layers` to 28."""
     if not config.get("use_sliding_window", kind=bool, default=False):
-        return
+        return ir
     window = config.get("sliding_window", default=None if "sliding_window" in config.data else 4096)
-    if config.has("layer_types"):
-        windowed = "sliding_attention" in config.get("layer_types", kind=list)
-    else:
-        windowed = config.get("max_window_layers", default=28) < ir.num_layers
-    if windowed and window is not None and window < ir.context_length:
-        raise Declined(f"use_sliding_window=true windows attention to sliding_window={window} tokens, "
-                       f"which polylm's IR cannot express")
+    first = config.get("max_window_layers", default=28)
+    view = ConfigView({**config.data, "sliding_window": window}, config.path)
+    return sliding_window(ir, view, default=lambda i: i >= first)
 
 
 FAMILY = Family("qwen2", ("qwen2",), to_ir, LLAMA_MODULE_NAMES, base_prefixes=("model.", "transformer."))

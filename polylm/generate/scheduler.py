@@ -270,8 +270,16 @@ class Scheduler:
 
     def _holds_prefix_of(self, request: Request) -> bool:
         sequence = request._sequence()
-        return self.min_prefix is not None and any(
-            _common_prefix(row.history, sequence, len(sequence) - 1) >= self.min_prefix for row in self._rows)
+        return self.min_prefix is not None and any(self._reusable(row, sequence) >= self.min_prefix
+                                                   for row in self._rows)
+
+    def _reusable(self, row: _Row, prompt: list[int]) -> int:
+        """How many leading tokens of `prompt` the row holds and can lend: all it shares, unless the cache's
+        sliding-window rings may have overwritten some of their keys with those of the row's later tokens
+        (`Cache.tail_allowance`), then none."""
+        shared = _common_prefix(row.history, prompt, len(prompt) - 1)
+        allowance = self._cache.tail_allowance if self._cache is not None else None
+        return shared if allowance is None or len(row.history) - shared <= allowance else 0
 
     def _rows_for(self, demand: int) -> int:
         rows = 1
@@ -324,7 +332,7 @@ class Scheduler:
         best, kept = None, 0
         if self.min_prefix is not None:
             for index in free:
-                shared = _common_prefix(self._rows[index].history, prompt, len(prompt) - 1)
+                shared = self._reusable(self._rows[index], prompt)
                 if shared >= self.min_prefix and shared > kept:
                     best, kept = index, shared
         if best is None:

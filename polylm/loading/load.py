@@ -102,9 +102,15 @@ def model_ir(path: str | Path, *, task: str | None = None) -> ModelIR:
 
 def _check_layer_count(ir: ModelIR, checkpoint: Checkpoint, config: ConfigView) -> None:
     """Refuse a config declaring more layers than the checkpoint could hold, before enumerating them."""
-    one, two = (len(replace(ir, num_layers=n).tensor_shapes()) for n in (1, 2))
-    expected = one + (ir.num_layers - 1) * (two - one)
-    if expected - len(checkpoint.tensors) >= two - one:  # at least a whole layer's tensors are absent
+    per_kind = []
+    for block in ir.blocks:
+        one, two = (len(replace(ir, block=block, num_layers=n, variants=(), layer_kinds=()).tensor_shapes())
+                    for n in (1, 2))
+        per_kind.append(two - one)
+    outside = one - per_kind[-1]
+    expected = outside + (sum(per_kind[k] for k in ir.layer_kinds) if ir.layer_kinds else
+                          ir.num_layers * per_kind[0])
+    if expected - len(checkpoint.tensors) >= min(per_kind):  # at least a whole layer's tensors are absent
         raise WeightsError(f"{config.path}: declares {ir.num_layers} layers, which need {expected} tensors, but "
                            f"the checkpoint in {checkpoint.directory} holds {len(checkpoint.tensors)}")
 

@@ -1,10 +1,12 @@
 """The attention visibility rule as data: the additive bias a backend adds to a step's attention logits,
-derived from the step's positions and mask (causal, padding, ALiBi). Written once in numpy so backends agree."""
+derived from the step's positions and mask (causal, padding, sliding window, ALiBi). Written once in numpy so
+backends agree."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from ..backend import RingPass
 from ..ir import ALiBi, Attention
 from .positions import alibi_slopes
 
@@ -29,15 +31,36 @@ def attention_bias(attention: Attention, positions: np.ndarray, mask: np.ndarray
     """
     batch, total = mask.shape
     keys = total if keys is None else keys
+    key_slots = np.broadcast_to(np.arange(keys), (batch, keys))
+    return _bias(attention, positions, mask, past, dtype, key_slots, heads)
+
+
+def ring_bias(attention: Attention, positions: np.ndarray, mask: np.ndarray, past: int, ring: RingPass, dtype: str,
+              heads: range | None = None) -> np.ndarray:
+    """`attention_bias` for a sliding-window layer's ring (`polylm.backend.Ring`), float32
+    [batch, 1 or heads, new, ring.span]: ring slot r holds the key of step slot `ring.owner[:, r]`, which a query
+    at slot s sees when it is set in `mask`, at most s, and fewer than `ring.window` positions before s."""
+    return _bias(attention, positions, mask, past, dtype, ring.owner[:, :ring.span], heads, ring.window)
+
+
+def _bias(attention: Attention, positions: np.ndarray, mask: np.ndarray, past: int, dtype: str,
+          key_slots: np.ndarray, heads: range | None, window: int | None = None) -> np.ndarray:
+    """The bias of the new slots over keys held in `key_slots` [batch, keys] (step slots; ≥ past + new or < 0:
+    nothing a query sees)."""
+    batch, total = mask.shape
     new = total - past
-    filled = np.zeros((batch, keys), dtype=bool)
-    filled[:, :total] = mask
-    causal = np.arange(keys)[None, :] <= (past + np.arange(new))[:, None]
-    visible = (filled[:, None, :] & causal[None])[:, None]
+    held = (key_slots >= 0) & (key_slots < total)
+    slots = np.where(held, key_slots, 0)
+    rows = np.arange(batch)[:, None]
+    filled = held & mask[rows, slots]
+    causal = slots[:, None, :] <= (past + np.arange(new))[None, :, None]
+    visible = filled[:, None, :] & causal
+    key_positions = positions[rows, slots]
+    distance = (key_positions[:, None, :] - positions[:, past:total, None]).astype(np.float32)
+    if window is not None:
+        visible &= distance > -window
+    visible = visible[:, None]
     if isinstance(attention.position, ALiBi):
-        key_positions = np.zeros((batch, keys), dtype=np.int64)
-        key_positions[:, :total] = positions
-        distance = (key_positions[:, None, :] - key_positions[:, past:total, None]).astype(np.float32)
         slopes = alibi_slopes(attention)
         if heads is not None:
             slopes = slopes[heads.start:heads.stop]

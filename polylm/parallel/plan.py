@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
 from ..errors import ParallelError
-from ..ir import ModelIR
+from ..ir import Block, ModelIR
 from ..numerics.layouts import qkv_parts, up_parts
 
 #: An array of any framework (numpy, torch, MLX) that supports the arithmetic operators and slicing.
@@ -166,8 +166,8 @@ def plan_shards(ir: ModelIR, shard: Shard) -> ShardPlan:
     d = attn.head_dim
     q_rows, kv_rows = TensorSlice(0, heads.start * d, heads.stop * d), TensorSlice(0, kv_heads.start * d,
                                                                                  kv_heads.stop * d)
-    for i in range(ir.num_layers):
-        layer = f"layers.{i}"
+    for i, block in enumerate(ir.layers):
+        layer, attn, mlp = f"layers.{i}", block.attention, block.mlp
         for param in ("weight", "bias") if attn.qkv_bias else ("weight",):
             parts = qkv_parts(attn, layer, param)
             if attn.qkv_layout == "separate":
@@ -192,10 +192,12 @@ def plan_shards(ir: ModelIR, shard: Shard) -> ShardPlan:
     shapes = ir.tensor_shapes()
     slices = {name: part for name, part in slices.items() if name in shapes}
 
-    local_attention = replace(attn, num_heads=len(heads), num_kv_heads=len(kv_heads))
-    local_mlp = replace(mlp, intermediate_size=len(intermediate))
-    local_ir = replace(ir, embedding=replace(ir.embedding, vocab_size=len(vocab)),
-                       block=replace(ir.block, attention=local_attention, mlp=local_mlp),
+    def local(block: Block) -> Block:
+        return replace(block, attention=replace(block.attention, num_heads=len(heads), num_kv_heads=len(kv_heads)),
+                       mlp=replace(block.mlp, intermediate_size=len(intermediate)))
+
+    local_ir = replace(ir, embedding=replace(ir.embedding, vocab_size=len(vocab)), block=local(ir.block),
+                       variants=tuple(local(block) for block in ir.variants),
                        head=replace(ir.head, out_features=len(head_rows), labels=())
                        if head_rows is not None else ir.head)
     return ShardPlan(shard, ir, local_ir, heads, kv_heads, intermediate, vocab, head_rows, slices)

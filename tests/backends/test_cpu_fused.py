@@ -164,7 +164,7 @@ def test_attention_op_matches_reference(kernel_path, dtype, new):
     past = keys - new
     step = StepTensors(input_ids=torch.zeros(batch, new, dtype=torch.int64), positions=positions,
                        new_positions=positions[:, past:], mask=mask,
-                       slots=torch.arange(past, keys, dtype=torch.int32), gather=None, inv_freq=None, rope_factor=1.0,
+                       slots=torch.arange(past, keys, dtype=torch.int32), gather=None, frequencies={},
                        alibi=None, past=past, dtype=dtype,
                        attention_bias=torch.from_numpy(attention_bias(attn, positions.numpy(), mask.numpy(), past,
                                                                       str(dtype).removeprefix('torch.'))).to(dtype))
@@ -188,7 +188,7 @@ def test_rope_and_cache_op_equals_reference(kernel_path, monkeypatch, dtype, int
     angles = torch.rand(batch, new, max(rotary_dim, 2) // 2, generator=gen) * 20
     rotary = (angles.cos(), angles.sin()) if rotary_dim else None
     cache = [torch.randn(batch, kv_heads, capacity, d, generator=gen).to(dtype) for _ in range(2)]
-    step = SimpleNamespace(past=past)
+    step = SimpleNamespace(past=past, ring_slots=None)
     fused_cache = [c.clone() for c in cache]
     fused = CpuOps().rope_and_cache(qkv, *fused_cache, rotary, step, attn)
     expected = ReferenceOps().rope_and_cache(qkv, *cache, rotary, step, attn)

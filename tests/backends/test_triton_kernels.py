@@ -126,16 +126,17 @@ def step_tensors(attn, mask, past, dtype):
     return StepTensors(
         input_ids=put(step.input_ids), positions=put(positions), new_positions=put(positions[:, past:]),
         mask=put(mask), slots=torch.arange(past, keys, dtype=torch.int32, device=DEVICE), gather=None,
-        inv_freq=put(inv_freq) if inv_freq is not None else None, rope_factor=factor,
+        frequencies={attn.position: (put(inv_freq), factor)} if inv_freq is not None else {},
         alibi=put(alibi_slopes(attn)) if isinstance(attn.position, ALiBi) else None, past=past, dtype=dtype,
         attention_bias=put(attention_bias(attn, positions, mask, past, DTYPE_NAMES[dtype])).to(dtype))
 
 
 def rotary(step):
-    if step.inv_freq is None:
+    if not step.frequencies:
         return None
-    angles = step.new_positions.float()[..., None] * step.inv_freq[:, None, :]
-    return angles.cos() * step.rope_factor, angles.sin() * step.rope_factor
+    (inv_freq, factor), = step.frequencies.values()
+    angles = step.new_positions.float()[..., None] * inv_freq[:, None, :]
+    return angles.cos() * factor, angles.sin() * factor
 
 
 ROPE_CASES = [  # heads, kv_heads, head_dim, position, rotary fraction, interleaved

@@ -21,18 +21,18 @@ from test_tensor_parallel import WORKER, assert_matches_one_process, run_two_ran
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=256)
 ROPE_100 = {"rope_type": "default", "rope_theta": 100.0}
-#: Causal-LM configs: each value differs from the family's default and moves the logits (a window that never
-#: applies, as transformers decides, excepted: its parity shows polylm decides the same).
+#: Causal-LM configs: each value differs from the family's default and moves the logits; Qwen2/Qwen3 window some
+#: layers (mixed layer types), by max_window_layers and by layer_types.
 QUIRKS = {
     "llama": dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta": 500.0, "low_freq_factor": 1.0,
                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
                   attention_bias=True, mlp_bias=True, head_dim=24, tie_word_embeddings=True, rms_norm_eps=1e-2,
                   hidden_act="gelu"),
     "qwen2": dict(rope_parameters=ROPE_100, rms_norm_eps=1e-2, tie_word_embeddings=True,
-                  use_sliding_window=True, sliding_window=4, max_window_layers=2),
+                  use_sliding_window=True, sliding_window=4, max_window_layers=1),
     "qwen3": dict(rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 100.0}, rms_norm_eps=1e-2,
-                  head_dim=24, attention_bias=True, use_sliding_window=True, sliding_window=4, max_window_layers=0,
-                  layer_types=["full_attention"] * 2),
+                  head_dim=24, attention_bias=True, use_sliding_window=True, sliding_window=3, max_window_layers=2,
+                  layer_types=["sliding_attention", "full_attention"]),
     "olmo2": dict(rope_parameters=ROPE_100, rms_norm_eps=1e-2, attention_bias=True, hidden_act="relu"),
     "granite": dict(embedding_multiplier=3.0, attention_multiplier=0.05, residual_multiplier=0.4, logits_scaling=3.0,
                     attention_bias=True, mlp_bias=True),
@@ -94,6 +94,8 @@ def test_quirks_reach_the_ir(ckpt_root):
     assert olmo2.block.attn_post_norm == olmo2.block.mlp_post_norm == olmo2.final_norm
     assert olmo2.attention.qk_norm.scope == "projection"
     assert ir("qwen3").attention.qk_norm.scope == "head" and ir("llama").attention.position.scaling.kind == "llama3"
+    assert [block.attention.window for block in ir("qwen2").layers] == [None, 4]
+    assert [block.attention.window for block in ir("qwen3").layers] == [3, None]
 
 
 def write_config(directory, family: str, **config):
@@ -106,27 +108,26 @@ def test_head_dim_defaults_as_transformers(tmp_path):
     assert model_ir(write_config(tmp_path, "llama")).attention.head_dim == 16  # hidden / heads
 
 
-@pytest.mark.parametrize("family,window", [
-    ("qwen2", dict(use_sliding_window=True, sliding_window=64, max_window_layers=1)),
-    ("qwen3", dict(use_sliding_window=True, sliding_window=64, layer_types=["full_attention", "sliding_attention"])),
+@pytest.mark.parametrize("family,window,windows", [
+    ("qwen2", dict(use_sliding_window=True, sliding_window=64, max_window_layers=1), (None, 64)),
+    ("qwen3", dict(use_sliding_window=True, sliding_window=64, layer_types=["full_attention", "sliding_attention"]),
+     (None, 64)),
+    ("qwen2", dict(use_sliding_window=True, sliding_window=64, max_window_layers=2), (None, None)),  # none from 2 on
+    ("qwen3", dict(use_sliding_window=True, sliding_window=64), (None, None)),  # max_window_layers 28 by default
+    ("qwen2", dict(use_sliding_window=True, max_window_layers=0), (4096, 4096)),  # sliding_window's default
+    ("qwen3", dict(use_sliding_window=False, sliding_window=64, layer_types=["sliding_attention"] * 2), (None, None)),
 ])
-def test_sliding_window_in_effect_is_declined_naming_the_keys(tmp_path, family, window):
-    path = write_config(tmp_path, family, **window) / "config.json"
-    with pytest.raises(ConfigError) as error:
+def test_sliding_windows_are_where_transformers_puts_them(tmp_path, family, window, windows):
+    ir = model_ir(write_config(tmp_path, family, **window))
+    assert tuple(block.attention.window for block in ir.layers) == windows
+
+
+def test_layer_types_of_another_kind_are_refused_naming_the_key(tmp_path):
+    path = write_config(tmp_path, "qwen2", use_sliding_window=True, sliding_window=8,
+                        layer_types=["full_attention", "chunked_attention"]) / "config.json"
+    with pytest.raises(ConfigError, match=f"{path}: key 'layer_types' has 'chunked_attention'; supported: "
+                                          "full_attention, sliding_attention"):
         model_ir(tmp_path)
-    message = str(error.value)
-    assert message.startswith(f"{path}: every family claiming model_type {family!r} declined")
-    assert f"{family} (polylm): use_sliding_window=true" in message and "sliding_window=64" in message
-
-
-@pytest.mark.parametrize("family,window", [
-    ("qwen2", dict(use_sliding_window=True, sliding_window=64, max_window_layers=2)),  # no layer from 2 on
-    ("qwen3", dict(use_sliding_window=True, sliding_window=64)),  # max_window_layers 28 by default
-    ("qwen2", dict(use_sliding_window=True, sliding_window=256, max_window_layers=0)),  # as long as the context
-    ("qwen3", dict(use_sliding_window=False, sliding_window=64, layer_types=["sliding_attention"] * 2)),
-])
-def test_sliding_window_that_never_applies_is_accepted(tmp_path, family, window):
-    assert model_ir(write_config(tmp_path, family, **window)).family == family
 
 
 def test_olmo2_refuses_tensor_parallel_naming_its_qk_norm(ckpt_root):
