@@ -44,15 +44,18 @@ class StepTensors:
     # uploaded for ops that read it (`ReferenceOps.reads_bias`); None for ops with the rule in their kernel
     attention_bias: torch.Tensor | None = None
     # a sliding-window layer's ring (`polylm.backend.Ring`): [batch, new] the ring slot each new token's key goes
-    # to; `attention_bias` is then the ring's (`masks.ring_bias`, always uploaded) and covers the slots attended
+    # to; [batch, span] the positions of the keys in the ring slots attended and whether each is real
+    # (`masks.ring_keys`); `attention_bias` is then the ring's (`masks.ring_bias`) for ops that read it
     ring_slots: torch.Tensor | None = None
-    # the tensors of the layers with each sliding window, by window (ring_slots and their bias set)
+    ring_positions: torch.Tensor | None = None
+    ring_mask: torch.Tensor | None = None
+    # the tensors of the layers with each sliding window, by window (the ring fields set)
     rings: dict[int, "StepTensors"] = field(default_factory=dict)
 
     @property
     def key_slots(self) -> int:
-        """How many cache slots attention reads: the step's slots, or the ring slots its bias covers."""
-        return self.mask.shape[1] if self.ring_slots is None else self.attention_bias.shape[-1]
+        """How many cache slots attention reads: the step's slots, or the ring slots of the pass."""
+        return self.mask.shape[1] if self.ring_slots is None else self.ring_mask.shape[1]
 
 
 def _lookup(table: torch.Tensor | RowTable, ids: torch.Tensor) -> torch.Tensor:

@@ -7,10 +7,10 @@ import torch
 
 from dataclasses import replace
 
-from polylm.backend import Cache, Pass, Runtime, Step
+from polylm.backend import Cache, Pass, RingPass, Runtime, Step
 from polylm.checkpoint.weights import Weights
 from polylm.ir import ALiBi, Attention, Block, ModelIR, RoPE
-from polylm.numerics.masks import attention_bias, ring_bias
+from polylm.numerics.masks import attention_bias, ring_bias, ring_keys
 from polylm.numerics.positions import alibi_slopes, rope_frequencies_per_row
 from polylm.parallel.plan import ShardPlan
 
@@ -73,10 +73,19 @@ class TorchRuntime(Runtime):
             gather=self._put(step.gather) if step.gather is not None else None,
             frequencies={rope: self.rope_frequencies(rope, step.positions[:, past:]) for rope in self.ropes},
             alibi=self.alibi, past=past, dtype=self.torch_dtype, attention_bias=bias)
-        tensors.rings = {window: replace(tensors, ring_slots=self._put(ring.slots), attention_bias=self._put(
-            ring_bias(self.ir.attention, step.positions, step.mask, past, ring, self.dtype, heads)
-        ).to(self.torch_dtype)) for window, ring in part.rings.items()}
+        tensors.rings = {window: self._ring_tensors(tensors, part, ring, heads) for window, ring in part.rings.items()}
         return tensors
+
+    def _ring_tensors(self, tensors: StepTensors, part: Pass, ring: RingPass, heads: range | None) -> StepTensors:
+        """The pass's tensors as the layers of one sliding window read them (see `StepTensors.ring_slots`)."""
+        step = part.step
+        key_positions, real = ring_keys(step.positions, step.mask, ring)
+        bias = None
+        if self.ops.reads_bias:
+            bias = self._put(ring_bias(self.ir.attention, step.positions, step.mask, part.past, ring, self.dtype,
+                                       heads)).to(self.torch_dtype)
+        return replace(tensors, ring_slots=self._put(ring.slots), ring_positions=self._put(key_positions),
+                       ring_mask=self._put(real), attention_bias=bias)
 
     def rope_frequencies(self, rope: RoPE, positions: np.ndarray) -> tuple[torch.Tensor, float]:
         """RoPE inverse frequencies [batch or 1, rotary_dim / 2] of `rope` for query `positions`, kept on the

@@ -3,7 +3,8 @@ the keys (split-KV) when the batch and heads alone cannot fill the GPU, plus the
 
 A program takes the query heads that share one KV head (GQA/MQA: `kv_head = head // group`, transformers'
 `repeat_kv` order) for a block of new tokens, so each key/value tile is read once for the whole group.
-Visibility comes from the step only: a query in cache slot s sees slot j ≤ s whose mask is set; ALiBi adds
+Visibility comes from the step only: a query in cache slot s sees slot j ≤ s whose mask is set (in a sliding-window
+ring, real keys fewer than `window` positions before the query's own: `WINDOW`); ALiBi adds
 slope · (position_j − position_s). The key loop stops at the block's last query slot, read from the device, so
 the same launch serves a cache of any fill. Masked scores get a large finite negative value rather than −inf:
 a fully masked (padding) row then averages values instead of dividing 0 by 0, and any visible key wipes
@@ -30,11 +31,11 @@ PROGRAMS_PER_SM = 2
 @triton.jit
 def _attention_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, max_ptr, sum_ptr, mask_ptr, positions_ptr, slots_ptr, slopes_ptr,
-        batch, new, keys, split_keys, scale_log2,
+        query_positions_ptr, batch, new, keys, split_keys, scale_log2,
         stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
-        stride_mask, stride_positions,
+        stride_mask, stride_positions, stride_query_positions,
         NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_ALIBI: tl.constexpr,
-        SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        WINDOW: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     GROUP: tl.constexpr = NUM_HEADS // NUM_KV_HEADS
     b = tl.program_id(0) // NUM_KV_HEADS
@@ -52,14 +53,19 @@ def _attention_kernel(
 
     q = tl.load(q_ptr + b64 * stride_qb + head[:, None] * stride_qh + t[:, None] * stride_qt + d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    query_slot = tl.load(slots_ptr + t)
-    last_t = tl.minimum(tl.program_id(1) * BLOCK_M + BLOCK_M - 1, n_rows - 1) // GROUP
-    end = tl.minimum(tl.load(slots_ptr + last_t) + 1, keys)
+    if WINDOW:  # a sliding-window ring: every key slot may hold a visible key; visibility by positions
+        query_position = tl.load(query_positions_ptr + b64 * stride_query_positions + t)
+        end = keys
+    else:
+        query_slot = tl.load(slots_ptr + t)
+        last_t = tl.minimum(tl.program_id(1) * BLOCK_M + BLOCK_M - 1, n_rows - 1) // GROUP
+        end = tl.minimum(tl.load(slots_ptr + last_t) + 1, keys)
+        if HAS_ALIBI:
+            query_position = tl.load(positions_ptr + b64 * stride_positions + query_slot)
     start = split * split_keys
     stop = tl.minimum(start + split_keys, end)
     if HAS_ALIBI:
         slope = tl.load(slopes_ptr + head) * 1.4426950408889634
-        query_position = tl.load(positions_ptr + b64 * stride_positions + query_slot)
 
     row_max = tl.full([BLOCK_M], -1.0e30, tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
@@ -71,11 +77,16 @@ def _attention_kernel(
         k = tl.load(k_ptr + b64 * stride_kb + kv_head * stride_kh + key.to(tl.int64)[:, None] * stride_ks + d[None, :],
                     mask=kv_mask, other=0.0)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        if HAS_ALIBI:
+        if HAS_ALIBI or WINDOW:
             key_position = tl.load(positions_ptr + b64 * stride_positions + key, mask=key_ok, other=0)
+        if HAS_ALIBI:
             scores += slope[:, None] * (key_position[None, :] - query_position[:, None]).to(tl.float32)
         real = tl.load(mask_ptr + b64 * stride_mask + key, mask=key_ok, other=0) != 0
-        visible = real[None, :] & (key[None, :] <= query_slot[:, None])
+        if WINDOW:
+            distance = query_position[:, None] - key_position[None, :]
+            visible = real[None, :] & (distance >= 0) & (distance < WINDOW)
+        else:
+            visible = real[None, :] & (key[None, :] <= query_slot[:, None])
         scores = tl.where(visible, scores, -1.0e30)
         new_max = tl.maximum(row_max, tl.max(scores, axis=1))
         rescale = tl.math.exp2(row_max - new_max)
@@ -119,13 +130,18 @@ def _merge_splits_kernel(acc_ptr, max_ptr, sum_ptr, out_ptr, n_rows, num_splits,
 
 def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
               positions: torch.Tensor, slots: torch.Tensor, alibi: torch.Tensor | None, attn: Attention,
-              num_splits: int | None = None) -> torch.Tensor:
+              num_splits: int | None = None, query_positions: torch.Tensor | None = None) -> torch.Tensor:
     """q [batch, heads, new, head_dim] (any strides, unit in head_dim) attends to the cache's keys/values
     [batch, kv_heads, capacity, head_dim] within the first mask.shape[1] slots; the new tokens sit in `slots`
     [new] (int32). mask/positions are [batch, ≥ keys]. Returns [batch, new, heads·head_dim].
 
+    A sliding-window layer's ring (`attn.window` set) passes the ring's keys instead: mask/positions [batch,
+    keys] say which ring slots hold real keys and their positions (`polylm.numerics.masks.ring_keys`), and
+    `query_positions` [batch, new] the new tokens'; a query at position p sees real keys in (p − window, p].
+
     `num_splits` forces the number of key splits (tests); by default it is chosen from the GPU's size."""
     batch, heads, new, head_dim = q.shape
+    ring = query_positions is not None
     keys_len = mask.shape[1]
     group = heads // attn.num_kv_heads
     tiles = attention_tiles(head_dim, new * group, exact=q.dtype == torch.float32)
@@ -145,11 +161,12 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: t
         partial, row_max, row_sum = out, out, out
     _attention_kernel[(batch * attn.num_kv_heads, row_blocks, num_splits)](
         q, keys, values, partial, row_max, row_sum, mask, positions, slots, alibi if alibi is not None else q,
-        batch, new, keys_len, split_keys, attn.softmax_scale * LOG2E,
+        query_positions if ring else positions, batch, new, keys_len, split_keys, attn.softmax_scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), mask.stride(0), positions.stride(0),
+        query_positions.stride(0) if ring else 0,
         NUM_HEADS=heads, NUM_KV_HEADS=attn.num_kv_heads, HEAD_DIM=head_dim, HAS_ALIBI=alibi is not None,
-        SPLIT=num_splits > 1, **tiles)
+        WINDOW=attn.window if ring else 0, SPLIT=num_splits > 1, **tiles)
     if num_splits > 1:
         n_rows = batch * new * heads
         _merge_splits_kernel[(n_rows,)](partial, row_max, row_sum, out, n_rows, num_splits, HEAD_DIM=head_dim,

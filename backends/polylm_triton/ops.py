@@ -46,14 +46,14 @@ class TritonOps(ReferenceOps):
     def rope_and_cache(self, qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                        rotary: tuple[torch.Tensor, torch.Tensor] | None, step: StepTensors,
                        attn: Attention) -> torch.Tensor:
-        if step.ring_slots is not None:  # sliding-window rings: the reference ops with core's ring bias
-            return super().rope_and_cache(qkv, keys, values, rotary, step, attn)
-        return rope.rope_and_cache(qkv, keys, values, rotary, step.slots, attn)
+        slots = step.slots if step.ring_slots is None else step.ring_slots  # a sliding-window layer: its ring's
+        return rope.rope_and_cache(qkv, keys, values, rotary, slots, attn)
 
     def attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, step: StepTensors,
                   attn: Attention) -> torch.Tensor:
         if step.ring_slots is not None:
-            return super().attention(q, keys, values, step, attn)
+            return attention.attention(q, keys, values, step.ring_mask, step.ring_positions, step.slots, step.alibi,
+                                       attn, query_positions=step.new_positions)
         return attention.attention(q, keys, values, step.mask, step.positions, step.slots, step.alibi, attn)
 
     def activation(self, h: torch.Tensor, mlp: MLP) -> torch.Tensor:

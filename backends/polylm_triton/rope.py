@@ -1,5 +1,6 @@
 """One Triton kernel that splits the fused q/k/v projection into heads, rotates q and k (RoPE: interleaved or
-half-split pairs, partial rotary) and writes k and v straight into the KV cache at the step's slots."""
+half-split pairs, partial rotary) and writes k and v straight into the KV cache at the step's slots (or each
+row's own ring slots)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from .config import TILE, warps
 
 @triton.jit
 def _rope_and_cache_kernel(
-        qkv_ptr, cos_ptr, sin_ptr, slots_ptr, q_ptr, k_ptr, v_ptr, n_rows, new,
+        qkv_ptr, cos_ptr, sin_ptr, slots_ptr, q_ptr, k_ptr, v_ptr, n_rows, new, stride_slots,
         stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
         NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROTARY_DIM: tl.constexpr,
         INTERLEAVED: tl.constexpr, HAS_ROPE: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -44,7 +45,7 @@ def _rope_and_cache_kernel(
         other = other.to(tl.float32)
         x = tl.where(rotating, x * cos + tl.where(first[None, :], -other, other) * sin, x)
     batch, t = (token // new).to(tl.int64), token % new
-    slot = tl.load(slots_ptr + t, mask=row_ok, other=0).to(tl.int64)
+    slot = tl.load(slots_ptr + batch * stride_slots + t, mask=row_ok, other=0).to(tl.int64)
     is_q = head < NUM_HEADS
     is_v = head >= NUM_HEADS + NUM_KV_HEADS
     is_k = ~is_q & ~is_v
@@ -62,7 +63,7 @@ def rope_and_cache(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                    attn: Attention) -> torch.Tensor:
     """See `ReferenceOps.rope_and_cache`: qkv [batch, new, (heads + 2·kv_heads)·head_dim] → q [batch, heads, new,
     head_dim] (a transposed view); k and v land in `keys`/`values` [batch, kv_heads, capacity, head_dim]
-    (unit stride in head_dim) at `slots` [new]."""
+    (unit stride in head_dim) at `slots`: [new], the same in every row, or [batch, new] (a sliding-window ring's)."""
     batch, new, _ = qkv.shape
     qkv = qkv.contiguous()
     q = torch.empty((batch, new, attn.num_heads, attn.head_dim), dtype=qkv.dtype, device=qkv.device)
@@ -72,7 +73,7 @@ def rope_and_cache(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     cos, sin = (t.contiguous() for t in rotary) if rotary is not None else (qkv, qkv)
     rope = attn.position
     _rope_and_cache_kernel[(triton.cdiv(n_rows, block_rows),)](
-        qkv, cos, sin, slots, q, keys, values, n_rows, new,
+        qkv, cos, sin, slots, q, keys, values, n_rows, new, slots.stride(0) if slots.dim() == 2 else 0,
         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
         NUM_HEADS=attn.num_heads, NUM_KV_HEADS=attn.num_kv_heads, HEAD_DIM=attn.head_dim,
         ROTARY_DIM=max(attn.rotary_dim, 2), INTERLEAVED=isinstance(rope, RoPE) and rope.interleaved,

@@ -35,6 +35,16 @@ def attention_bias(attention: Attention, positions: np.ndarray, mask: np.ndarray
     return _bias(attention, positions, mask, past, dtype, key_slots, heads)
 
 
+def ring_keys(positions: np.ndarray, mask: np.ndarray, ring: RingPass) -> tuple[np.ndarray, np.ndarray]:
+    """The keys a sliding-window layer's ring holds for a pass, [batch, ring.span] each: their positions, and
+    whether each is a real token (for a kernel that applies `ring_bias`'s rule itself: a query at position p
+    sees the real keys at positions in (p − window, p])."""
+    owner = ring.owner[:, :ring.span]
+    held = (owner >= 0) & (owner < mask.shape[1])
+    rows, slots = np.arange(owner.shape[0])[:, None], np.where(held, owner, 0)
+    return positions[rows, slots], held & mask[rows, slots]
+
+
 def ring_bias(attention: Attention, positions: np.ndarray, mask: np.ndarray, past: int, ring: RingPass, dtype: str,
               heads: range | None = None) -> np.ndarray:
     """`attention_bias` for a sliding-window layer's ring (`polylm.backend.Ring`), float32

@@ -14,9 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from polylm.backend import Step
+from dataclasses import replace
+
+import polylm.backend
+from polylm.backend import Ring, Step
 from polylm.ir import ALiBi, Attention, MLP, Norm, RoPE
-from polylm.numerics.masks import attention_bias
+from polylm.numerics.masks import attention_bias, ring_bias, ring_keys
 from polylm.numerics.positions import alibi_slopes, rope_frequencies_per_row
 from polylm_torch_common.ops import ReferenceOps, StepTensors
 from polylm_torch_common.params import NormParams
@@ -231,6 +234,41 @@ def test_decode_attention_reads_only_filled_slots(num_splits):
     wide_positions[:, :12] = step.positions
     got = triton_attention(q, keys, values, wide_mask, wide_positions, step.slots, None, attn, num_splits=num_splits)
     close(got, expected, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,head_dim,position", ATTENTION_CASES)
+@pytest.mark.parametrize("new", [1, 3])
+def test_ring_cache_writes_and_attention(monkeypatch, dtype, heads, kv_heads, head_dim, position, new):
+    """A sliding-window layer (window 5) on a ring of 7 slots that has wrapped: the kernels write each row's own
+    ring slots (masked slots to the spare one) and attend as core's ring rule (`ring_bias`) says, for a
+    left-padded row with a masked slot among its tokens, as the scheduler makes them."""
+    monkeypatch.setattr(polylm.backend, "PASS_LIMIT", 3)
+    attn = replace(attention_ir(heads, kv_heads, head_dim, position), window=5)
+    mask = padded_mask([14, 9], 14, ["left", "left"])
+    mask[1, 14 - new] = False
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    ring, past = Ring.new(5, 2, capacity=100), 14 - new
+    for start in range(0, past, 3):
+        end = min(start + 3, past)
+        ring.write(Step(np.zeros((2, end - start), np.int64), positions[:, :end], mask[:, :end]), start)
+    part = ring.write(Step(np.zeros((2, new), np.int64), positions, mask), past)
+    key_positions, real = ring_keys(positions, mask, part)
+    step = replace(step_tensors(attn, mask, past, dtype), ring_slots=torch.from_numpy(part.slots).to(DEVICE),
+                   ring_positions=torch.from_numpy(key_positions).to(DEVICE), ring_mask=torch.from_numpy(real).to(DEVICE),
+                   attention_bias=torch.from_numpy(ring_bias(attn, positions, mask, past, part, DTYPE_NAMES[dtype])
+                                                   ).to(device=DEVICE, dtype=dtype))
+    qkv = random(2, new, (heads + 2 * kv_heads) * head_dim, dtype=dtype, seed=3)
+    caches = {}
+    for name, ops in (("triton", TRITON), ("reference", REFERENCE)):
+        keys, values = (random(2, kv_heads, ring.size + 1, head_dim, dtype=dtype, seed=s) for s in (6, 7))
+        q = ops.rope_and_cache(qkv, keys, values, rotary(step), step, attn)
+        caches[name] = (ops.attention(q, keys, values, step, attn), keys[:, :, :ring.size], values[:, :, :ring.size])
+    (got, *got_cache), (expected, *expected_cache) = caches["triton"], caches["reference"]
+    for a, b in zip(got_cache, expected_cache):  # the spare slot's content is whichever masked write came last
+        close(a, b, dtype)
+    sees = torch.from_numpy(mask[:, past:])
+    close(got[sees], expected[sees], dtype)
 
 
 def test_kernels_compile_for_cuda_without_a_gpu():
