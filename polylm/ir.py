@@ -16,7 +16,7 @@ from .errors import IRError
 NormKind = Literal["rms", "layer"]
 Activation = Literal["silu", "gelu_tanh", "gelu", "relu", "relu2"]
 RopeScalingKind = Literal["linear", "dynamic", "yarn", "llama3"]
-QKVLayout = Literal["separate", "fused_interleaved_per_head"]
+QKVLayout = Literal["separate", "fused_per_kv_group"]
 Task = Literal["causal-lm", "sequence-classification", "token-classification", "question-answering"]
 
 ACTIVATIONS: tuple[str, ...] = ("silu", "gelu_tanh", "gelu", "relu", "relu2")
@@ -132,9 +132,13 @@ class RoPE:
 
 @dataclass(frozen=True)
 class ALiBi:
-    """Attention with linear biases: per-head slope × (key position − query position), no rotary."""
+    """Attention with linear biases: per-head slope × (key position − query position), no rotary.
+
+    `scaled`: the bias is multiplied by the softmax scale too (Falcon adds it to q·k before scaling; BLOOM after).
+    """
 
     max_bias: float = 8.0
+    scaled: bool = False
 
 
 #: How attention sees positions; None: it does not (the embedding's `LearnedPositions` carry them, GPT-2).
@@ -178,7 +182,9 @@ class Attention:
     """Multi-head / grouped-query attention.
 
     `qkv_layout` says how the checkpoint stores the projections: separately (q, k, v) or as one tensor
-    interleaved per head ([heads, 3, head_dim] rows, BLOOM). `scale` defaults to head_dim ** -0.5.
+    interleaved per key/value group, rows [kv_heads, heads / kv_heads + 2, head_dim]: each group's query heads,
+    then its key and its value (Falcon's; with one head per group, [heads, 3, head_dim]: BLOOM, GPT-NeoX).
+    `scale` defaults to head_dim ** -0.5.
     `position` None: attention sees no positions (the embedding adds learned ones, `LearnedPositions`).
     `window`: sliding-window attention, a query sees only the keys fewer than `window` positions before it (itself
     included: transformers' `sliding_window`); None sees every earlier key. `softcap` caps the scaled attention
@@ -209,10 +215,7 @@ class Attention:
         _require(self.num_heads % self.num_kv_heads == 0,
                  f"num_attention_heads ({self.num_heads}) must be divisible by num_key_value_heads "
                  f"({self.num_kv_heads})")
-        _require(self.qkv_layout in ("separate", "fused_interleaved_per_head"),
-                 f"unknown qkv layout {self.qkv_layout!r}")
-        _require(self.qkv_layout == "separate" or self.num_kv_heads == self.num_heads,
-                 "a fused per-head QKV layout needs num_key_value_heads == num_attention_heads")
+        _require(self.qkv_layout in ("separate", "fused_per_kv_group"), f"unknown qkv layout {self.qkv_layout!r}")
         if isinstance(self.position, RoPE):
             _require(self.rotary_dim >= 2 and self.rotary_dim % 2 == 0,
                      f"rotary dims (head_dim {self.head_dim} × partial_rotary_factor "

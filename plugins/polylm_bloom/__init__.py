@@ -24,7 +24,7 @@ def to_ir(config: ConfigView, task: str) -> ModelIR:
     heads, _, head_dim = read_heads(config, hidden, heads_keys=("n_head", "num_attention_heads"))
     norm = Norm("layer", config.get("layer_norm_epsilon", kind=float, default=1e-5), bias=True)
     attention = Attention(heads, heads, head_dim, ALiBi(), qkv_bias=True, out_bias=True,
-                          qkv_layout="fused_interleaved_per_head")
+                          qkv_layout="fused_per_kv_group")
     block = Block(norm, attention, norm, MLP(4 * hidden, "gelu_tanh", gated=False, bias=True),
                   residual_from_normed=config.get("apply_residual_connection_post_layernorm", kind=bool,
                                                   default=False))

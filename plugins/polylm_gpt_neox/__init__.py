@@ -29,7 +29,7 @@ def to_ir(config: ConfigView, task: str) -> ModelIR:
     norm = Norm("layer", config.get("layer_norm_eps", kind=float, default=1e-5), bias=True)
     bias = config.get("attention_bias", kind=bool, default=True)
     attention = Attention(heads, heads, head_dim, read_rope(_with_legacy_rope_keys(config), default_fraction=0.25),
-                          qkv_bias=bias, out_bias=bias, qkv_layout="fused_interleaved_per_head")
+                          qkv_bias=bias, out_bias=bias, qkv_layout="fused_per_kv_group")
     mlp = MLP(config.positive("intermediate_size"), read_activation(config, "hidden_act", default="gelu"),
               gated=False, bias=True)
     block = Block(norm, attention, norm, mlp, parallel=config.get("use_parallel_residual", kind=bool, default=True))

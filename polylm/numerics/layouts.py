@@ -1,5 +1,5 @@
-"""Where each canonical tensor's rows go when a backend fuses them: the layer's [q; k; v] projection (BLOOM's
-per-head interleaving undone) and its [gate; up] projection, as recipes every backend follows."""
+"""Where each canonical tensor's rows go when a backend fuses them: the layer's [q; k; v] projection (a fused
+tensor's per-group interleaving undone) and its [gate; up] projection, as recipes every backend follows."""
 
 from __future__ import annotations
 
@@ -19,12 +19,14 @@ def qkv_parts(attention: Attention, layer: str, param: str) -> tuple[str, ...]:
 def qkv_row_order(attention: Attention) -> np.ndarray | None:
     """Row permutation taking the concatenated `qkv_parts` to [q; k; v] rows, or None when already in order.
 
-    BLOOM's fused tensor holds rows [heads, 3, head_dim]; the runtime wants [3, heads, head_dim].
+    A fused tensor holds rows [kv_heads, group + 2, head_dim] (each group's query heads, its key, its value;
+    `polylm.ir.Attention`); the runtime wants every query head, then every key, then every value.
     """
     if attention.qkv_layout == "separate":
         return None
-    heads, head_dim = attention.num_heads, attention.head_dim
-    return np.arange(3 * heads * head_dim).reshape(heads, 3, head_dim).transpose(1, 0, 2).reshape(-1)
+    kv_heads, group = attention.num_kv_heads, attention.num_heads // attention.num_kv_heads
+    rows = np.arange(kv_heads * (group + 2) * attention.head_dim).reshape(kv_heads, group + 2, attention.head_dim)
+    return np.concatenate([rows[:, :group].reshape(-1), rows[:, group].reshape(-1), rows[:, group + 1].reshape(-1)])
 
 
 def up_parts(mlp: MLP, layer: str, param: str) -> tuple[str, ...]:

@@ -96,7 +96,8 @@ def _yarn(rope: RoPE, dim: int, exponents: np.ndarray) -> tuple[np.ndarray, floa
 
 
 def alibi_slopes(attention: Attention) -> np.ndarray:
-    """Per-head ALiBi slopes (float32), for any head count, as BLOOM computes them."""
+    """Per-head ALiBi slopes (float32), for any head count, as BLOOM computes them; times the softmax scale
+    for a `scaled` ALiBi (Falcon's), so that every backend adds slope × distance to the scaled logits."""
     alibi = attention.position
     assert isinstance(alibi, ALiBi)
     heads = attention.num_heads
@@ -107,4 +108,5 @@ def alibi_slopes(attention: Attention) -> np.ndarray:
         extra_base = 2.0 ** (-alibi.max_bias / (2 * closest))
         remaining = min(closest, heads - closest)
         slopes += [extra_base ** p for p in range(1, 2 * remaining, 2)]
-    return np.asarray(slopes, dtype=np.float32)
+    scale = attention.softmax_scale if alibi.scaled else 1.0
+    return (np.asarray(slopes, dtype=np.float64) * scale).astype(np.float32)

@@ -144,6 +144,10 @@ def plan_shards(ir: ModelIR, shard: Shard) -> ShardPlan:
         if size < world:
             raise ParallelError(f"tensor parallelism over {world} ranks: the {what} ({size}) is smaller than the "
                                 f"world size")
+    if attn.qkv_layout != "separate" and attn.num_kv_heads % world:
+        raise ParallelError(f"tensor parallelism over {world} ranks needs the {attn.num_kv_heads} key/value groups of "
+                            f"the fused query_key_value tensor to split evenly; choose a world size that divides "
+                            f"{attn.num_kv_heads}")
     if attn.qk_norm is not None and attn.qk_norm.scope == "projection" and world > 1:
         raise ParallelError(f"tensor parallelism over {world} ranks does not split a query/key norm over the whole "
                             "projection (OLMo-2's q_norm/k_norm) yet: its statistics span every head; run it in one "
@@ -172,8 +176,9 @@ def plan_shards(ir: ModelIR, shard: Shard) -> ShardPlan:
             parts = qkv_parts(attn, layer, param)
             if attn.qkv_layout == "separate":
                 slices.update(zip(parts, (q_rows, kv_rows, kv_rows)))
-            else:  # rows [heads, 3, head_dim]: a rank's heads are one contiguous block
-                slices[parts[0]] = TensorSlice(0, heads.start * 3 * d, heads.stop * 3 * d)
+            else:  # rows [kv_heads, group + 2, head_dim]: a rank's groups are one contiguous block
+                group_rows = (attn.num_heads // attn.num_kv_heads + 2) * d
+                slices[parts[0]] = TensorSlice(0, kv_heads.start * group_rows, kv_heads.stop * group_rows)
         slices[f"{layer}.attn.o.weight"] = TensorSlice(1, heads.start * d, heads.stop * d)
         if attn.qk_norm is not None and attn.qk_norm.scope == "head_each":  # one weight row per head
             for param in ("weight", "bias") if attn.qk_norm.norm.bias else ("weight",):

@@ -66,7 +66,7 @@ def test_quirks_reach_the_ir(ckpt_root):
     assert phi.attention.rotary_dim == 12 and phi.block.mlp.activation == "gelu_tanh"
     assert stablelm.block.parallel and stablelm.block.mlp_norm is None and stablelm.attention.rotary_dim == 8
     assert stablelm.attention.qkv_bias and not stablelm.attention.out_bias and stablelm.head.tied_to_embedding
-    assert not neox.block.parallel and neox.attention.qkv_layout == "fused_interleaved_per_head"
+    assert not neox.block.parallel and neox.attention.qkv_layout == "fused_per_kv_group"
     assert neox.attention.rotary_dim == 8 and neox.attention.position.theta == 500.0
     assert neox.block.mlp_norm.eps == 1e-3 and neox.head.tied_to_embedding
     other = model_ir(checkpoint(ckpt_root, "gpt_neox", "sequence-classification"))
