@@ -282,9 +282,7 @@ def _inspect(args: argparse.Namespace) -> None:
 
     if args.model_path is not None and args.model is not None:
         raise InputError("give the model once: as MODEL or as --model")
-    with warnings.catch_warnings():  # the family's notes are part of the report
-        warnings.simplefilter("ignore", FamilyNote)
-        report = inspect(_model_path(args.model if args.model_path is None else args.model_path), dtype=args.dtype)
+    report = inspect(_model_path(args.model if args.model_path is None else args.model_path), dtype=args.dtype)
     print(json.dumps(report.as_dict(), ensure_ascii=False) if args.json else render(report))
 
 

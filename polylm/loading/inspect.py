@@ -59,7 +59,7 @@ class Inspection:
     ir: ModelIR
     parameters: dict[str, int]  # PARTS, then "total"; a tied head counts once, in the embedding
     weight_bytes: dict[str, int]  # stored dtype → bytes of the tensors the model reads
-    quantized_bytes: dict[str, int]  # "int8" / "int4" → bytes of the same weights under that `--quantize`
+    quantized_bytes: dict[str, dict[str, int]]  # "int8" / "int4" → `weight_bytes` under that `--quantize`
     kv_dtype: str
     kv_bytes_per_token: int
     kv_bytes_at_context: int
