@@ -239,9 +239,10 @@ class Weights(Mapping[str, TensorRef]):
 
 def resolve(checkpoint: Checkpoint, shapes: Mapping[str, tuple[int, ...]], module_names: Mapping[str, ModuleName],
             head_name: str, base_prefixes: tuple[str, ...], ignored: tuple[str, ...],
-            other_heads: Mapping[str, str]) -> Weights:
+            other_heads: Mapping[str, str], *, check_values: bool = True) -> Weights:
     """Match every canonical tensor to its checkpoint tensor (or its view: `Stored`), checking presence, shape,
-    dtype and leftovers (a checkpoint tensor may serve several canonical ones)."""
+    dtype and leftovers (a checkpoint tensor may serve several canonical ones); with `check_values`, the 1-D
+    tensors' values too (the only tensor data read here; `polylm inspect` reads none)."""
     prefix = _detect_prefix(checkpoint, module_names, base_prefixes)
     refs: dict[str, TensorRef] = {}
     for name, shape in shapes.items():
@@ -266,7 +267,8 @@ def resolve(checkpoint: Checkpoint, shapes: Mapping[str, tuple[int, ...]], modul
         if ref.dtype not in ("float32", "bfloat16", "float16"):
             raise WeightsError(f"{ref.file}: tensor {key!r} has dtype {ref.dtype}; expected F32, BF16 or F16")
         refs[name] = ref
-    _check_finite_vectors(refs.values())
+    if check_values:
+        _check_finite_vectors(refs.values())
     used = {ref.key for ref in refs.values()}
     patterns = [re.compile(p) for p in ignored]
     tied_copy = f"{head_name}.weight" if "head.weight" not in shapes else None

@@ -15,6 +15,23 @@ from ..errors import InputError, PolylmError
 from ..family import FamilyNote
 
 EXIT_USER_ERROR = 2
+INSPECT_DESCRIPTION = """\
+Describe a checkpoint from config.json and its safetensors headers alone (no tensor data is read): family and
+plugin, the IR as a tree, parameters per part (as transformers' num_parameters() counts them), weight bytes per
+stored dtype and under --quantize int8/int4, KV-cache bytes, the backend `auto` picks here, tokenizer and chat
+template.
+
+--json prints one object with the keys:
+  model, directory, model_type, family, task, notes   as given / found; notes: the family's notes
+  plugin            {entry_point, distribution, version} that registered the family
+  ir                the IR (polylm.ir.ModelIR) as data; each position has a "type": "rope" or "alibi"
+  parameters        {embedding, attention, mlp, norms, head, total}; a tied head counts in the embedding
+  weights           {bytes_by_dtype: {dtype: bytes}, bytes, quantized_bytes: {int8|int4: {dtype|int8|int4: bytes}}}
+  kv_cache          {dtype, bytes_per_token, context_length, bytes_at_context}; a windowed layer holds its window
+  backend           {auto: the backend `auto` picks or null, reason: its state or why none runs,
+                     backends: [{name, priority, available, auto, reason, dtypes}] in auto order}
+  tokenizer         whether tokenizer.json exists
+  chat_template     where the default chat template comes from, or null"""
 EXIT_INTERRUPTED = 130
 
 
@@ -112,6 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024, metavar="N",
                        help="largest request body, in bytes; larger ones get 413 (default 33554432: 32 MiB)")
     serve.set_defaults(handler=_serve)
+
+    inspect = commands.add_parser(
+        "inspect", help="describe a checkpoint without reading its tensors",
+        formatter_class=_formatter, description=INSPECT_DESCRIPTION,
+        epilog="example:\n  polylm inspect ./gemma-2b\n  polylm inspect --json google/gemma-2b")
+    inspect.add_argument("model_path", nargs="?", default=None, metavar="MODEL",
+                         help="model directory or cached Hub repo id (default: the built-in demo model)")
+    inspect.add_argument("--model", default=None, metavar="DIR", help="the same as MODEL, as other commands take it")
+    inspect.add_argument("--dtype", default=None, metavar="D",
+                         help="compute dtype the KV cache is counted in (default: as stored)")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object (keys above)")
+    inspect.set_defaults(handler=_inspect)
 
     plugins = commands.add_parser("plugins", help="list plugins: families, backends, and failures",
                                   formatter_class=_formatter, epilog="example:\n  polylm plugins")
@@ -247,6 +276,16 @@ def _serve(args: argparse.Namespace) -> None:
           max_body_bytes=args.max_body_bytes)
 
 
+def _inspect(args: argparse.Namespace) -> None:
+    from ..loading.inspect import inspect
+    from .inspect import render
+
+    if args.model_path is not None and args.model is not None:
+        raise InputError("give the model once: as MODEL or as --model")
+    report = inspect(_model_path(args.model if args.model_path is None else args.model_path), dtype=args.dtype)
+    print(json.dumps(report.as_dict(), ensure_ascii=False) if args.json else render(report))
+
+
 def _plugins(args: argparse.Namespace) -> None:
     from ..loading.registry import registry
 
@@ -267,13 +306,19 @@ def _plugins(args: argparse.Namespace) -> None:
         print(f"conflict: {conflict}")
 
 
+def _model_path(model: str | None) -> str:
+    """The model argument, or the demo model where a command lets it be left out (`run`, `inspect`)."""
+    if model is not None:
+        return model
+    from ..demo import DEMO_MODEL
+
+    return str(DEMO_MODEL)
+
+
 def _load(args: argparse.Namespace):
     from ..loading import load
 
-    if args.model is None:  # only `run` lets --model be left out
-        from ..demo import DEMO_MODEL
-
-        args.model = str(DEMO_MODEL)
+    args.model = _model_path(args.model)
     with warnings.catch_warnings():  # a family's notes are printed below as one line each
         warnings.simplefilter("ignore", FamilyNote)
         if args.tp != 1:

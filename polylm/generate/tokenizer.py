@@ -16,6 +16,15 @@ MAX_TEXT_CHARS = 4_000_000
 _LONG_TEXT = 65536
 
 
+def read_settings(directory: Path) -> dict[str, Any]:
+    """tokenizer_config.json as an object (empty when the file is absent)."""
+    path = directory / "tokenizer_config.json"
+    settings = read_json(path, error=TokenizerError) if path.exists() else {}
+    if not isinstance(settings, dict):
+        raise TokenizerError(f"{path}: expected a JSON object, found {type(settings).__name__}")
+    return settings
+
+
 class Tokenizer:
     """Encodes and decodes text; knows bos / eos / pad ids from the checkpoint's JSON files."""
 
@@ -29,11 +38,7 @@ class Tokenizer:
             self._fast = _Fast.from_str(text)
         except Exception as exc:  # noqa: BLE001 - the tokenizers library raises bare Exceptions
             raise TokenizerError(f"{path}: cannot load tokenizer ({str(exc).splitlines()[0]})") from None
-        settings_path = directory / "tokenizer_config.json"
-        self.settings: dict[str, Any] = read_json(settings_path, error=TokenizerError) if settings_path.exists() \
-            else {}
-        if not isinstance(self.settings, dict):
-            raise TokenizerError(f"{settings_path}: expected a JSON object, found {type(self.settings).__name__}")
+        self.settings = read_settings(directory)
         generation_path = directory / "generation_config.json"
         generation = read_json(generation_path) if generation_path.exists() else {}
         sources = [(generation, generation_path), (config.data, config.path)]

@@ -8,10 +8,10 @@ from pathlib import Path
 
 from ..backend import DTYPES
 from ..checkpoint.hub import resolve_model
-from ..checkpoint.weights import Checkpoint, resolve
+from ..checkpoint.weights import Checkpoint, Weights, resolve
 from ..config import ConfigView
 from ..errors import BackendError, TaskError, WeightsError
-from ..family import FamilyNote
+from ..family import Family, FamilyNote
 from ..generate.tokenizer import Tokenizer
 from ..ir import QUANTIZATIONS, TASKS, ModelIR
 from ..model import Model
@@ -65,11 +65,7 @@ def load(path: str | Path, *, backend: str = "auto", task: str | None = None, dt
 
         plan_shards(ir, Shard(0, tensor_parallel))
         plan = plan_shards(ir, chosen.join_group(tensor_parallel, timeout_s()))
-    checkpoint = Checkpoint(directory)
-    _check_layer_count(ir, checkpoint, config)
-    others = {t: m for t, m in family.head_names.items() if t != task and m != family.head_names[task]}
-    weights = resolve(checkpoint, ir.tensor_shapes(), family.module_names, family.head_names[task],
-                      family.base_prefixes, family.ignored_tensors, others)
+    weights = checkpoint_weights(directory, config, family, ir, task)
     dtype = dtype or weights["embed.weight"].dtype
     if dtype not in chosen.dtypes:
         raise BackendError(f"backend {chosen.name!r} cannot compute in {dtype}; it supports "
@@ -91,6 +87,17 @@ def check_supported(quantize: str | None, tensor_parallel: int | None) -> None:
         # a row-parallel slice of a quantized matrix would need scales of its own
         raise BackendError(f"weight-only quantization (quantize={quantize!r}, --quantize) does not run "
                            f"tensor-parallel (tensor_parallel={tensor_parallel}, --tp) yet; drop one of them")
+
+
+def checkpoint_weights(directory: Path, config: ConfigView, family: Family, ir: ModelIR, task: str, *,
+                       check_values: bool = True) -> Weights:
+    """The checkpoint tensors `ir` reads, matched from the safetensors headers and checked (presence, shapes,
+    dtypes, leftovers; with `check_values`, the 1-D tensors' values, the only data read before lowering)."""
+    checkpoint = Checkpoint(directory)
+    _check_layer_count(ir, checkpoint, config)
+    others = {t: m for t, m in family.head_names.items() if t != task and m != family.head_names[task]}
+    return resolve(checkpoint, ir.tensor_shapes(), family.module_names, family.head_names[task],
+                   family.base_prefixes, family.ignored_tensors, others, check_values=check_values)
 
 
 def model_ir(path: str | Path, *, task: str | None = None) -> ModelIR:
