@@ -57,6 +57,18 @@ class Step:
 PASS_LIMIT = 512
 
 
+def cache_windows(ir: ModelIR, capacity: int) -> tuple[int | None, ...]:
+    """Each layer's sliding window in a cache of `capacity` slots (None: full; a window as long as the cache
+    changes nothing, so that layer is full too)."""
+    return tuple(w if w is not None and w < capacity else None for w in (b.attention.window for b in ir.layers))
+
+
+def cache_slots(ir: ModelIR, capacity: int) -> list[int]:
+    """The slots each layer's keys (and values) take in a cache of `capacity` (`Cache.build`): the capacity, or a
+    windowed layer's ring and its spare slot."""
+    return [capacity if w is None else min(capacity, w + PASS_LIMIT - 1) + 1 for w in cache_windows(ir, capacity)]
+
+
 @dataclass
 class Ring:
     """The slot bookkeeping of the sliding-window layers of one window size: their caches hold `size` slots, the
@@ -130,8 +142,7 @@ class Cache:
     @classmethod
     def build(cls, ir: ModelIR, batch: int, capacity: int, make: Callable[[int], Any]) -> "Cache":
         """An empty cache for `ir`'s layers, with `make(slots)` making one layer's keys (or values) array."""
-        windows = tuple(w if w is not None and w < capacity else None
-                        for w in (block.attention.window for block in ir.layers))
+        windows = cache_windows(ir, capacity)
         rings = {w: Ring.new(w, batch, capacity) for w in set(windows) if w is not None}
         sizes = [capacity if w is None else rings[w].size + 1 for w in windows]
         return cls([make(n) for n in sizes], [make(n) for n in sizes], batch, capacity, 0, windows, rings)

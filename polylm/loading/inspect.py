@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..backend import DTYPES
+from ..backend import DTYPES, cache_slots
 from ..checkpoint.hub import resolve_model
 from ..checkpoint.weights import FLOAT_DTYPES, Weights
 from ..config import ConfigView
@@ -150,14 +150,14 @@ def quantized_bytes(shape: tuple[int, ...], quantization: Quantization) -> int:
 
 
 def kv_cache_bytes(ir: ModelIR, dtype: str) -> tuple[int, int]:
-    """KV-cache bytes per token and at the full context, keys and values in `dtype`; a layer with a sliding
-    window holds at most `window` tokens."""
+    """KV-cache bytes per token (every layer's keys and values in `dtype`) and of a cache of the full context,
+    where a layer with a sliding window holds only its ring (`polylm.backend.cache_slots`)."""
     per_token = at_context = 0
-    for block in ir.layers:
+    for block, slots in zip(ir.layers, cache_slots(ir, ir.context_length)):
         attention = block.attention
         layer = 2 * attention.num_kv_heads * attention.head_dim * _ITEMSIZE[dtype]
         per_token += layer
-        at_context += layer * min(attention.window or ir.context_length, ir.context_length)
+        at_context += layer * slots
     return per_token, at_context
 
 
