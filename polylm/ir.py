@@ -329,6 +329,8 @@ class Embedding:
 @dataclass(frozen=True)
 class Head:
     """The task head: one linear map of the final hidden states (tied to the embedding or its own tensor).
+    Its `bias` is its own tensor `head.bias` even when the weight is tied (transformers ties only the weight:
+    a tied Phi lm_head keeps its bias).
 
     What the outputs mean (vocabulary logits, labels, span start/end) is the task's; a backend only sees
     the linear map. `labels` names the outputs of classification heads. The outputs are then multiplied by
@@ -351,7 +353,6 @@ class Head:
             _positive_float(self.softcap, "final logit softcap")
         _require(self.task in TASKS, f"unknown task {self.task!r}; supported: {', '.join(TASKS)}")
         _positive_int(self.out_features, "head size (vocab_size or num_labels)")
-        _require(not (self.tied_to_embedding and self.bias), "a head tied to the embedding has no bias")
         _require(not self.labels or len(self.labels) == self.out_features,
                  f"{len(self.labels)} labels for a head of {self.out_features} outputs")
 
