@@ -1,8 +1,9 @@
 """Typed reading of a checkpoint's config.json, shared by every family mapping.
 
 Every accessor names the file and key in its error, and knows the config forms found on the Hub and
-written by transformers v4 and v5 (top-level `rope_theta` / `rope_scaling` / `partial_rotary_factor`, or
-v5's `rope_parameters`; legacy `type` beside `rope_type`).
+written by transformers v4 and v5 (top-level `rope_theta` / `rope_scaling` / `partial_rotary_factor` /
+`original_max_position_embeddings`, or v5's `rope_parameters`; legacy `type` beside `rope_type`, `su` for
+`longrope`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ from .errors import ConfigError, IRError
 from .ir import TASKS, Head, RoPE, RopeScaling
 
 _MISSING = object()
+#: RoPE keys a config may give at its top level, beside `rope_scaling` / `rope_parameters` (Phi-3 gives
+#: original_max_position_embeddings there).
+_TOP_LEVEL_ROPE_KEYS = ("rope_theta", "partial_rotary_factor", "original_max_position_embeddings")
+#: Legacy rope type names and what they mean now.
+_ROPE_TYPE_ALIASES = {"su": "longrope"}
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "an object",
                list: "a list"}
 
@@ -70,7 +76,7 @@ class ConfigView:
     def rope_parameters(self) -> "ConfigView":
         """v5 `rope_parameters` merged with the legacy top-level keys and `rope_scaling` (whose `type` means
         `rope_type`). A key two of them give different values is refused, naming both: neither wins silently."""
-        sources = [("the top level", {k: self.data[k]}) for k in ("rope_theta", "partial_rotary_factor") if self.has(k)]
+        sources = [("the top level", {k: self.data[k]}) for k in _TOP_LEVEL_ROPE_KEYS if self.has(k)]
         dicts = [key for key in ("rope_scaling", "rope_parameters") if self.has(key)]
         sources += [(repr(key), self.get(key, kind=dict)) for key in dicts]
         merged: dict[str, Any] = {}
@@ -90,6 +96,7 @@ def read_rope(config: ConfigView, *, interleaved: bool = False, default_theta: f
     """The RoPE description from any config form; an invalid value raises `IRError` naming the file and key."""
     params = config.rope_parameters()
     kind = params.get("rope_type", kind=str, default="default")
+    kind = _ROPE_TYPE_ALIASES.get(kind, kind)
     max_positions = config.positive("max_position_embeddings", default=2048)
     scaling = None
     try:
@@ -103,13 +110,20 @@ def read_rope(config: ConfigView, *, interleaved: bool = False, default_theta: f
 
 
 def _read_scaling(params: ConfigView, kind: str, max_positions: int) -> RopeScaling:
-    known = ("linear", "dynamic", "yarn", "llama3")
+    known = ("linear", "dynamic", "yarn", "llama3", "longrope")
     if kind not in known:
-        raise ConfigError(f"{params.path}: unsupported rope type {kind!r}; supported: default, {', '.join(known)}")
+        raise ConfigError(f"{params.path}: unsupported rope type {kind!r}; supported: default, {', '.join(known)} "
+                          f"(and su, the old name of longrope)")
     original = params.positive("original_max_position_embeddings", default=None)
     factor = params.get("factor", kind=float, default=None)
     if kind == "yarn" and factor is None and original:
         factor = max_positions / original
+    longrope = {}
+    if kind == "longrope":
+        original = original or max_positions  # as transformers fills it in
+        # factor only sets the default attention factor, which is 1 for any factor ≤ 1 (as for 1)
+        factor = factor if factor is not None else max(1.0, max_positions / original)
+        longrope = {name: tuple(params.get(name, kind=list)) for name in ("short_factor", "long_factor")}
     if factor is None:
         raise ConfigError(f"{params.path}: rope type {kind!r} needs 'factor'")
     if kind == "llama3" and original is None:
@@ -123,7 +137,7 @@ def _read_scaling(params: ConfigView, kind: str, max_positions: int) -> RopeScal
         attention_factor=params.get("attention_factor", kind=float, default=None),
         mscale=params.get("mscale", kind=float, default=None),
         mscale_all_dim=params.get("mscale_all_dim", kind=float, default=None),
-        truncate=params.get("truncate", kind=bool, default=True),
+        truncate=params.get("truncate", kind=bool, default=True), **longrope,
     )
 
 

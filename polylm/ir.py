@@ -15,7 +15,7 @@ from .errors import IRError
 
 NormKind = Literal["rms", "layer"]
 Activation = Literal["silu", "gelu_tanh", "gelu", "relu", "relu2"]
-RopeScalingKind = Literal["linear", "dynamic", "yarn", "llama3"]
+RopeScalingKind = Literal["linear", "dynamic", "yarn", "llama3", "longrope"]
 QKVLayout = Literal["separate", "fused_per_kv_group"]
 Task = Literal["causal-lm", "sequence-classification", "token-classification", "question-answering"]
 
@@ -61,11 +61,19 @@ class Norm:
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """RoPE frequency scaling, with the parameters of transformers' `rope_parameters` of the same name."""
+    """RoPE frequency scaling, with the parameters of transformers' `rope_parameters` of the same name.
+
+    LongRoPE (Phi-3) divides each frequency by its own factor: `short_factor` for a sequence of at most
+    `original_max_positions` tokens, `long_factor` past it, one factor per rotary pair; cos/sin are multiplied by
+    `attention_factor`, by default √(1 + ln factor / ln original_max_positions).
+    """
 
     kind: RopeScalingKind
     factor: float = 1.0
     original_max_positions: int | None = None
+    # longrope
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
     # llama3
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
@@ -78,8 +86,8 @@ class RopeScaling:
     truncate: bool = True
 
     def __post_init__(self) -> None:
-        _require(self.kind in ("linear", "dynamic", "yarn", "llama3"),
-                 f"rope scaling type must be one of linear, dynamic, yarn, llama3; got {self.kind!r}")
+        _require(self.kind in ("linear", "dynamic", "yarn", "llama3", "longrope"),
+                 f"rope scaling type must be one of linear, dynamic, yarn, llama3, longrope; got {self.kind!r}")
         # Bounds that keep the frequencies finite (transformers asks for the same factor ≥ 1); the top of the
         # factor keeps dynamic NTK's base power within float range.
         _require(_is_number(self.factor) and 1 <= self.factor <= MAX_ROPE_FACTOR,
@@ -93,13 +101,23 @@ class RopeScaling:
             _positive_float(self.high_freq_factor, "high_freq_factor")
             _require(self.high_freq_factor != self.low_freq_factor,
                      "rope scaling 'llama3' needs high_freq_factor != low_freq_factor")
+        if self.kind == "longrope":
+            # ≥ 2: the default attention factor divides by its logarithm
+            _require(self.original_max_positions is not None and self.original_max_positions >= 2,
+                     f"rope scaling 'longrope' needs original_max_position_embeddings ≥ 2, got "
+                     f"{self.original_max_positions!r}")
+            for name in ("short_factor", "long_factor"):
+                value = getattr(self, name)
+                _require(isinstance(value, tuple) and len(value) > 0 and all(
+                    _is_number(v) and v > 0 for v in value),
+                    f"{name} must be a list of positive numbers, got {value!r}")
+        if self.kind in ("yarn", "longrope") and self.attention_factor is not None:
+            _positive_float(self.attention_factor, "attention_factor")
         if self.kind == "yarn":
             for name in ("beta_fast", "beta_slow"):  # rotation counts; YaRN takes log(positions / (2π β))
                 value = getattr(self, name)
                 _require(_is_number(value) and value >= MIN_YARN_BETA,
                          f"{name} must be a number ≥ {MIN_YARN_BETA:g}, got {value!r}")
-            if self.attention_factor is not None:
-                _positive_float(self.attention_factor, "attention_factor")
             for name in ("mscale", "mscale_all_dim"):  # ≥ 0 keeps YaRN's 0.1·m·ln(factor) + 1 ≥ 1
                 value = getattr(self, name)
                 _require(value is None or (_is_number(value) and value >= 0),
@@ -224,6 +242,12 @@ class Attention:
             _require(scaling is None or scaling.kind != "dynamic" or self.rotary_dim >= 4,
                      f"dynamic rope scaling needs at least 4 rotary dims (its base grows by a power dim / (dim - 2)), "
                      f"got {self.rotary_dim}")
+            if scaling is not None and scaling.kind == "longrope":
+                for name in ("short_factor", "long_factor"):
+                    count = len(getattr(scaling, name))
+                    _require(count == self.rotary_dim // 2,
+                             f"{name} has {count} values; rope scaling 'longrope' needs one per rotary pair: "
+                             f"{self.rotary_dim // 2} (rotary dims {self.rotary_dim} / 2)")
 
     @property
     def rotary_dim(self) -> int:
@@ -310,6 +334,8 @@ class Embedding:
 @dataclass(frozen=True)
 class Head:
     """The task head: one linear map of the final hidden states (tied to the embedding or its own tensor).
+    Its `bias` is its own tensor `head.bias` even when the weight is tied (transformers ties only the weight:
+    a tied Phi lm_head keeps its bias).
 
     What the outputs mean (vocabulary logits, labels, span start/end) is the task's; a backend only sees
     the linear map. `labels` names the outputs of classification heads. The outputs are then multiplied by
@@ -332,7 +358,6 @@ class Head:
             _positive_float(self.softcap, "final logit softcap")
         _require(self.task in TASKS, f"unknown task {self.task!r}; supported: {', '.join(TASKS)}")
         _positive_int(self.out_features, "head size (vocab_size or num_labels)")
-        _require(not (self.tied_to_embedding and self.bias), "a head tied to the embedding has no bias")
         _require(not self.labels or len(self.labels) == self.out_features,
                  f"{len(self.labels)} labels for a head of {self.out_features} outputs")
 

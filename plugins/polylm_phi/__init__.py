@@ -1,10 +1,9 @@
 """Microsoft's Phi (1, 1.5, 2): a parallel block with one shared LayerNorm, partial RoPE, biases everywhere
-(the lm_head's too), a GELU MLP and optional per-head query/key LayerNorms."""
+(the lm_head's too, its own even when its weight is tied), a GELU MLP and optional per-head query/key LayerNorms."""
 
 from dataclasses import replace
 
 from polylm.config import ConfigView
-from polylm.errors import Declined
 from polylm.family import Family, llama_like
 from polylm.hookspecs import hookimpl
 from polylm.ir import ModelIR, Norm, QKNorm
@@ -25,9 +24,6 @@ MODULE_NAMES = {
 
 
 def to_ir(config: ConfigView, task: str) -> ModelIR:
-    if task == "causal-lm" and config.get("tie_word_embeddings", kind=bool, default=False):
-        raise Declined("tie_word_embeddings=true: Phi's lm_head has a bias, and a head tied to the embedding "
-                       "has none in polylm's IR")
     ir = llama_like(config, task, family="phi", norm=Norm("layer", 1e-5, bias=True), eps_keys=("layer_norm_eps",),
                     default_fraction=0.5, qkv_bias=True, out_bias=True, activation="gelu_new", gated=False,
                     mlp_bias=True)

@@ -16,7 +16,8 @@ from ..ir import ALiBi, Attention, RoPE
 def rope_frequencies(attention: Attention, seq_len: int) -> tuple[np.ndarray, float]:
     """Inverse frequencies (float32, rotary_dim // 2) and the cos/sin multiplier for a pass over `seq_len`.
 
-    `seq_len` is one more than the largest position in the pass; only dynamic NTK scaling depends on it.
+    `seq_len` is one more than the largest position in the pass; only dynamic NTK scaling and LongRoPE (which
+    takes its long factors past `original_max_positions`) depend on it.
     """
     rope = attention.position
     assert isinstance(rope, RoPE)
@@ -34,20 +35,27 @@ def rope_frequencies(attention: Attention, seq_len: int) -> tuple[np.ndarray, fl
         return (inv_freq / np.float32(scaling.factor)).astype(np.float32), 1.0
     if scaling.kind == "llama3":
         return _llama3(inv_freq, scaling), 1.0
+    if scaling.kind == "longrope":
+        return _longrope(rope, exponents, seq_len)
     return _yarn(rope, dim, exponents)
 
 
 def rope_frequencies_per_row(attention: Attention, positions: np.ndarray) -> tuple[np.ndarray, float]:
     """Inverse frequencies [batch or 1, rotary_dim // 2] for the query `positions` [batch, new] of a pass.
 
-    Only dynamic NTK scaling differs per row: each row is scaled by its own length, as if run alone.
+    Only dynamic NTK scaling and LongRoPE differ per row: each row is scaled by its own length, as if run alone
+    (one row when LongRoPE picks the same factors for every row).
     """
     rope = attention.position
-    if rope.scaling is None or rope.scaling.kind != "dynamic":
+    kind = rope.scaling.kind if rope.scaling is not None else None
+    if kind not in ("dynamic", "longrope"):
         inv_freq, factor = rope_frequencies(attention, 0)
         return inv_freq[None, :], factor
-    rows = [rope_frequencies(attention, int(row.max()) + 1)[0] for row in positions]
-    return np.stack(rows), 1.0
+    rows = [rope_frequencies(attention, int(row.max()) + 1) for row in positions]
+    inv_freq = np.stack([row[0] for row in rows])
+    if kind == "longrope" and (inv_freq == inv_freq[:1]).all():
+        inv_freq = inv_freq[:1]
+    return inv_freq, rows[0][1]
 
 
 def _llama3(inv_freq: np.ndarray, scaling) -> np.ndarray:
@@ -60,6 +68,17 @@ def _llama3(inv_freq: np.ndarray, scaling) -> np.ndarray:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
     return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def _longrope(rope: RoPE, exponents: np.ndarray, seq_len: int) -> tuple[np.ndarray, float]:
+    scaling = rope.scaling
+    original = scaling.original_max_positions
+    factors = scaling.long_factor if seq_len > original else scaling.short_factor
+    inv_freq = 1.0 / (np.asarray(factors, dtype=np.float32) * np.float32(rope.theta) ** exponents)
+    attention_factor = scaling.attention_factor
+    if attention_factor is None:
+        attention_factor = math.sqrt(1 + math.log(scaling.factor) / math.log(original)) if scaling.factor > 1 else 1.0
+    return inv_freq.astype(np.float32), float(attention_factor)
 
 
 def _yarn(rope: RoPE, dim: int, exponents: np.ndarray) -> tuple[np.ndarray, float]:
