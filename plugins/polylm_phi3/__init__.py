@@ -1,9 +1,9 @@
 """Microsoft's Phi-3 (3.5, Phi-4-mini): Llama-shaped without biases, q|k|v stacked in one `qkv_proj` and gate|up
-in one `gate_up_proj`, LongRoPE, partial RoPE (Phi-4-mini)."""
+in one `gate_up_proj`, LongRoPE, partial RoPE (Phi-4-mini), a sliding window on every layer."""
 
 from polylm.config import ConfigView
 from polylm.errors import Declined
-from polylm.family import LLAMA_MODULE_NAMES, Family, Stored, llama_like
+from polylm.family import LLAMA_MODULE_NAMES, Family, Stored, llama_like, sliding_window
 from polylm.hookspecs import hookimpl
 from polylm.ir import ModelIR, Norm
 
@@ -21,10 +21,7 @@ def to_ir(config: ConfigView, task: str) -> ModelIR:
         raise Declined("rope type 'yarn': transformers reads it as longrope in a phi3 config")
     ir = llama_like(config, task, family="phi3", norm=Norm("rms", 1e-5), qkv_bias=False, out_bias=False,
                     mlp_bias=False, context_default=4096)
-    window = config.get("sliding_window", default=None)
-    if window is not None and window < ir.context_length:
-        raise Declined(f"sliding_window={window} is shorter than the context ({ir.context_length})")
-    return ir
+    return sliding_window(ir, config)
 
 
 FAMILY = Family("phi3", ("phi3",), to_ir, MODULE_NAMES)

@@ -17,11 +17,10 @@ from polylm.checkpoint.weights import Checkpoint, resolve
 from polylm.errors import ConfigError, IRError
 from polylm.ir import Attention, RoPE, RopeScaling
 from polylm.loading import model_ir
-from polylm.loading.registry import PluginInfo, registry
+from polylm.loading.registry import registry
 from polylm.numerics.positions import rope_frequencies_per_row
 from polylm.parallel.plan import Shard, TensorSlice, plan_shards
 from polylm.testing import SEQUENCES, max_diff_padded
-from polylm_phi3 import FAMILY
 from polylm_torch_common.params import TensorReader
 from test_heads import qa_reference, with_qa_head
 from test_parity import BACKENDS, TOLERANCE, assert_parity
@@ -32,25 +31,15 @@ LONG = [2.0, 4.0, 8.0, 1.3, 5.5, 9.0]
 LONGROPE = dict(rope_type="longrope", short_factor=SHORT, long_factor=LONG, rope_theta=500.0,
                 partial_rotary_factor=0.75)
 #: The causal-LM config (quirks away from their defaults; LongRoPE switching at 16 tokens, a tied head, a window
-#: that never applies) and the config of every other task.
+#: that never applies) and the config of every other task (a window shorter than the prompts).
 CONFIGS = {
     "causal-lm": dict(num_key_value_heads=2, rope_parameters=LONGROPE, original_max_position_embeddings=16,
                       max_position_embeddings=64, sliding_window=64, rms_norm_eps=1e-3, tie_word_embeddings=True),
     "other": dict(num_key_value_heads=4, hidden_act="gelu_pytorch_tanh", rope_theta=100.0, rms_norm_eps=1e-4,
-                  max_position_embeddings=64),
+                  max_position_embeddings=64, sliding_window=5),
 }
 #: Rows on both sides of original_max_position_embeddings (16) in one batch: each takes its own factors.
 MIXED = [list(range(3, 23)), [1, 5, 9, 44, 21, 7, 100, 3, 250], list(range(40, 57)), list(range(60, 76))]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def phi3_registered():
-    """The phi3 family, registered as its entry point (pyproject.toml) would, until the package is reinstalled."""
-    claimants = registry().claimants
-    with pytest.MonkeyPatch.context() as patch:
-        if "phi3" not in claimants:
-            patch.setitem(claimants, "phi3", [(FAMILY, PluginInfo("phi3", "polylm", "dev"))])
-        yield
 
 
 def checkpoint(root, task="causal-lm", *, like=None, **overrides):
@@ -92,13 +81,13 @@ def test_quirks_reach_the_ir(ckpt_root):
     ir = model_ir(checkpoint(ckpt_root))
     attn, scaling = ir.attention, ir.attention.position.scaling
     assert (attn.num_kv_heads, attn.rotary_dim, attn.position.theta) == (2, 12, 500.0)
-    assert not (attn.qkv_bias or attn.out_bias or ir.block.mlp.bias) and attn.window is None
+    assert not (attn.qkv_bias or attn.out_bias or ir.block.mlp.bias) and attn.window == 64
     assert ir.head.tied_to_embedding and ir.final_norm.eps == 1e-3 and ir.max_positions == 64
     assert (scaling.kind, scaling.original_max_positions, scaling.factor) == ("longrope", 16, 4.0)
     assert scaling.short_factor == tuple(SHORT) and scaling.long_factor == tuple(LONG)
     other = model_ir(checkpoint(ckpt_root, "token-classification"))
     assert other.block.mlp.activation == "gelu_tanh" and other.attention.position.scaling is None
-    assert other.head.bias and other.attention.rotary_dim == 16
+    assert other.head.bias and other.attention.rotary_dim == 16 and other.attention.window == 5
 
 
 def test_longrope_frequencies_per_row(ckpt_root):
@@ -157,9 +146,8 @@ def test_quirks_move_the_logits(ckpt_root, tmp_path, edit):
 
 
 @pytest.mark.parametrize("edit,key", [
-    (lambda c: {**c, "sliding_window": 32}, "sliding_window=32"),
     (lambda c: {**c, "rope_parameters": {**c["rope_parameters"], "rope_type": "yarn"}}, "'yarn'"),
-], ids=["sliding_window", "yarn"])
+], ids=["yarn"])
 def test_declined_variant_names_the_key(ckpt_root, tmp_path, edit, key):
     directory = edited(checkpoint(ckpt_root), tmp_path, edit)
     with pytest.raises(ConfigError) as error:
