@@ -86,7 +86,6 @@ def test_gpt_neox_reads_the_legacy_rope_keys(ckpt_root, tmp_path):
 
 
 @pytest.mark.parametrize("family,config,key", [
-    ("stablelm", dict(qk_layernorm=True), "qk_layernorm=true"),
     ("phi", dict(tie_word_embeddings=True), "tie_word_embeddings=true"),
 ])
 def test_declined_variant_names_the_key(ckpt_root, family, config, key):
