@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 SHARED_LIMIT = 99 * 1024
-_FLOAT_ARGS = ("eps", "scale", "scale_log2")
+_FLOAT_ARGS = ("eps", "scale", "score_scale", "cap_log2")
 _POINTERS = {"ids_ptr": "*i64", "index_ptr": "*i64", "positions_ptr": "*i64", "slots_ptr": "*i32",
              "mask_ptr": "*i1", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "slopes_ptr": "*fp32",
              "max_ptr": "*fp32", "sum_ptr": "*fp32", "acc_ptr": "*fp32"}
@@ -33,14 +33,16 @@ def cases(dtype: str, quick: bool = False) -> list[tuple[str, object, dict, dict
     data = f"*{_TRITON_TYPES[dtype]}"
     exact = dtype == "float32"
     found = []
-    for label, rows, head_dim, group, alibi, split in (
-            ("prefill, 8 heads of 256 on 1 KV head", 512, 256, 8, False, False),
-            ("decode, split-KV, 8 heads of 256 on 1", 1, 256, 8, False, True),
-            ("decode, split-KV, ALiBi, heads of 96", 1, 96, 1, True, True),
-            ("prefill, ALiBi, heads of 96", 512, 96, 1, True, False)):
+    for label, rows, head_dim, group, alibi, softcap, split in (
+            ("prefill, 8 heads of 256 on 1 KV head", 512, 256, 8, False, False, False),
+            ("prefill, softcap, 8 heads of 256 on 1", 512, 256, 8, False, True, False),
+            ("decode, split-KV, softcap, 8 heads of 256 on 1", 1, 256, 8, False, True, True),
+            ("decode, split-KV, ALiBi, heads of 96", 1, 96, 1, True, False, True),
+            ("prefill, ALiBi, heads of 96", 512, 96, 1, True, False, False)):
         tiles = attention.attention_tiles(head_dim, rows * group, exact)
         options = {k: tiles.pop(k) for k in ("num_warps", "num_stages")}
-        constexprs = dict(NUM_HEADS=8 * group, NUM_KV_HEADS=8, HEAD_DIM=head_dim, HAS_ALIBI=alibi, SPLIT=split, **tiles)
+        constexprs = dict(NUM_HEADS=8 * group, NUM_KV_HEADS=8, HEAD_DIM=head_dim, HAS_ALIBI=alibi, SOFTCAP=softcap,
+                          SPLIT=split, **tiles)
         found.append((f"attention: {label}", attention._attention_kernel,
                       {"out_ptr": "*fp32" if split else data}, constexprs, options))
     found.append(("attention: merge splits", attention._merge_splits_kernel, {"out_ptr": data},
