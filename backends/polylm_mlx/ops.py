@@ -1,7 +1,8 @@
 """The MLX backend's primitive operations, one per IR feature.
 
 `mx.fast` kernels are used where their semantics are the IR's: RMSNorm on float32 input (so the weight
-multiply happens in float32, as the IR says), LayerNorm, and attention with an additive bias. RoPE is composed
+multiply happens in float32, as the IR says), LayerNorm, and attention with an additive bias (but not with a
+logit softcap, which it cannot apply: that attention is composed here). RoPE is composed
 here because each row has its own positions and frequencies, which `mx.fast.rope`'s scalar offset cannot say.
 """
 
@@ -69,8 +70,17 @@ def rope(x: mx.array, cos: mx.array, sin: mx.array, attn: Attention) -> mx.array
 
 def attention(q: mx.array, k: mx.array, v: mx.array, bias: mx.array, attn: Attention) -> mx.array:
     """q [batch, heads, new, d]; k/v [batch, kv_heads, keys, d] (GQA handled by the kernel);
-    bias [batch, 1|heads, new, keys] in the compute dtype."""
-    return mx.fast.scaled_dot_product_attention(q, k, v, scale=attn.softmax_scale, mask=bias)
+    bias [batch, 1|heads, new, keys] in the compute dtype. With a logit softcap, as transformers' eager attention:
+    scores in the compute dtype, capped, biased, softmax in float32."""
+    if attn.softcap is None:
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=attn.softmax_scale, mask=bias)
+    batch, heads, new, dim = q.shape
+    grouped = (batch, k.shape[1], heads // k.shape[1], new)  # query heads by KV head (transformers' repeat_kv)
+    scores = (q.reshape(*grouped, dim) @ k[:, :, None].swapaxes(-1, -2)) * attn.softmax_scale
+    scores = mx.tanh(scores / attn.softcap) * attn.softcap
+    scores = scores + (bias[:, :, None] if bias.shape[1] == 1 else bias.reshape(*grouped, -1))
+    weights = mx.softmax(scores.astype(mx.float32), axis=-1).astype(q.dtype)
+    return (weights @ v[:, :, None]).reshape(batch, heads, new, dim)
 
 
 def activation(h: mx.array, mlp: MLP) -> mx.array:

@@ -21,6 +21,7 @@ from polylm.backend import LayerParams, ModelParams, NormParams
 from polylm.errors import WeightsError
 from polylm.ir import Block, ModelIR, Norm, Quantization
 from polylm.numerics.layouts import qkv_parts, qkv_row_order, up_parts
+from polylm.checkpoint.slices import TensorFiles
 from polylm.checkpoint.weights import Weights
 
 from .quantize import QuantizedMatrix, quantize
@@ -33,7 +34,8 @@ Matrix = Union[mx.array, QuantizedMatrix]
 
 
 def read_tensors(weights: Weights, dtype: mx.Dtype) -> dict[str, mx.array]:
-    """Every canonical tensor as an MLX array of `dtype` (each file opened once)."""
+    """Every canonical tensor as an MLX array of `dtype` (each file opened once; the few stacked from a tensor per
+    head read by core)."""
     tensors: dict[str, mx.array] = {}
     for path, names in weights.by_file():
         try:
@@ -42,6 +44,10 @@ def read_tensors(weights: Weights, dtype: mx.Dtype) -> dict[str, mx.array]:
             raise WeightsError(f"{path}: cannot read tensor data ({exc})") from None
         for name, key in names.items():
             tensors[name] = weights[name].view_of(stored[key]).astype(dtype)
+    with TensorFiles() as files:
+        for name, ref in weights.items():
+            if ref.parts:
+                tensors[name] = mx.array(files.read(ref)).view(MX_DTYPES[ref.dtype]).astype(dtype)
     return tensors
 
 

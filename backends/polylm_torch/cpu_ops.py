@@ -40,7 +40,8 @@ class CpuOps(ReferenceOps):
     def attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, step: StepTensors,
                   attn: Attention) -> torch.Tensor:
         if q.shape[2] <= _COMPILED_ATTENTION_MAX_NEW:
-            fused = cpu_gemv.attention(q, keys, values, step.attention_bias, step.key_slots, attn.softmax_scale)
+            fused = cpu_gemv.attention(q, keys, values, step.attention_bias, step.key_slots, attn.softmax_scale,
+                                      , attn.softcap)
             if fused is not None:
                 return fused
         return super().attention(q, keys, values, step, attn)

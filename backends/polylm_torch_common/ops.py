@@ -165,11 +165,21 @@ class ReferenceOps:
     def attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, step: StepTensors,
                   attn: Attention) -> torch.Tensor:
         """q [batch, heads, new, d] attends to the cache's keys/values [batch, kv_heads, capacity, d] in the slots
-        the step's mask covers; returns [batch, new, heads·d]."""
+        the step's mask covers; returns [batch, new, heads·d]. With a logit softcap (which SDPA cannot apply) it
+        computes as transformers' eager attention: scores in q's dtype, capped, biased, softmax in float32."""
         batch, _, new, _ = q.shape
         end = step.key_slots
-        out = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=step.attention_bias,
-                                             scale=attn.softmax_scale, enable_gqa=attn.num_heads != attn.num_kv_heads)
+        keys, values = keys[:, :, :end], values[:, :, :end]
+        if attn.softcap is None:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.attention_bias,
+                                                 scale=attn.softmax_scale,
+                                                 enable_gqa=attn.num_heads != attn.num_kv_heads)
+        else:
+            group = attn.num_heads // attn.num_kv_heads
+            keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+            scores = q @ keys.transpose(-1, -2) * attn.softmax_scale
+            scores = torch.tanh(scores / attn.softcap) * attn.softcap + step.attention_bias
+            out = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ values
         return out.transpose(1, 2).reshape(batch, new, -1)
 
     def activation(self, h: torch.Tensor, mlp: MLP) -> torch.Tensor:

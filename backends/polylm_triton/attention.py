@@ -6,7 +6,8 @@ A program takes the query heads that share one KV head (GQA/MQA: `kv_head = head
 Visibility comes from the step only: a query in cache slot s sees slot j ≤ s whose mask is set (in a sliding-window
 ring, real keys fewer than `window` positions before the query's own: `WINDOW`); ALiBi adds
 slope · (position_j − position_s). The key loop stops at the block's last query slot, read from the device, so
-the same launch serves a cache of any fill. Masked scores get a large finite negative value rather than −inf:
+the same launch serves a cache of any fill. A logit softcap (`Attention.softcap`, Gemma 2) caps each scaled
+score to softcap·tanh(score / softcap) before ALiBi and the mask (SOFTCAP, a compile-time switch). Masked scores get a large finite negative value rather than −inf:
 a fully masked (padding) row then averages values instead of dividing 0 by 0, and any visible key wipes
 those terms out (their weight underflows to exactly 0).
 """
@@ -31,11 +32,11 @@ PROGRAMS_PER_SM = 2
 @triton.jit
 def _attention_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, max_ptr, sum_ptr, mask_ptr, positions_ptr, slots_ptr, slopes_ptr,
-        query_positions_ptr, batch, new, keys, split_keys, scale_log2,
+        query_positions_ptr, batch, new, keys, split_keys, score_scale, cap_log2,
         stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
         stride_mask, stride_positions, stride_query_positions,
         NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_ALIBI: tl.constexpr,
-        WINDOW: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     GROUP: tl.constexpr = NUM_HEADS // NUM_KV_HEADS
     b = tl.program_id(0) // NUM_KV_HEADS
@@ -76,7 +77,11 @@ def _attention_kernel(
         kv_mask = key_ok[:, None] & d_ok[None, :]
         k = tl.load(k_ptr + b64 * stride_kb + kv_head * stride_kh + key.to(tl.int64)[:, None] * stride_ks + d[None, :],
                     mask=kv_mask, other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        # scores in log2 units: without a softcap score_scale is scale·log2(e); with one, score_scale is
+        # scale / softcap and cap_log2 softcap·log2(e), and tanh(x) = 1 − 2 / (e^2x + 1) (±1 where e^2x overflows)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * score_scale
+        if SOFTCAP:
+            scores = cap_log2 * (1.0 - 2.0 / (tl.math.exp2(scores * 2.8853900817779268) + 1.0))
         if HAS_ALIBI or WINDOW:
             key_position = tl.load(positions_ptr + b64 * stride_positions + key, mask=key_ok, other=0)
         if HAS_ALIBI:
@@ -161,18 +166,25 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: t
         partial, row_max, row_sum = out, out, out
     _attention_kernel[(batch * attn.num_kv_heads, row_blocks, num_splits)](
         q, keys, values, partial, row_max, row_sum, mask, positions, slots, alibi if alibi is not None else q,
-        query_positions if ring else positions, batch, new, keys_len, split_keys, attn.softmax_scale * LOG2E,
+        query_positions if ring else positions, batch, new, keys_len, split_keys, *_score_scales(attn),
         q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), mask.stride(0), positions.stride(0),
         query_positions.stride(0) if ring else 0,
         NUM_HEADS=heads, NUM_KV_HEADS=attn.num_kv_heads, HEAD_DIM=head_dim, HAS_ALIBI=alibi is not None,
-        WINDOW=attn.window if ring else 0, SPLIT=num_splits > 1, **tiles)
+        WINDOW=attn.window if ring else 0, SOFTCAP=attn.softcap is not None, SPLIT=num_splits > 1, **tiles)
     if num_splits > 1:
         n_rows = batch * new * heads
         _merge_splits_kernel[(n_rows,)](partial, row_max, row_sum, out, n_rows, num_splits, HEAD_DIM=head_dim,
                                         BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=tiles["BLOCK_D"],
                                         num_warps=1)
     return out.view(batch, new, heads * head_dim)
+
+
+def _score_scales(attn: Attention) -> tuple[float, float]:
+    """The kernel's (score_scale, cap_log2): how a dot product becomes a score in log2 units."""
+    if attn.softcap is None:
+        return attn.softmax_scale * LOG2E, 1.0
+    return attn.softmax_scale / attn.softcap, attn.softcap * LOG2E
 
 
 def attention_tiles(head_dim: int, rows: int, exact: bool) -> dict:

@@ -56,7 +56,13 @@ class TensorFiles:
         (`STORAGE[ref.dtype]`). Rows of dimension 0 are one read; a slice of a later dimension reads runs of
         whole rows and keeps the slice. `out`, when given, is filled instead: a C-contiguous array of exactly
         the slice's bytes, of any type (a framework's tensor seen through numpy). A view (`TensorRef.plain`
-        false) reads the stored rows or columns it covers, then cuts, transposes and copies."""
+        false) reads the stored rows or columns it covers, then cuts, transposes and copies; a stack of
+        per-head tensors (`TensorRef.parts`) reads the heads it covers and stacks them."""
+        if ref.parts:
+            heads = (part.start, part.stop) if part is not None and part.dim == 0 else (0, len(ref.parts))
+            inner = TensorSlice(part.dim - 1, part.start, part.stop) if part is not None and part.dim else None
+            data = np.stack([self.read(head, inner) for head in ref.parts[heads[0]:heads[1]]])
+            return _fill(out, data, ref)
         if not ref.plain:
             return self._read_view(ref, part, out)
         shape = slice_shape(ref, part)
@@ -81,7 +87,6 @@ class TensorFiles:
 
     def _read_view(self, ref: TensorRef, part: TensorSlice | None, out: np.ndarray | None) -> np.ndarray:
         """`part` of a transposed or row-range view: its index ranges mapped onto the stored tensor."""
-        shape = slice_shape(ref, part)
         ranges = [(0, size) for size in ref.shape]
         if part is not None:
             ranges[part.dim] = (part.start, part.stop)
@@ -95,14 +100,7 @@ class TensorFiles:
         dim = cut[0] if cut else 0
         data = self.read(stored, TensorSlice(dim, *ranges[dim]))
         data = data[tuple(slice(None) if d == dim else slice(*r) for d, r in enumerate(ranges))]
-        data = np.ascontiguousarray(data.T if ref.transposed else data)
-        if out is None:
-            return data
-        if not (out.flags.c_contiguous and out.nbytes == data.nbytes):
-            raise ValueError(f"out holds {out.nbytes} bytes, contiguous={out.flags.c_contiguous}; "
-                             f"tensor {ref.key!r} needs {data.nbytes}")
-        out.reshape(-1).view(np.uint8)[:] = data.reshape(-1).view(np.uint8)
-        return out.view(data.dtype).reshape(shape) if out.dtype == np.uint8 else out
+        return _fill(out, np.ascontiguousarray(data.T if ref.transposed else data), ref)
 
     def _read_columns(self, fh: BinaryIO, ref: TensorRef, part: TensorSlice, data: np.ndarray) -> None:
         """A slice of dimension `part.dim` ≥ 1: the tensor seen as [outer, size, inner] bytes, read in runs of
@@ -131,3 +129,14 @@ class TensorFiles:
         if path not in self._files:
             self._files[path] = self._stack.enter_context(open(path, "rb"))
         return self._files[path]
+
+
+def _fill(out: np.ndarray | None, data: np.ndarray, ref: TensorRef) -> np.ndarray:
+    """`data` (C-contiguous, read for `ref`) as `TensorFiles.read` returns it: itself, or copied into `out`."""
+    if out is None:
+        return data
+    if not (out.flags.c_contiguous and out.nbytes == data.nbytes):
+        raise ValueError(f"out holds {out.nbytes} bytes, contiguous={out.flags.c_contiguous}; "
+                         f"tensor {ref.key!r} needs {data.nbytes}")
+    out.reshape(-1).view(np.uint8)[:] = data.reshape(-1).view(np.uint8)
+    return out.view(data.dtype).reshape(data.shape) if out.dtype == np.uint8 else out

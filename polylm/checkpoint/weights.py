@@ -32,9 +32,10 @@ SINGLE_FILE = "model.safetensors"
 @dataclass(frozen=True)
 class TensorRef:
     """Where one checkpoint tensor lives and what it is; for a canonical tensor stored otherwise (`Stored`), the
-    view of it: the stored tensor transposed, then rows [a, b) of that.
+    view of it: the stored tensor transposed, then rows [a, b) of that; or, with `parts`, the stack of one stored
+    tensor per head (`key` then names them all, with `{h}`).
 
-    `shape` is the view's; `offset`, `nbytes` and `stored_shape` are the whole stored tensor's.
+    `shape` is the view's; `offset`, `nbytes` and `stored_shape` are the whole stored tensor's (the first part's).
     """
 
     file: Path
@@ -46,11 +47,12 @@ class TensorRef:
     transposed: bool = False
     rows: tuple[int, int] | None = None
     stored_shape: tuple[int, ...] | None = None  # None: `shape`
+    parts: tuple[TensorRef, ...] = ()  # the stored tensors stacked along a new first dimension, in order
 
     @property
     def plain(self) -> bool:
-        """Whether the tensor is the stored one as it is (no transposition, no row range)."""
-        return not self.transposed and self.rows is None
+        """Whether the tensor is the stored one as it is (no transposition, no row range, not stacked)."""
+        return not self.transposed and self.rows is None and not self.parts
 
     def stored(self) -> TensorRef:
         """The whole stored tensor, plain."""
@@ -73,7 +75,10 @@ class Stored:
       q, k, v; Phi-3's `gate_up_proj`: gate, up); the one mapped to this value is its share of the rows, whose
       sizes come from the IR's shapes. Map each of them to the same `Stored`.
     - `transposed`: matrices are stored [in, out] (GPT-2's Conv1D); the rows are then the stored columns.
-    Names may hold `{i}` (the layer) as plain names do.
+    Names may hold `{i}` (the layer) as plain names do, and `{h}`: one stored tensor per head, h = 0, 1, … up to
+    the canonical tensor's first dimension (heads, or KV heads), stacked along it (StableLM's per-head
+    `q_layernorm.norms.{h}` as one [heads, head_dim] `QKNorm` "head_each" weight); not with `stacked` or
+    `transposed`.
     """
 
     names: tuple[str, ...]
@@ -83,6 +88,8 @@ class Stored:
     def __init__(self, *names: str, stacked: tuple[str, ...] = (), transposed: bool = False) -> None:
         if not names:
             raise ValueError("Stored needs at least one checkpoint module name")
+        if any("{h}" in name for name in names) and (stacked or transposed):
+            raise ValueError("Stored names with {h} (a tensor per head) take no `stacked` or `transposed`")
         object.__setattr__(self, "names", names)
         object.__setattr__(self, "stacked", tuple(stacked))
         object.__setattr__(self, "transposed", transposed)
@@ -230,10 +237,12 @@ class Weights(Mapping[str, TensorRef]):
 
     def by_file(self) -> Iterable[tuple[Path, dict[str, str]]]:
         """(file, canonical name → checkpoint key) per file, so each file is opened once; shows a progress
-        bar over the shards of a sharded checkpoint."""
+        bar over the shards of a sharded checkpoint. Tensors stacked from one stored tensor per head
+        (`TensorRef.parts`, small norm weights) are not listed: read them with `slices.TensorFiles`."""
         grouped: dict[Path, dict[str, str]] = {}
         for name, ref in self.refs.items():
-            grouped.setdefault(ref.file, {})[name] = ref.key
+            if not ref.parts:
+                grouped.setdefault(ref.file, {})[name] = ref.key
         return progress(grouped.items(), total=len(grouped), desc="loading shards", unit="shard")
 
 
@@ -247,6 +256,9 @@ def resolve(checkpoint: Checkpoint, shapes: Mapping[str, tuple[int, ...]], modul
     refs: dict[str, TensorRef] = {}
     for name, shape in shapes.items():
         stored, layer, param = _stored_as(name, module_names, head_name, prefix)
+        if "{h}" in stored.names[0]:
+            refs[name] = _per_head(checkpoint, stored, name, param, shape)
+            continue
         keys = [f"{module}.{param}" for module in stored.names]
         key = next((k for k in keys if k in checkpoint.tensors), keys[0])
         ref = checkpoint.tensors.get(key)
@@ -268,8 +280,8 @@ def resolve(checkpoint: Checkpoint, shapes: Mapping[str, tuple[int, ...]], modul
             raise WeightsError(f"{ref.file}: tensor {key!r} has dtype {ref.dtype}; expected F32, BF16 or F16")
         refs[name] = ref
     if check_values:
-        _check_finite_vectors(refs.values())
-    used = {ref.key for ref in refs.values()}
+        _check_finite_vectors(part for ref in refs.values() for part in ref.parts or (ref,))
+    used = {part.key for ref in refs.values() for part in ref.parts or (ref,)}
     patterns = [re.compile(p) for p in ignored]
     tied_copy = f"{head_name}.weight" if "head.weight" not in shapes else None
     for key in checkpoint.tensors:
@@ -303,6 +315,29 @@ def _view(ref: TensorRef, stored: Stored, name: str, layer: str | None, param: s
         shape = (size, *shape[1:])
     return replace(ref, shape=tuple(shape), transposed=stored.transposed and len(shape) > 1, rows=rows,
                    stored_shape=ref.shape)
+
+
+def _per_head(checkpoint: Checkpoint, stored: Stored, name: str, param: str, shape: tuple[int, ...]) -> TensorRef:
+    """Canonical tensor `name` of `shape` [heads, …] as the stack of one stored tensor per head (`{h}` names:
+    the first candidate whose head 0 is present), each checked for presence, shape and dtype."""
+    patterns = [f"{module}.{param}" for module in stored.names]
+    pattern = next((p for p in patterns if p.format(h=0) in checkpoint.tensors), patterns[0])
+    parts = []
+    for head in range(shape[0]):
+        key = pattern.format(h=head)
+        part = checkpoint.tensors.get(key)
+        if part is None:
+            wanted = " or ".join(repr(p.format(h=head)) for p in patterns)
+            raise WeightsError(f"{checkpoint.directory}: missing tensor {wanted} (head {head} of {name}, expected "
+                               f"shape {list(shape[1:])})")
+        if part.shape != tuple(shape[1:]) or (parts and part.dtype != parts[0].dtype):
+            raise WeightsError(f"{part.file}: tensor {key!r} has shape {list(part.shape)} and dtype {part.dtype}; "
+                               f"expected shape {list(shape[1:])} and head 0's dtype (for head {head} of {name})")
+        parts.append(part)
+    first = parts[0]
+    if first.dtype not in ("float32", "bfloat16", "float16"):
+        raise WeightsError(f"{first.file}: tensor {first.key!r} has dtype {first.dtype}; expected F32, BF16 or F16")
+    return replace(first, key=pattern, shape=tuple(shape), stored_shape=first.shape, parts=tuple(parts))
 
 
 #: The bit pattern of an all-ones exponent (infinity or NaN) in each float dtype, by (numpy view, mask).
@@ -339,7 +374,7 @@ def _stored_as(name: str, module_names: Mapping[str, ModuleName], head_name: str
     layer = match.group(1) if match else None
     entry = module_names[f"layers.{{i}}.{match.group(2)}"] if match else module_names[module]
     stored = entry if isinstance(entry, Stored) else Stored(entry)
-    names = tuple(f"{prefix}{n.format(i=layer)}" for n in stored.names)
+    names = tuple(f"{prefix}{n.format(i=layer, h='{h}')}" for n in stored.names)
     return Stored(*names, stacked=stored.stacked, transposed=stored.transposed), layer, param
 
 

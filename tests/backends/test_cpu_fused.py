@@ -86,7 +86,8 @@ ATTENTION_CASES = [(1, 16, 1, 1, 64, 192, 256, 1), (2, 4, 2, 3, 48, 37, 40, 4), 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", ATTENTION_CASES)
-def test_attention_matches_fp64(extension, isa, dtype, case):
+@pytest.mark.parametrize("softcap", [0.0, 1.5])  # 0: none; 1.5 bites (scores reach ~±5 before the cap)
+def test_attention_matches_fp64(extension, isa, dtype, case, softcap):
     batch, heads, kv_heads, new, d, length, capacity, bias_heads = case
     gen = torch.Generator().manual_seed(length)
     q = torch.randn(batch, heads, new, d, generator=gen).to(dtype)
@@ -94,10 +95,14 @@ def test_attention_matches_fp64(extension, isa, dtype, case):
     bias = torch.randn(batch, bias_heads, new, length, generator=gen).to(dtype)
     if length > 1:
         bias[..., 0] = torch.finfo(dtype).min  # a masked slot, as the runtime marks them
-    y = extension.attention(q, keys, values, bias, length, 0.3, isa)
-    ref = F.scaled_dot_product_attention(q.double(), keys[:, :, :length].double(), values[:, :, :length].double(),
-                                         attn_mask=bias.double(), scale=0.3, enable_gqa=True)
-    ref = ref.transpose(1, 2).reshape(batch, new, heads * d)
+    y = extension.attention(q, keys, values, bias, length, 0.3, softcap, isa)
+    group = heads // kv_heads
+    scores = q.double() @ keys[:, :, :length].double().repeat_interleave(group, 1).transpose(-1, -2) * 0.3
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    weights = torch.softmax(scores + bias.double(), dim=-1)
+    ref = (weights @ values[:, :, :length].double().repeat_interleave(group, 1)).transpose(1, 2)
+    ref = ref.reshape(batch, new, heads * d)
     assert y.shape == ref.shape and y.dtype == dtype
     # fp32: summation order; bf16: the output's rounding (values are O(1))
     assert (y.double() - ref).abs().max().item() <= (2e-6 if dtype == torch.float32 else 2.0**-7)
@@ -106,9 +111,11 @@ def test_attention_matches_fp64(extension, isa, dtype, case):
 def test_attention_bad_input(extension, isa):
     q, cache, bias = torch.randn(1, 3, 1, 8), torch.randn(1, 2, 4, 8), torch.zeros(1, 1, 1, 4)
     with pytest.raises(RuntimeError, match="H a multiple of KVH"):
-        extension.attention(q, cache, cache, bias, 4, 1.0, isa)
+        extension.attention(q, cache, cache, bias, 4, 1.0, 0.0, isa)
     with pytest.raises(RuntimeError, match="length 5 outside 1..4"):
-        extension.attention(torch.randn(1, 2, 1, 8), cache, cache, torch.zeros(1, 1, 1, 5), 5, 1.0, isa)
+        extension.attention(torch.randn(1, 2, 1, 8), cache, cache, torch.zeros(1, 1, 1, 5), 5, 1.0, 0.0, isa)
+    with pytest.raises(RuntimeError, match="softcap must be >= 0"):
+        extension.attention(torch.randn(1, 2, 1, 8), cache, cache, bias, 4, 1.0, -1.0, isa)
 
 
 # -- CpuOps against ReferenceOps ----------------------------------------------------------------------------
@@ -154,10 +161,12 @@ def test_activation_op_matches_reference(kernel_path, dtype, activation):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("new", [1, 3, 17])  # 17 query rows: beyond the kernel's 16, the reference op
-def test_attention_op_matches_reference(kernel_path, dtype, new):
+@pytest.mark.parametrize("softcap", [None, 0.5])  # Gemma 2's attention-logit softcap, small enough to bite
+def test_attention_op_matches_reference(kernel_path, dtype, new, softcap):
     batch, heads, kv_heads, d, keys = 2, 4, 2, 32, 20
     attn = Attention(num_heads=heads, num_kv_heads=kv_heads, head_dim=d, position=RoPE(theta=10000.0,
-                                                                                        max_positions=64))
+                                                                                        max_positions=64),
+                     softcap=softcap)
     mask = torch.ones(batch, keys, dtype=torch.bool)
     mask[1, :5] = False  # a left-padded row
     positions = (mask.cumsum(1) - 1).clamp(min=0)

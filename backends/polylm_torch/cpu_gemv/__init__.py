@@ -89,16 +89,17 @@ def gated_activation(h: torch.Tensor, activation: str) -> torch.Tensor | None:
 
 
 def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, length: int,
-              scale: float) -> torch.Tensor | None:
-    """``softmax(scale · q kᵀ + bias) v`` of q [B, H, T, d] over the first `length` slots of the cache
-    keys/values [B, KVH, cap, d] (grouped heads), bias [B, 1|H, T, length]; [B, T, H·d] from the compiled
+              scale: float, softcap: float | None = None) -> torch.Tensor | None:
+    """``softmax(cap(scale · q kᵀ) + bias) v`` of q [B, H, T, d] over the first `length` slots of the cache
+    keys/values [B, KVH, cap, d] (grouped heads), bias [B, 1|H, T, length], where cap(s) = softcap·tanh(s / softcap)
+    (the identity when `softcap` is None: `Attention.softcap`); [B, T, H·d] from the compiled
     kernel (fp32 math; for decode, where torch's SDPA costs ~300 µs a call), or None where it does not apply,
     as for :func:`gated_activation`."""
     fused = _fused_kernels(q, keys, values)
     if fused is None or q.shape[-1] > 256:
         return None
     module, isa = fused
-    return module.attention(q.contiguous(), keys, values, bias.contiguous(), length, scale, isa)
+    return module.attention(q.contiguous(), keys, values, bias.contiguous(), length, scale, softcap or 0.0, isa)
 
 
 def rope_and_cache(qkv: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None, keys: torch.Tensor,

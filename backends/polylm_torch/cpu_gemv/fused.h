@@ -57,7 +57,8 @@ static inline float dot(const void* a, const void* b, int64_t len, bool bf16) {
   return V::sum(acc);
 }
 
-// One query row at a time: scores, a max-subtracted softmax, and the weighted sum of values (d <= 256).
+// One query row at a time: scores (softcapped if asked), a max-subtracted softmax, and the weighted sum of values
+// (d <= 256).
 static void attention(const AttentionArgs& a, int64_t u0, int64_t u1, float* scores) {
   constexpr int kMaxVectors = 256 / V::kLanes;
   const int64_t es = a.bf16 ? 2 : 4, group = a.heads / a.kv_heads, nv = (a.d + V::kLanes - 1) / V::kLanes;
@@ -69,6 +70,8 @@ static void attention(const AttentionArgs& a, int64_t u0, int64_t u1, float* sco
     const uint8_t* values = static_cast<const uint8_t*>(a.values) + kv_off;
     const int64_t bias_row = ((b * a.bias_heads + (a.bias_heads == 1 ? 0 : h)) * a.T + t) * a.L;
     for (int64_t j = 0; j < a.L; ++j) scores[j] = a.scale * dot(q, keys + j * a.d * es, a.d, a.bf16);
+    if (a.softcap > 0.0f)
+      for (int64_t j = 0; j < a.L; ++j) scores[j] = a.softcap * std::tanh(scores[j] / a.softcap);
     V::F vmax = V::set1(-INFINITY);
     for (int64_t j = 0; j < a.L; j += V::kLanes) {
       const int n = active(a.L - j);

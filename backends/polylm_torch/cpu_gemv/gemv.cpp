@@ -517,9 +517,10 @@ static std::pair<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const
 }
 
 // Attention of q [B, H, T, d] over the first `length` slots of keys/values [B, KVH, cap, d] with an additive
-// bias [B, 1|H, T, length]; returns [B, T, H * d]. For few query rows (decode).
+// bias [B, 1|H, T, length], the scaled scores capped to softcap * tanh(score / softcap) first when softcap > 0;
+// returns [B, T, H * d]. For few query rows (decode).
 static at::Tensor attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
-                            const at::Tensor& bias, int64_t length, double scale, int64_t isa) {
+                            const at::Tensor& bias, int64_t length, double scale, double softcap, int64_t isa) {
   const auto fn = fused_kernels(isa).attention;
   const auto dt = q.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "attention: q must be fp32 or bf16");
@@ -531,13 +532,14 @@ static at::Tensor attention(const at::Tensor& q, const at::Tensor& keys, const a
   TORCH_CHECK(keys.size(0) == B && keys.size(3) == d && KVH > 0 && H % KVH == 0 && d <= 256,
               "attention: keys [B, KVH, cap, d] must match q [B, H, T, d] with H a multiple of KVH and d <= 256");
   TORCH_CHECK(length > 0 && length <= cap, "attention: length ", length, " outside 1..", cap);
+  TORCH_CHECK(softcap >= 0, "attention: softcap must be >= 0 (0: none)");
   TORCH_CHECK((bias.scalar_type() == at::kFloat || bias.scalar_type() == at::kBFloat16) && bias.size(0) == B &&
                   (bias.size(1) == 1 || bias.size(1) == H) && bias.size(2) == T && bias.size(3) == length,
               "attention: bias must be fp32/bf16 [B, 1|H, T, length]");
   at::Tensor out = at::empty({B, T, H * d}, q.options());
   AttentionArgs a{q.const_data_ptr(), keys.const_data_ptr(), values.const_data_ptr(), bias.const_data_ptr(),
                   out.data_ptr(), H, KVH, T, d, cap, length, bias.size(1), static_cast<float>(scale),
-                  dt == at::kBFloat16, bias.scalar_type() == at::kBFloat16};
+                  static_cast<float>(softcap), dt == at::kBFloat16, bias.scalar_type() == at::kBFloat16};
   at::parallel_for(0, B * H * T, 1, [&](int64_t u0, int64_t u1) {
     fn(a, u0, u1, reinterpret_cast<float*>(scratch(static_cast<size_t>(length) * sizeof(float))));
   });
@@ -631,9 +633,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("bias"), pybind11::arg("eps"), pybind11::arg("isa"), pybind11::call_guard<pybind11::gil_scoped_release>(),
         "(x + delta, RMSNorm(x + delta) * weight + bias) in fp32 math, one rounding per output.");
   m.def("attention", &g::attention, pybind11::arg("q"), pybind11::arg("keys"), pybind11::arg("values"),
-        pybind11::arg("bias"), pybind11::arg("length"), pybind11::arg("scale"), pybind11::arg("isa"),
-        pybind11::call_guard<pybind11::gil_scoped_release>(),
-        "softmax(scale * q k^T + bias) v over the first `length` cache slots, fp32 math; [B, T, H * d].");
+        pybind11::arg("bias"), pybind11::arg("length"), pybind11::arg("scale"), pybind11::arg("softcap"),
+        pybind11::arg("isa"), pybind11::call_guard<pybind11::gil_scoped_release>(),
+        "softmax(cap(scale * q k^T) + bias) v over the first `length` cache slots, fp32 math; [B, T, H * d]; "
+        "cap(s) = softcap * tanh(s / softcap), or s when softcap is 0.");
   m.def("rope_and_cache", &g::rope_and_cache, pybind11::arg("qkv"), pybind11::arg("cos"), pybind11::arg("sin"),
         pybind11::arg("keys"), pybind11::arg("values"), pybind11::arg("past"), pybind11::arg("heads"),
         pybind11::arg("kv_heads"), pybind11::arg("head_dim"), pybind11::arg("rotary_dim"),

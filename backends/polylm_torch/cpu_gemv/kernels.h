@@ -113,6 +113,7 @@ struct AttentionArgs {
   void* out;           // [B][T][H * d]
   int64_t heads, kv_heads, T, d, cap, L, bias_heads;
   float scale;
+  float softcap;   // > 0: scores capped to softcap * tanh(score / softcap) before the bias; 0: not capped
   bool bf16;       // q, keys, values and out are bf16 (else fp32)
   bool bias_bf16;  // bias is bf16 (else fp32)
 };
