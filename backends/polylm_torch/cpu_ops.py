@@ -41,7 +41,7 @@ class CpuOps(ReferenceOps):
                   attn: Attention) -> torch.Tensor:
         if q.shape[2] <= _COMPILED_ATTENTION_MAX_NEW:
             fused = cpu_gemv.attention(q, keys, values, step.attention_bias, step.key_slots, attn.softmax_scale,
-                                      , attn.softcap)
+                                       attn.softcap)
             if fused is not None:
                 return fused
         return super().attention(q, keys, values, step, attn)

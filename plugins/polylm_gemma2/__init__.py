@@ -5,43 +5,36 @@ logits, and local (sliding-window) layers alternating with global ones (layer_ty
 from dataclasses import replace
 
 from polylm.config import ConfigView, read_activation
-from polylm.errors import ConfigError, Declined
-from polylm.family import LLAMA_MODULE_NAMES, Family, llama_like
+from polylm.errors import Declined
+from polylm.family import LLAMA_MODULE_NAMES, Family, llama_like, sliding_window
 from polylm.hookspecs import hookimpl
 from polylm.ir import ModelIR, Norm
 
-LAYER_TYPES = ("sliding_attention", "full_attention")
-
 
 def to_ir(config: ConfigView, task: str) -> ModelIR:
+    # Gemma2Config's defaults where a key is absent; null (no cap, no window) stays null
+    config = ConfigView({"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "sliding_window": 4096,
+                         **config.data}, config.path)
+    ir = gemma_sandwich(config, task, family="gemma2", context_default=8192)
+    return sliding_window(ir, config, default=lambda i: i % 2 == 0)
+
+
+def gemma_sandwich(config: ConfigView, task: str, *, family: str, **llama: object) -> ModelIR:
+    """What Gemma 2 and 3 share: `llama_like` with Gemma's norm, activation and tied head (`llama` adds keywords),
+    embeddings × √hidden, norms before and after each branch, a softmax scale of query_pre_attn_scalar^-½ (256),
+    the attention softcap and, on a causal LM, the final one."""
     if config.get("use_bidirectional_attention", kind=bool, default=False):
         raise Declined("use_bidirectional_attention=true: polylm runs causal decoders only")
-    ir = llama_like(config, task, family="gemma2", norm=Norm("rms", 1e-6, weight_offset=1.0), mlp_bias=False,
+    ir = llama_like(config, task, family=family, norm=Norm("rms", 1e-6, weight_offset=1.0), mlp_bias=False,
                     activation=lambda c: read_activation(c, "hidden_activation", default="gelu_pytorch_tanh"),
-                    tie_default=True, context_default=8192)
+                    tie_default=True, **llama)
     attention = replace(ir.attention, scale=config.get("query_pre_attn_scalar", kind=float, default=256.0) ** -0.5,
-                        softcap=_nullable(config, "attn_logit_softcapping", 50.0))
+                        softcap=config.get("attn_logit_softcapping", kind=float, default=None))
     block = replace(ir.block, attention=attention, attn_post_norm=ir.final_norm, mlp_post_norm=ir.final_norm)
-    kinds = config.get("layer_types", kind=list, default=None) or [LAYER_TYPES[i % 2] for i in range(ir.num_layers)]
-    if len(kinds) != ir.num_layers or not set(kinds) <= set(LAYER_TYPES):
-        raise ConfigError(f"{config.path}: layer_types must name {ir.num_layers} layers, each one of "
-                          f"{', '.join(LAYER_TYPES)}; found {kinds!r}")
-    window = _nullable(config, "sliding_window", 4096, kind=int)
-    window = window if window is not None and window < ir.context_length else None  # else it hides no key
-    if window is not None and "sliding_attention" in kinds:  # drop this check once backends honour windows
-        raise Declined(f"sliding_window={window} is below the context of {ir.context_length} positions: polylm "
-                       "does not run sliding-window attention yet")
-    local = replace(block, attention=replace(attention, window=window))
-    ir = ir.with_layers([local if kind == "sliding_attention" else block for kind in kinds])
     head = ir.head
-    if task == "causal-lm":  # only Gemma2ForCausalLM caps, and only its vocabulary logits
-        head = replace(head, softcap=_nullable(config, "final_logit_softcapping", 30.0))
-    return replace(ir, head=head, embedding=replace(ir.embedding, scale=ir.hidden_size ** 0.5))
-
-
-def _nullable(config: ConfigView, key: str, default: float, kind: type = float) -> float | None:
-    """`key`'s value; None where config.json says null (no cap, no window), `default` where it says nothing."""
-    return config.get(key, kind=kind, default=None) if key in config.data else default
+    if task == "causal-lm":  # only the causal LM caps, and only its vocabulary logits
+        head = replace(head, softcap=config.get("final_logit_softcapping", kind=float, default=None))
+    return replace(ir, block=block, head=head, embedding=replace(ir.embedding, scale=ir.hidden_size ** 0.5))
 
 
 MODULE_NAMES = {**LLAMA_MODULE_NAMES, "layers.{i}.attn_post_norm": "layers.{i}.post_attention_layernorm",

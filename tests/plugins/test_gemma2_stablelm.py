@@ -1,21 +1,19 @@
 """Gemma 2 and StableLM's per-head query/key norms against transformers: parity per backend × task (fp32, padding
 on both sides, greedy ids) with the quirks set away from their defaults and softcaps small enough to bite; the
-variants Gemma 2 declines; StableLM's per-head norm tensors over two tensor-parallel ranks."""
+variant Gemma 2 declines; StableLM's per-head norm tensors over two tensor-parallel ranks."""
 
-import importlib.metadata as metadata
 import json
-import sys
 
 import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 
 import polylm
+import polylm.backend
 from polylm import testing
 from polylm.errors import ConfigError, WeightsError
 from polylm.ir import Norm
 from polylm.loading import model_ir
-from polylm.loading.registry import registry
 from polylm.parallel.ranks import free_port
 from test_heads import qa_reference, with_qa_head
 from test_parity import BACKENDS, TASKS, assert_parity
@@ -23,35 +21,16 @@ from test_tensor_parallel import WORKER, assert_matches_one_process, run_two_ran
 
 DIMS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=256)
-#: Gemma 2's causal-LM config (quirks away from their defaults; the window as long as the context, so that it
-#: hides nothing) and its other tasks' config.
+#: Gemma 2's causal-LM config (quirks away from their defaults; local layers by the default alternation) and its
+#: other tasks' config (local layers by layer_types); both windows shorter than the prompts.
 GEMMA2 = (dict(head_dim=16, num_key_value_heads=2, query_pre_attn_scalar=24, attn_logit_softcapping=0.5,
-               final_logit_softcapping=3.0, sliding_window=256, rms_norm_eps=1e-3, rope_theta=500.0,
+               final_logit_softcapping=3.0, sliding_window=4, rms_norm_eps=1e-3, rope_theta=500.0,
                attention_bias=True),
           dict(head_dim=32, num_key_value_heads=1, query_pre_attn_scalar=8, attn_logit_softcapping=1.0,
-               sliding_window=1024, layer_types=["full_attention", "sliding_attention"], hidden_activation="silu",
+               sliding_window=5, layer_types=["full_attention", "sliding_attention"], hidden_activation="silu",
                tie_word_embeddings=False))
 #: StableLM with per-head query/key LayerNorms, in either residual form.
 STABLELM = dict(qk_layernorm=True, num_key_value_heads=2, partial_rotary_factor=0.5, layer_norm_eps=1e-3)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def gemma2_entry_point(tmp_path_factory):
-    """The gemma2 entry point pyproject.toml declares, through a dist-info on sys.path until the package is
-    reinstalled with it (then this adds nothing): the registry finds families through entry points only."""
-    if any(point.name == "gemma2" for point in metadata.entry_points(group="polylm")):
-        yield
-        return
-    root = tmp_path_factory.mktemp("entry-points")
-    dist = root / "polylm_gemma2_entry-0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: polylm-gemma2-entry\nVersion: 0\n")
-    (dist / "entry_points.txt").write_text("[polylm]\ngemma2 = polylm_gemma2\n")
-    sys.path.append(str(root))
-    registry.cache_clear()
-    yield
-    sys.path.remove(str(root))
-    registry.cache_clear()
 
 
 def gemma2(root, task="causal-lm", *, like=None, **overrides):
@@ -65,7 +44,8 @@ def stablelm(root, task="causal-lm", parallel=True):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("task", TASKS)
-def test_gemma2_matches_transformers(ckpt_root, task, backend):
+def test_gemma2_matches_transformers(ckpt_root, monkeypatch, task, backend):
+    monkeypatch.setattr(polylm.backend, "PASS_LIMIT", 3)  # rings of window + 2 slots: they wrap in every prompt
     if task == "question-answering":  # transformers has none: its base model plus a `qa_outputs` head
         directory = with_qa_head(gemma2(ckpt_root, like=task), ckpt_root / "gemma2-qa")
         assert_parity(directory, task, backend, hf=qa_reference(directory))
@@ -86,12 +66,14 @@ def test_stablelm_per_head_norms_other_task(ckpt_root):
 def test_quirks_reach_the_ir(ckpt_root):
     ir = model_ir(gemma2(ckpt_root))
     attention, block = ir.attention, ir.block
-    assert attention.softcap == 0.5 and attention.softmax_scale == 24 ** -0.5 and attention.window is None
+    assert attention.softcap == 0.5 and attention.softmax_scale == 24 ** -0.5
+    assert [block.attention.window for block in ir.layers] == [4, None]
     assert ir.head.softcap == 3.0 and ir.embedding.scale == 8.0 and ir.head.tied_to_embedding
     assert block.attn_post_norm == block.mlp_post_norm == block.mlp_norm == Norm("rms", 1e-3, weight_offset=1.0)
-    assert block.mlp.activation == "gelu_tanh" and attention.qkv_bias and not ir.variants
+    assert block.mlp.activation == "gelu_tanh" and attention.qkv_bias
     other = model_ir(gemma2(ckpt_root, "sequence-classification"))
     assert other.head.softcap is None and other.attention.softcap == 1.0 and other.block.mlp.activation == "silu"
+    assert [block.attention.window for block in other.layers] == [None, 5]
     per_head = model_ir(stablelm(ckpt_root)).attention.qk_norm
     assert per_head.scope == "head_each" and per_head.norm.kind == "layer" and not per_head.norm.bias
 
@@ -110,12 +92,8 @@ def test_softcaps_bite(ckpt_root, tmp_path):
         assert np.abs(uncapped - capped).max() > 0.05, key
 
 
-@pytest.mark.parametrize("config,key", [
-    (dict(sliding_window=128), "sliding_window=128"),
-    (dict(use_bidirectional_attention=True), "use_bidirectional_attention=true"),
-])
-def test_gemma2_declined_variant_names_the_key(ckpt_root, config, key):
-    directory = gemma2(ckpt_root, **config)
+def test_gemma2_declined_variant_names_the_key(ckpt_root):
+    directory, key = gemma2(ckpt_root, use_bidirectional_attention=True), "use_bidirectional_attention=true"
     with pytest.raises(ConfigError) as error:
         polylm.load(directory, backend="torch")
     message = str(error.value)
@@ -123,8 +101,8 @@ def test_gemma2_declined_variant_names_the_key(ckpt_root, config, key):
     assert key in message
 
 
-def test_gemma2_windows_that_hide_nothing(ckpt_root, tmp_path):
-    """A short window on global layers only (layer_types), or none (null): no sliding layer, nothing declined."""
+def test_gemma2_global_layers_only_or_no_window(ckpt_root, tmp_path):
+    """Global layers only (layer_types), or no window (null): no sliding layer."""
     ir = model_ir(gemma2(ckpt_root, sliding_window=16, layer_types=["full_attention", "full_attention"]))
     assert ir.attention.window is None and not ir.variants
     config = json.loads((gemma2(ckpt_root) / "config.json").read_text())
