@@ -1,19 +1,22 @@
 """Gemma 3 (text) against transformers: every task head on every backend (fp32, padded on both sides, greedy ids),
 with local and global layers that differ in window and RoPE (mixed layer types), rings that wrap, and each quirk
-set to a value that moves the logits."""
+set to a value that moves the logits; and two tensor-parallel ranks."""
 
 from functools import cache
 
 import pytest
 
+import polylm
 import polylm.backend
 from polylm import testing
 from polylm.errors import ConfigError, TaskError
 from polylm.ir import TASKS
 from polylm.loading import model_ir
 from polylm.loading.registry import registry
+from polylm.parallel.ranks import free_port
 from test_heads import qa_reference, with_qa_head
 from test_parity import BACKENDS, assert_parity
+from test_tensor_parallel import WORKER, assert_matches_one_process, run_two_ranks
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=256)
@@ -76,3 +79,12 @@ def test_legacy_rope_keys_and_the_default_pattern(tmp_path):
                                                       "use_bidirectional_attention": True}))
     with pytest.raises(ConfigError, match="use_bidirectional_attention=true"):
         model_ir(tmp_path)
+
+
+def test_two_ranks_match_one_process(ckpt_root, tmp_path):
+    """Layers that differ (window and RoPE), sandwich norms and per-head q/k norms, split over two ranks."""
+    directory = checkpoint(ckpt_root, "causal-lm")[0]
+    port = str(free_port())
+    rank0, _ = run_two_ranks(WORKER, {"gemma3": str(directory)}, tmp_path, lambda r: dict(
+        RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+    assert_matches_one_process(rank0["gemma3"], polylm.load(directory, backend="torch"))
