@@ -201,10 +201,30 @@ class NormParams(Generic[A]):
 
 
 @dataclass
+class ExpertParams(Generic[A]):
+    """A mixture-of-experts layer's arrays (`polylm.ir.MoE`): the router's matrix [experts, hidden] and bias; each
+    expert's [gate; up] (or up) and down matrices and biases (`experts_up` … hold them as the backend computes:
+    a list over the experts, or one stacked array); the shared expert's, as a dense layer's; its gate [1, hidden]."""
+
+    router: A
+    router_bias: A | None
+    experts_up: Any
+    experts_up_bias: Any
+    experts_down: Any
+    experts_down_bias: Any
+    shared_up: Any = None
+    shared_up_bias: A | None = None
+    shared_down: Any = None
+    shared_down_bias: A | None = None
+    shared_gate: A | None = None
+
+
+@dataclass
 class LayerParams(Generic[A]):
     """One block's arrays, laid out as the IR's lowering recipes say (`polylm.numerics.layouts`): one [q; k; v]
     projection and one [gate; up] (or up) projection. A matrix is whatever the backend multiplies with (an array,
-    a packed or quantized layer). Norms the block does not have are None."""
+    a packed or quantized layer). Norms the block does not have are None; a mixture-of-experts layer has `moe`
+    instead of the dense `up` / `down`."""
 
     attn_norm: NormParams[A] | None
     qkv: Any
@@ -220,6 +240,7 @@ class LayerParams(Generic[A]):
     mlp_post_norm: NormParams[A] | None = None
     q_norm: NormParams[A] | None = None
     k_norm: NormParams[A] | None = None
+    moe: ExpertParams[A] | None = None
 
 
 @dataclass

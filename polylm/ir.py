@@ -276,6 +276,42 @@ class MLP:
                  f"unknown activation {self.activation!r}; supported: {', '.join(ACTIVATIONS)}")
 
 
+Routing = Literal["softmax_topk", "topk_softmax"]
+
+
+@dataclass(frozen=True)
+class MoE:
+    """Routed experts in place of a block's dense MLP (a mixture of experts).
+
+    A router (`layers.{i}.mlp.router`: [num_experts, hidden], with a bias when `router_bias`) scores every expert
+    for each token, and `routing` turns the scores into the weights of the `top_k` experts chosen:
+    - "softmax_topk": the softmax over all experts, then the k largest (renormalized to sum to 1 when `normalize`:
+      Mixtral, Qwen3-MoE; as they are: Qwen2-MoE, OLMoE by default);
+    - "topk_softmax": the k largest logits, then their softmax (gpt-oss).
+    The output is the weighted sum of the chosen experts' MLPs (each an `expert`; tensors
+    `layers.{i}.mlp.experts.gate|up|down` stacked over the experts: [num_experts, …]), plus, when `shared` is set,
+    an MLP every token goes through (`layers.{i}.mlp.shared.*`), its output scaled by sigmoid(x ·
+    `layers.{i}.mlp.shared_gate` [1, hidden]) when `shared_gate` (Qwen2-MoE).
+    """
+
+    num_experts: int
+    top_k: int
+    expert: MLP
+    routing: Routing = "softmax_topk"
+    normalize: bool = False
+    router_bias: bool = False
+    shared: MLP | None = None
+    shared_gate: bool = False
+
+    def __post_init__(self) -> None:
+        _positive_int(self.num_experts, "num_experts")
+        _positive_int(self.top_k, "num_experts_per_tok")
+        _require(self.top_k <= self.num_experts,
+                 f"num_experts_per_tok ({self.top_k}) must be at most num_experts ({self.num_experts})")
+        _require(self.routing in ("softmax_topk", "topk_softmax"), f"unknown routing {self.routing!r}")
+        _require(self.shared is not None or not self.shared_gate, "a shared-expert gate needs a shared expert")
+
+
 @dataclass(frozen=True)
 class Block:
     """One decoder layer: an attention branch and an MLP branch added to the residual stream.
@@ -289,12 +325,13 @@ class Block:
     - `residual_scale` multiplies each branch's output before it is added (Granite's residual_multiplier).
     - `residual_from_normed` (BLOOM's apply_residual_connection_post_layernorm): each residual branch starts from
       the normed input instead of the block input.
+    - `mlp` is a dense `MLP` or routed experts (`MoE`).
     """
 
     attn_norm: Norm | None
     attention: Attention
     mlp_norm: Norm | None
-    mlp: MLP
+    mlp: MLP | MoE
     residual_from_normed: bool = False
     parallel: bool = False
     attn_post_norm: Norm | None = None
@@ -403,7 +440,8 @@ class ModelIR:
     Every layer is `block` unless layers differ (Gemma 2/3's local and global attention, Qwen2's
     max_window_layers, transformers' `layer_types`): then `variants` holds the other kinds of block and
     `layer_kinds` says, per layer, which one it is (0: `block`, k: `variants[k - 1]`); `with_layers` builds
-    both from a block per layer. The kinds share the attention's head counts and sizes and the MLP's sizes.
+    both from a block per layer (MoE families mix dense and expert layers). The kinds share the attention's head
+    counts and sizes.
     """
 
     family: str
@@ -438,14 +476,12 @@ class ModelIR:
         _require(all(isinstance(k, int) and 0 <= k <= len(self.variants) for k in self.layer_kinds),
                  f"layer kinds must be in 0..{len(self.variants)}, got {self.layer_kinds}")
         _require(set(self.layer_kinds) == set(range(len(self.variants) + 1)), "every block variant must be used")
-        attn, mlp = self.block.attention, self.block.mlp
+        attn = self.block.attention
         for variant in self.variants:
             other = variant.attention
             _require((other.num_heads, other.num_kv_heads, other.head_dim, other.qkv_layout)
                      == (attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.qkv_layout),
                      "block variants must share the attention's heads, key/value heads, head_dim and qkv layout")
-            _require((variant.mlp.intermediate_size, variant.mlp.gated) == (mlp.intermediate_size, mlp.gated),
-                     "block variants must share the MLP's intermediate size and gating")
 
     def with_layers(self, blocks: "tuple[Block, ...] | list[Block]") -> "ModelIR":
         """This model with `blocks[i]` as layer i (equal blocks become one kind; see the class docstring)."""
@@ -518,18 +554,36 @@ class ModelIR:
                 shapes[f"{p}.attn.o.bias"] = (hidden,)
             shapes.update(_norm_shapes(f"{p}.mlp_norm", block.mlp_norm, hidden))
             shapes.update(_norm_shapes(f"{p}.mlp_post_norm", block.mlp_post_norm, hidden))
-            projections = (("gate", (mlp.intermediate_size, hidden)),) if mlp.gated else ()
-            projections += (("up", (mlp.intermediate_size, hidden)), ("down", (hidden, mlp.intermediate_size)))
-            for name, shape in projections:
-                shapes[f"{p}.mlp.{name}.weight"] = shape
-                if mlp.bias:
-                    shapes[f"{p}.mlp.{name}.bias"] = shape[:1]
+            if isinstance(mlp, MoE):
+                shapes[f"{p}.mlp.router.weight"] = (mlp.num_experts, hidden)
+                if mlp.router_bias:
+                    shapes[f"{p}.mlp.router.bias"] = (mlp.num_experts,)
+                shapes.update(_mlp_shapes(f"{p}.mlp.experts", mlp.expert, hidden, mlp.num_experts))
+                if mlp.shared is not None:
+                    shapes.update(_mlp_shapes(f"{p}.mlp.shared", mlp.shared, hidden))
+                if mlp.shared_gate:
+                    shapes[f"{p}.mlp.shared_gate.weight"] = (1, hidden)
+            else:
+                shapes.update(_mlp_shapes(f"{p}.mlp", mlp, hidden))
         shapes.update(_norm_shapes("final_norm", self.final_norm, hidden))
         if not self.head.tied_to_embedding:
             shapes["head.weight"] = (self.head.out_features, hidden)
         if self.head.bias:
             shapes["head.bias"] = (self.head.out_features,)
         return shapes
+
+
+def _mlp_shapes(prefix: str, mlp: MLP, hidden: int, experts: int | None = None) -> dict[str, tuple[int, ...]]:
+    """An MLP's projections (gate when gated, up, down) and biases; stacked over `experts` when given."""
+    lead = () if experts is None else (experts,)
+    projections = (("gate", (mlp.intermediate_size, hidden)),) if mlp.gated else ()
+    projections += (("up", (mlp.intermediate_size, hidden)), ("down", (hidden, mlp.intermediate_size)))
+    shapes = {}
+    for name, shape in projections:
+        shapes[f"{prefix}.{name}.weight"] = (*lead, *shape)
+        if mlp.bias:
+            shapes[f"{prefix}.{name}.bias"] = (*lead, shape[0])
+    return shapes
 
 
 def _norm_shapes(prefix: str, norm: Norm | None, *shape: int) -> dict[str, tuple[int, ...]]:

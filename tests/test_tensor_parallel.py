@@ -150,7 +150,9 @@ def test_plan_slices_heads_mlp_and_vocabulary(make_ckpt):
     assert plans[1].part("layers.0.attn.q.weight") == TensorSlice(0, 32, 64)
     assert plans[1].part("layers.0.attn.o.weight") == TensorSlice(1, 32, 64)
     # uneven intermediate and vocabulary split into ranges differing by one, covering everything once
-    assert [len(p.intermediate) for p in plans] == [64, 65] and [len(p.vocab) for p in plans] == [160, 161]
+    assert [p.local_ir.block.mlp.intermediate_size for p in plans] == [64, 65]
+    assert [p.part("layers.0.mlp.down.weight") for p in plans] == [TensorSlice(1, 0, 64), TensorSlice(1, 64, 129)]
+    assert [len(p.vocab) for p in plans] == [160, 161]
     assert plans[0].head_sizes == (160, 161)
     assert plans[1].part("embed.weight") == TensorSlice(0, 160, 321)
     assert plans[0].part("final_norm.weight") is None and plans[0].reads("final_norm.weight")

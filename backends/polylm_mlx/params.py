@@ -117,8 +117,8 @@ def _layer(block: Block, tensors: dict[str, mx.array], prefix: str, quantization
         rows = mx.array(order)
         qkv = qkv[rows]
         qkv_bias = qkv_bias[rows] if qkv_bias is not None else None
-    up = _fuse(tensors, up_parts(mlp, prefix, "weight"))
-    up_bias = _fuse(tensors, up_parts(mlp, prefix, "bias")) if mlp.bias else None
+    up = _fuse(tensors, up_parts(mlp, f"{prefix}.mlp", "weight"))
+    up_bias = _fuse(tensors, up_parts(mlp, f"{prefix}.mlp", "bias")) if mlp.bias else None
 
     def matrix(stored: mx.array, name: str) -> Matrix:
         return _matrix(stored, quantization, f"{prefix}.{name}")

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from polylm.ir import MLP, Attention, RoPE
+from polylm.backend import ExpertParams
+from polylm.ir import MLP, Attention, MoE, RoPE
 from polylm.parallel.plan import ShardPlan
 
 from .params import NormParams, RowTable
@@ -189,9 +190,46 @@ class ReferenceOps:
             return _ACTIVATIONS[mlp.activation](gate) * up
         return _ACTIVATIONS[mlp.activation](h)
 
+    def mlp(self, x: torch.Tensor, up, up_bias: torch.Tensor | None, down, down_bias: torch.Tensor | None,
+            mlp: MLP) -> torch.Tensor:
+        """A dense MLP (this rank's share of its output when tensor-parallel)."""
+        return self.linear(self.activation(self.linear(x, up, up_bias), mlp), down, down_bias)
+
+    def experts(self, x: torch.Tensor, p: ExpertParams, moe: MoE) -> torch.Tensor:
+        """Routed experts (`polylm.ir.MoE`) on x [..., hidden]: each token through its top-k experts only, weighted
+        as the routing says, plus the shared expert. Tokens are grouped by expert, so each chosen expert's
+        matrices are read once per call and an expert no token chose is not read at all."""
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, chosen = route(self.linear(x, p.router, p.router_bias), moe)
+        out = torch.zeros_like(x)
+        for expert in chosen.unique().tolist():
+            rows, slot = (chosen == expert).nonzero(as_tuple=True)
+            y = self.mlp(x[rows], p.experts_up[expert], p.experts_up_bias[expert], p.experts_down[expert],
+                         p.experts_down_bias[expert], moe.expert)
+            out.index_add_(0, rows, (y * weights[rows, slot, None]).to(out.dtype))
+        if moe.shared is not None:
+            shared = self.mlp(x, p.shared_up, p.shared_up_bias, p.shared_down, p.shared_down_bias, moe.shared)
+            if p.shared_gate is not None:
+                shared = torch.sigmoid(F.linear(x, p.shared_gate)) * shared
+            out = out + shared
+        return out.reshape(shape)
+
     def gather(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """One row per batch entry: x [batch, new, hidden] at new-index `index` [batch] → [batch, hidden]."""
         return x[torch.arange(x.shape[0], device=x.device), index]
+
+
+def route(logits: torch.Tensor, moe: MoE) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weights (float32) and indices [tokens, top_k] of the experts each token's router `logits` choose."""
+    logits = logits.float()
+    if moe.routing == "topk_softmax":
+        top, chosen = logits.topk(moe.top_k, dim=-1)
+        return top.softmax(dim=-1), chosen
+    weights, chosen = logits.softmax(dim=-1).topk(moe.top_k, dim=-1)
+    if moe.normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, chosen
 
 
 def _relu2(x: torch.Tensor) -> torch.Tensor:

@@ -14,9 +14,9 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 
-from polylm.backend import LayerParams, ModelParams, NormParams
+from polylm.backend import ExpertParams, LayerParams, ModelParams, NormParams
 from polylm.checkpoint.slices import TensorFiles, slice_shape
-from polylm.ir import Block, ModelIR, Norm, Quantization
+from polylm.ir import MLP, Block, ModelIR, MoE, Norm, Quantization
 from polylm.numerics.layouts import qkv_parts, qkv_row_order, up_parts
 from polylm.parallel.plan import ShardPlan
 from polylm.progress import progress
@@ -34,6 +34,11 @@ Matrix = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
 #: Turns a matrix and its bias into the layer the runtime computes with (holding the bias), quantized as the
 #: spec says (None: not quantized). A tied head's layer is the embedding table too, so it is a `RowTable`.
 Prepare = Callable[[torch.Tensor, torch.Tensor | None, Quantization | None], Any]
+
+
+#: Turns a weight and its bias into what the runtime multiplies with, and the bias it adds (None when the layer
+#: holds it).
+MatrixOf = Callable[[torch.Tensor, torch.Tensor | None], tuple[Matrix, torch.Tensor | None]]
 
 
 class RowTable(Protocol):
@@ -140,23 +145,47 @@ def _norm(spec: Norm | None, read: TensorReader, prefix: str) -> NormParams | No
     return NormParams(spec, weight, read.optional(f"{prefix}.bias"))
 
 
-def _layer(block: Block, read: TensorReader, prefix: str,
-           matrix: Callable[[torch.Tensor, torch.Tensor | None], tuple[Matrix, torch.Tensor | None]]) -> LayerParams:
+def _layer(block: Block, read: TensorReader, prefix: str, matrix: MatrixOf) -> LayerParams:
     attn, mlp = block.attention, block.mlp
     order = qkv_row_order(attn)
     qkv = matrix(_fused(read, qkv_parts(attn, prefix, "weight"), order),
                  _fused(read, qkv_parts(attn, prefix, "bias"), order) if attn.qkv_bias else None)
     out = matrix(read.tensor(f"{prefix}.attn.o.weight"), read.optional(f"{prefix}.attn.o.bias"))
-    up = matrix(_fused(read, up_parts(mlp, prefix, "weight")),
-                _fused(read, up_parts(mlp, prefix, "bias")) if mlp.bias else None)
-    down = matrix(read.tensor(f"{prefix}.mlp.down.weight"), read.optional(f"{prefix}.mlp.down.bias"))
+    moe = _experts(mlp, read, f"{prefix}.mlp", matrix) if isinstance(mlp, MoE) else None
+    dense = (None,) * 4 if moe is not None else _dense(mlp, read, f"{prefix}.mlp", matrix)
     qk_norm = attn.qk_norm.norm if attn.qk_norm is not None else None
     return LayerParams(_norm(block.attn_norm, read, f"{prefix}.attn_norm"), *qkv, *out,
-                       _norm(block.mlp_norm, read, f"{prefix}.mlp_norm"), *up, *down,
+                       _norm(block.mlp_norm, read, f"{prefix}.mlp_norm"), *dense, moe=moe,
                        attn_post_norm=_norm(block.attn_post_norm, read, f"{prefix}.attn_post_norm"),
                        mlp_post_norm=_norm(block.mlp_post_norm, read, f"{prefix}.mlp_post_norm"),
                        q_norm=_norm(qk_norm, read, f"{prefix}.attn.q_norm"),
                        k_norm=_norm(qk_norm, read, f"{prefix}.attn.k_norm"))
+
+
+def _dense(mlp: MLP, read: TensorReader, module: str, matrix: MatrixOf) -> tuple[Any, ...]:
+    """The (up, up bias, down, down bias) of the dense MLP at canonical `module`."""
+    up = matrix(_fused(read, up_parts(mlp, module, "weight")),
+                _fused(read, up_parts(mlp, module, "bias")) if mlp.bias else None)
+    return (*up, *matrix(read.tensor(f"{module}.down.weight"), read.optional(f"{module}.down.bias")))
+
+
+def _experts(moe: MoE, read: TensorReader, module: str, matrix: MatrixOf) -> ExpertParams:
+    """A mixture-of-experts layer's params: the router and shared-expert gate as tensors, every expert's matrices
+    each its own layer (a list over the experts), the shared expert as a dense MLP."""
+    experts = f"{module}.experts"
+
+    def stacked(param: str) -> torch.Tensor:  # [experts, gate rows + up rows, …]
+        return torch.cat([read.tensor(name) for name in up_parts(moe.expert, experts, param)], dim=1)
+
+    up, up_bias = stacked("weight"), stacked("bias") if moe.expert.bias else None
+    down, down_bias = read.tensor(f"{experts}.down.weight"), read.optional(f"{experts}.down.bias")
+    ups = [matrix(up[e], None if up_bias is None else up_bias[e]) for e in range(moe.num_experts)]
+    downs = [matrix(down[e], None if down_bias is None else down_bias[e]) for e in range(moe.num_experts)]
+    del up, down
+    shared = _dense(moe.shared, read, f"{module}.shared", matrix) if moe.shared is not None else (None,) * 4
+    return ExpertParams(read.tensor(f"{module}.router.weight"), read.optional(f"{module}.router.bias"),
+                        [m for m, _ in ups], [b for _, b in ups], [m for m, _ in downs], [b for _, b in downs],
+                        *shared, shared_gate=read.optional(f"{module}.shared_gate.weight"))
 
 
 def _fused(read: TensorReader, names: tuple[str, ...], row_order: np.ndarray | None = None) -> torch.Tensor:

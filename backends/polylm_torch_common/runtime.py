@@ -157,8 +157,9 @@ class TorchRuntime(Runtime):
         return out if block.residual_scale == 1.0 else out * block.residual_scale
 
     def _mlp(self, x: torch.Tensor, block: Block, layer: LayerParams) -> torch.Tensor:
-        hidden = self.ops.activation(self.ops.linear(x, layer.up, layer.up_bias), block.mlp)
-        return self.ops.reduce(self.ops.linear(hidden, layer.down, layer.down_bias))
+        if layer.moe is not None:
+            return self.ops.reduce(self.ops.experts(x, layer.moe, block.mlp))
+        return self.ops.reduce(self.ops.mlp(x, layer.up, layer.up_bias, layer.down, layer.down_bias, block.mlp))
 
     def _attention(self, x: torch.Tensor, attn: Attention, layer: LayerParams, cache: Cache, index: int,
                    step: StepTensors, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:

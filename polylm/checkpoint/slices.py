@@ -91,16 +91,17 @@ class TensorFiles:
         if part is not None:
             ranges[part.dim] = (part.start, part.stop)
         if ref.rows is not None:
-            ranges[0] = (ranges[0][0] + ref.rows[0], ranges[0][1] + ref.rows[0])
+            start, stop = ranges[ref.rows_axis]
+            ranges[ref.rows_axis] = (start + ref.rows[0], stop + ref.rows[0])
         if ref.transposed:
-            ranges.reverse()
+            ranges[-2:] = ranges[:-3:-1]
         stored = ref.stored()
         # read along one cut dimension (a run of rows, or of columns), then cut the others
         cut = [d for d, (start, stop) in enumerate(ranges) if (start, stop) != (0, stored.shape[d])]
         dim = cut[0] if cut else 0
         data = self.read(stored, TensorSlice(dim, *ranges[dim]))
         data = data[tuple(slice(None) if d == dim else slice(*r) for d, r in enumerate(ranges))]
-        return _fill(out, np.ascontiguousarray(data.T if ref.transposed else data), ref)
+        return _fill(out, np.ascontiguousarray(data.swapaxes(-1, -2) if ref.transposed else data), ref)
 
     def _read_columns(self, fh: BinaryIO, ref: TensorRef, part: TensorSlice, data: np.ndarray) -> None:
         """A slice of dimension `part.dim` ≥ 1: the tensor seen as [outer, size, inner] bytes, read in runs of

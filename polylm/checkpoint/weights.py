@@ -32,8 +32,9 @@ SINGLE_FILE = "model.safetensors"
 @dataclass(frozen=True)
 class TensorRef:
     """Where one checkpoint tensor lives and what it is; for a canonical tensor stored otherwise (`Stored`), the
-    view of it: the stored tensor transposed, then rows [a, b) of that; or, with `parts`, the stack of one stored
-    tensor per head (`key` then names them all, with `{h}`).
+    view of it: the stored tensor with its last two axes swapped (`transposed`), then indices [a, b) of axis
+    `rows_axis` of that (`rows`); or, with `parts`, the stack of one stored tensor per head (`key` then names them
+    all, with `{h}`).
 
     `shape` is the view's; `offset`, `nbytes` and `stored_shape` are the whole stored tensor's (the first part's).
     """
@@ -46,6 +47,7 @@ class TensorRef:
     nbytes: int = 0
     transposed: bool = False
     rows: tuple[int, int] | None = None
+    rows_axis: int = 0
     stored_shape: tuple[int, ...] | None = None  # None: `shape`
     parts: tuple[TensorRef, ...] = ()  # the stored tensors stacked along a new first dimension, in order
 
@@ -60,9 +62,11 @@ class TensorRef:
                                                  self.nbytes)
 
     def view_of(self, stored: Any) -> Any:
-        """This view of the whole `stored` tensor, an array of any framework with `.T` and slicing."""
-        view = stored.T if self.transposed else stored
-        return view if self.rows is None else view[self.rows[0]:self.rows[1]]
+        """This view of the whole `stored` tensor, an array of any framework with `.swapaxes` and slicing."""
+        view = stored.swapaxes(-1, -2) if self.transposed else stored
+        if self.rows is None:
+            return view
+        return view[(slice(None),) * self.rows_axis + (slice(*self.rows),)]
 
 
 @dataclass(frozen=True, init=False)
@@ -297,23 +301,28 @@ def resolve(checkpoint: Checkpoint, shapes: Mapping[str, tuple[int, ...]], modul
 
 def _view(ref: TensorRef, stored: Stored, name: str, layer: str | None, param: str,
           shapes: Mapping[str, tuple[int, ...]]) -> TensorRef:
-    """`ref` (a whole stored tensor) seen as canonical tensor `name`: transposed, then its share of the rows."""
-    shape = ref.shape[::-1] if stored.transposed else ref.shape
-    rows = None
+    """`ref` (a whole stored tensor) seen as canonical tensor `name`: its last two axes swapped, then its share of
+    the rows — of a matrix, its second-to-last axis (the rows of each expert's matrix in a [experts, rows, in]
+    stack); of a bias, its last."""
+    transposed = stored.transposed and len(ref.shape) > 1
+    shape = list(ref.shape)
+    if transposed:
+        shape[-2:] = shape[:-3:-1]
+    rows, axis = None, max(len(shape) - (2 if param == "weight" else 1), 0)
     if stored.stacked:
         module = name[:-len(param) - 1]
         parts = [part.format(i=layer) for part in stored.stacked]
         if module not in parts:
             raise WeightsError(f"module names map {module} to {stored} which does not list it in `stacked`")
-        start = sum(shapes[f"{part}.{param}"][0] for part in parts[:parts.index(module)])
-        size = shapes[name][0]
-        total = sum(shapes[f"{part}.{param}"][0] for part in parts)
-        if not shape or shape[0] != total:
-            raise WeightsError(f"{ref.file}: tensor {ref.key!r}{' transposed' if stored.transposed else ''} has "
+        start = sum(shapes[f"{part}.{param}"][axis] for part in parts[:parts.index(module)])
+        size = shapes[name][axis]
+        total = sum(shapes[f"{part}.{param}"][axis] for part in parts)
+        if len(shape) != len(shapes[name]) or shape[axis] != total:
+            raise WeightsError(f"{ref.file}: tensor {ref.key!r}{' transposed' if transposed else ''} has "
                                f"shape {list(shape)}; expected {total} rows stacking {', '.join(parts)}")
         rows = (start, start + size)
-        shape = (size, *shape[1:])
-    return replace(ref, shape=tuple(shape), transposed=stored.transposed and len(shape) > 1, rows=rows,
+        shape[axis] = size
+    return replace(ref, shape=tuple(shape), transposed=transposed, rows=rows, rows_axis=axis,
                    stored_shape=ref.shape)
 
 

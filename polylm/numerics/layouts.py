@@ -29,7 +29,9 @@ def qkv_row_order(attention: Attention) -> np.ndarray | None:
     return np.concatenate([rows[:, :group].reshape(-1), rows[:, group].reshape(-1), rows[:, group + 1].reshape(-1)])
 
 
-def up_parts(mlp: MLP, layer: str, param: str) -> tuple[str, ...]:
-    """Canonical tensors whose row-wise concatenation is the layer's [gate; up] (gated) or up `param`."""
+def up_parts(mlp: MLP, module: str, param: str) -> tuple[str, ...]:
+    """Canonical tensors whose row-wise concatenation is the [gate; up] (gated) or up `param` of the MLP at
+    canonical `module` ("layers.3.mlp", "layers.3.mlp.shared"; "layers.3.mlp.experts": then each expert's rows,
+    [experts, rows, …], concatenate along the rows)."""
     names = ("gate", "up") if mlp.gated else ("up",)
-    return tuple(f"{layer}.mlp.{name}.{param}" for name in names)
+    return tuple(f"{module}.{name}.{param}" for name in names)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
 from ..errors import ParallelError
-from ..ir import Block, ModelIR
+from ..ir import MLP, Block, ModelIR, MoE
 from ..numerics.layouts import qkv_parts, up_parts
 
 #: An array of any framework (numpy, torch, MLX) that supports the arithmetic operators and slicing.
@@ -73,7 +73,6 @@ class ShardPlan:
     local_ir: ModelIR
     heads: range
     kv_heads: range
-    intermediate: range
     vocab: range
     head_rows: range | None
     slices: Mapping[str, TensorSlice | None]
@@ -131,7 +130,7 @@ def split(size: int, parts: int) -> list[range]:
 def plan_shards(ir: ModelIR, shard: Shard) -> ShardPlan:
     """The Megatron plan of `ir` for `shard`; raises `ParallelError` naming the numbers when it cannot shard."""
     world, rank = shard.world_size, shard.rank
-    attn, mlp = ir.attention, ir.block.mlp
+    attn = ir.attention
     if attn.num_heads % world:
         raise ParallelError(f"tensor parallelism over {world} ranks needs the attention heads to split evenly, "
                             f"but the model has {attn.num_heads} heads ({attn.num_heads} % {world} = "
@@ -140,10 +139,9 @@ def plan_shards(ir: ModelIR, shard: Shard) -> ShardPlan:
         raise ParallelError(f"tensor parallelism over {world} ranks needs the {attn.num_kv_heads} key/value heads "
                             f"to split evenly or each to be shared by whole ranks; choose a world size that "
                             f"divides or is a multiple of {attn.num_kv_heads}")
-    for what, size in (("intermediate size", mlp.intermediate_size), ("vocabulary", ir.embedding.vocab_size)):
-        if size < world:
-            raise ParallelError(f"tensor parallelism over {world} ranks: the {what} ({size}) is smaller than the "
-                                f"world size")
+    if ir.embedding.vocab_size < world:
+        raise ParallelError(f"tensor parallelism over {world} ranks: the vocabulary ({ir.embedding.vocab_size}) is "
+                            "smaller than the world size")
     if attn.qkv_layout != "separate" and attn.num_kv_heads % world:
         raise ParallelError(f"tensor parallelism over {world} ranks needs the {attn.num_kv_heads} key/value groups of "
                             f"the fused query_key_value tensor to split evenly; choose a world size that divides "
@@ -160,7 +158,6 @@ def plan_shards(ir: ModelIR, shard: Shard) -> ShardPlan:
     else:  # fewer KV heads than ranks: keep the one KV head this rank's query heads read
         group = attn.num_heads // attn.num_kv_heads
         kv_heads = range(heads.start // group, heads.start // group + 1)
-    intermediate = split(mlp.intermediate_size, world)[rank]
     vocab = split(ir.embedding.vocab_size, world)[rank]
     # A vocabulary head is split like the embedding; a classifier's few outputs are cheaper to replicate.
     head_sharded = ir.head.tied_to_embedding or ir.head.task == "causal-lm"
@@ -184,25 +181,51 @@ def plan_shards(ir: ModelIR, shard: Shard) -> ShardPlan:
             for param in ("weight", "bias") if attn.qk_norm.norm.bias else ("weight",):
                 slices[f"{layer}.attn.q_norm.{param}"] = TensorSlice(0, heads.start, heads.stop)
                 slices[f"{layer}.attn.k_norm.{param}"] = TensorSlice(0, kv_heads.start, kv_heads.stop)
-        for param in ("weight", "bias") if mlp.bias else ("weight",):
-            for name in up_parts(mlp, layer, param):
-                slices[name] = TensorSlice(0, intermediate.start, intermediate.stop)
-        slices[f"{layer}.mlp.down.weight"] = TensorSlice(1, intermediate.start, intermediate.stop)
+        if isinstance(mlp, MoE):  # each expert split like a dense MLP; the router replicated
+            slices.update(_mlp_slices(mlp.expert, f"{layer}.mlp.experts", world, rank, stacked=True))
+            if mlp.shared is not None:
+                slices.update(_mlp_slices(mlp.shared, f"{layer}.mlp.shared", world, rank))
+        else:
+            slices.update(_mlp_slices(mlp, f"{layer}.mlp", world, rank))
         if rank != 0:  # summed over the ranks: added once
             slices[f"{layer}.attn.o.bias"] = None
-            slices[f"{layer}.mlp.down.bias"] = None
     if head_rows is not None:
         for name in ("head.weight", "head.bias"):
             slices[name] = TensorSlice(0, head_rows.start, head_rows.stop)
     shapes = ir.tensor_shapes()
     slices = {name: part for name, part in slices.items() if name in shapes}
 
+    def local_mlp(mlp: MLP) -> MLP:
+        return replace(mlp, intermediate_size=len(split(mlp.intermediate_size, world)[rank]))
+
     def local(block: Block) -> Block:
+        mlp = block.mlp
+        if isinstance(mlp, MoE):
+            mlp = replace(mlp, expert=local_mlp(mlp.expert), shared=mlp.shared and local_mlp(mlp.shared))
+        else:
+            mlp = local_mlp(mlp)
         return replace(block, attention=replace(block.attention, num_heads=len(heads), num_kv_heads=len(kv_heads)),
-                       mlp=replace(block.mlp, intermediate_size=len(intermediate)))
+                       mlp=mlp)
 
     local_ir = replace(ir, embedding=replace(ir.embedding, vocab_size=len(vocab)), block=local(ir.block),
                        variants=tuple(local(block) for block in ir.variants),
                        head=replace(ir.head, out_features=len(head_rows), labels=())
                        if head_rows is not None else ir.head)
-    return ShardPlan(shard, ir, local_ir, heads, kv_heads, intermediate, vocab, head_rows, slices)
+    return ShardPlan(shard, ir, local_ir, heads, kv_heads, vocab, head_rows, slices)
+
+
+def _mlp_slices(mlp: MLP, module: str, world: int, rank: int, stacked: bool = False) -> dict[str, TensorSlice | None]:
+    """This rank's slices of the MLP at canonical `module` (of every expert's, when `stacked` over experts): a
+    range of the intermediate size, the rows of [gate; up] and the columns of down; down's bias on rank 0 only."""
+    if mlp.intermediate_size < world:
+        raise ParallelError(f"tensor parallelism over {world} ranks: the intermediate size of {module} "
+                            f"({mlp.intermediate_size}) is smaller than the world size")
+    part, lead = split(mlp.intermediate_size, world)[rank], int(stacked)
+    slices: dict[str, TensorSlice | None] = {}
+    for param in ("weight", "bias") if mlp.bias else ("weight",):
+        for name in up_parts(mlp, module, param):
+            slices[name] = TensorSlice(lead, part.start, part.stop)
+    slices[f"{module}.down.weight"] = TensorSlice(lead + 1, part.start, part.stop)
+    if rank != 0:
+        slices[f"{module}.down.bias"] = None
+    return slices
