@@ -11,6 +11,11 @@ class ConfigError(PolylmError):
     """config.json (or another JSON file of the checkpoint) is missing, malformed or inconsistent."""
 
 
+class HubError(ConfigError):
+    """A Hub repo id cannot be resolved: not cached while offline, gated, missing, or the Hub unreachable. The
+    message names the repo and what to do."""
+
+
 class Declined(ConfigError):
     """A family's `to_ir` does not handle this config variant; the next family claiming its `model_type` is
     tried. The message says why (it is shown when every family declines)."""

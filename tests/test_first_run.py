@@ -111,6 +111,7 @@ def test_hub_repo_id_from_local_cache(make_ckpt, tmp_path, monkeypatch, variable
 
 def test_hub_repo_id_not_cached_says_where_it_looked(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no download: tests/test_hub.py downloads from a local fake Hub
     with pytest.raises(ConfigError, match=f"no cached snapshot.*{tmp_path}"):
         polylm.load("acme/absent-model")
     assert main(["run", "--model", "acme/absent-model", "hi"]) == 2

@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--dtype", default=None, metavar="D",
                          help="compute dtype the KV cache is counted in (default: as stored)")
     inspect.add_argument("--json", action="store_true", help="print one JSON object (keys above)")
+    inspect.add_argument("--revision", default=None, metavar="REV",
+                         help="the Hub revision of an ORG/NAME model (branch, tag or commit; default main)")
     inspect.set_defaults(handler=_inspect)
 
     plugins = commands.add_parser("plugins", help="list plugins: families, backends, and failures",
@@ -181,9 +183,12 @@ def _backend_help() -> str:
 
 
 def _add_model_options(parser: argparse.ArgumentParser, default_demo: bool = False) -> None:
-    parser.add_argument("--model", required=not default_demo, metavar="DIR",
-                        help="model directory (config.json, *.safetensors)"
+    parser.add_argument("--model", required=not default_demo, metavar="DIR|ORG/NAME",
+                        help="model directory (config.json, *.safetensors), or Hub repo id (ORG/NAME[@REVISION]), "
+                             "downloaded into the Hugging Face cache unless it is there or HF_HUB_OFFLINE=1"
                              + ("; default: polylm's small built-in demo model" if default_demo else ""))
+    parser.add_argument("--revision", default=None, metavar="REV",
+                        help="branch, tag or commit of a Hub repo id (default: its main branch)")
     parser.add_argument("--backend", default="auto", metavar="NAME", help=_backend_help())
     parser.add_argument("--dtype", default=None, metavar="D", help="float32, bfloat16 or float16 (default: as stored)")
     parser.add_argument("--quantize", default=None, choices=["int8", "int4"], help="weight-only quantization")
@@ -196,14 +201,16 @@ def _run(args: argparse.Namespace) -> None:
     _write_stream(model.generate(args.prompt, stream=True, **_sampling(args)))
 
 
-def _write_stream(pieces) -> str:
-    text = ""
+def _write_stream(pieces, shown: list[str] | None = None) -> str:
+    """Write streamed text pieces to stdout as they come and return them joined; each is also appended to `shown`,
+    which keeps what was written when Ctrl-C stops the stream."""
+    shown = [] if shown is None else shown
     for piece in pieces:
-        text += piece
+        shown.append(piece)
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
-    return text
+    return "".join(shown)
 
 
 def _chat(args: argparse.Namespace) -> None:
@@ -218,15 +225,20 @@ def _chat(args: argparse.Namespace) -> None:
     while True:
         try:
             line = input("you> ")
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the prompt ends the chat
             sys.stdout.write("\n")
             return
         if not line.strip():
             continue
-        messages.append({"role": "user", "content": line})
         sys.stdout.write("assistant> ")
-        reply = _write_stream(model.chat(messages, template=template, stream=True, **_sampling(args)))
-        messages.append({"role": "assistant", "content": reply})
+        turn, shown = [{"role": "user", "content": line}], []
+        try:
+            _write_stream(model.chat(messages + turn, template=template, stream=True, **_sampling(args)), shown)
+        except KeyboardInterrupt:  # Ctrl-C stops the reply, not the chat
+            sys.stdout.write("\n")
+            if not shown:  # stopped before its first piece: the question is taken back too
+                continue
+        messages += turn + [{"role": "assistant", "content": "".join(shown)}]
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -241,7 +253,7 @@ def _bench(args: argparse.Namespace) -> None:
             raise InputError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
     from .bench import bench
 
-    result = bench(args.model, backend=args.backend, dtype=args.dtype, quantize=args.quantize,
+    result = bench(str(_model_dir(args)), backend=args.backend, dtype=args.dtype, quantize=args.quantize,
                    prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens)
     if args.json:
         print(json.dumps(result.as_dict()))
@@ -282,7 +294,9 @@ def _inspect(args: argparse.Namespace) -> None:
 
     if args.model_path is not None and args.model is not None:
         raise InputError("give the model once: as MODEL or as --model")
-    report = inspect(_model_path(args.model if args.model_path is None else args.model_path), dtype=args.dtype)
+    if args.model_path is not None:
+        args.model = args.model_path
+    report = inspect(_model_dir(args), dtype=args.dtype)
     print(json.dumps(report.as_dict(), ensure_ascii=False) if args.json else render(report))
 
 
@@ -306,28 +320,30 @@ def _plugins(args: argparse.Namespace) -> None:
         print(f"conflict: {conflict}")
 
 
-def _model_path(model: str | None) -> str:
-    """The model argument, or the demo model where a command lets it be left out (`run`, `inspect`)."""
-    if model is not None:
-        return model
-    from ..demo import DEMO_MODEL
+def _model_dir(args: argparse.Namespace) -> Path:
+    """`--model` as a directory: a Hub repo id's files are downloaded here, once, before any load or rank starts."""
+    from ..checkpoint.hub import resolve_model
 
-    return str(DEMO_MODEL)
+    if args.model is None:  # only `run` and `inspect` let the model be left out
+        from ..demo import DEMO_MODEL
+
+        args.model = str(DEMO_MODEL)
+    return resolve_model(args.model, args.revision)
 
 
 def _load(args: argparse.Namespace):
     from ..loading import load
 
-    args.model = _model_path(args.model)
+    directory = _model_dir(args)
     with warnings.catch_warnings():  # a family's notes are printed below as one line each
         warnings.simplefilter("ignore", FamilyNote)
         if args.tp != 1:
             from ..parallel.launch import load_ranked
 
-            model = load_ranked(args.model, args.tp, args.argv, backend=args.backend, dtype=args.dtype,
+            model = load_ranked(str(directory), args.tp, args.argv, backend=args.backend, dtype=args.dtype,
                                 quantize=args.quantize)
         else:
-            model = load(args.model, backend=args.backend, dtype=args.dtype, quantize=args.quantize)
+            model = load(directory, backend=args.backend, dtype=args.dtype, quantize=args.quantize)
     for note in model.notes:
         print(f"note: {note}", file=sys.stderr)
     return model

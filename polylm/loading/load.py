@@ -27,8 +27,10 @@ _ARCHITECTURE_SUFFIXES = {
 
 
 def load(path: str | Path, *, backend: str = "auto", task: str | None = None, dtype: str | None = None,
-         quantize: str | None = None, tensor_parallel: int | None = None) -> Model:
-    """Load a Hugging Face–format checkpoint: a directory, or a Hub repo id in the local HF cache.
+         quantize: str | None = None, tensor_parallel: int | None = None, revision: str | None = None) -> Model:
+    """Load a Hugging Face–format checkpoint: a directory, or a Hub repo id (`org/name`, `org/name@revision`, or
+    `revision=` a branch, tag or commit), taken from the local Hugging Face cache or downloaded into it (only config,
+    tokenizer, chat template and safetensors files; never with `HF_HUB_OFFLINE=1`).
 
     The family is the first installed one claiming the config's `model_type` that does not decline it; its
     notes (and which families declined) are warned as `polylm.family.FamilyNote` and kept on `Model.notes`.
@@ -41,7 +43,7 @@ def load(path: str | Path, *, backend: str = "auto", task: str | None = None, dt
     (torch.distributed: already initialized, or described by torchrun's environment); every rank calls `load`,
     rank 0 uses the model and the others call `polylm.parallel.follow(model)` (see `polylm.parallel`).
     """
-    directory = resolve_model(path)
+    directory = resolve_model(path, revision)
     config = ConfigView.from_dir(directory)
     plugins = registry()
     task = task or infer_task(config)
@@ -100,9 +102,9 @@ def checkpoint_weights(directory: Path, config: ConfigView, family: Family, ir: 
                    family.base_prefixes, family.ignored_tensors, others, check_values=check_values)
 
 
-def model_ir(path: str | Path, *, task: str | None = None) -> ModelIR:
+def model_ir(path: str | Path, *, task: str | None = None, revision: str | None = None) -> ModelIR:
     """The IR of a checkpoint, from its config alone (no tensor is read)."""
-    directory = resolve_model(path)
+    directory = resolve_model(path, revision)
     config = ConfigView.from_dir(directory)
     return registry().select(config, task or infer_task(config))[1].ir
 
