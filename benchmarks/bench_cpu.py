@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -131,6 +132,43 @@ def median_row(results: list[dict]) -> dict:
             for key, value in results[0].items()}
 
 
+#: Bytes a weight takes per precision: bf16; int8 codes (+ a float32 scale per row, negligible); int4 codes and a
+#: bfloat16 scale per 32.
+BYTES_PER_WEIGHT = {"polylm bf16": 2.0, "polylm int8": 1.0, "polylm int4": 0.5 + 2 / 32}
+
+
+def active_weights(path: Path) -> int:
+    """Weights a decoded token reads: every block matrix but the experts a token does not choose (top-k of each
+    mixture-of-experts layer), and the head (one embedding row is negligible)."""
+    from polylm.ir import MoE
+    from polylm.loading import model_ir
+
+    ir = model_ir(path)
+    total = 0
+    for i, block in enumerate(ir.layers):
+        shapes = {n: s for n, s in ir.tensor_shapes().items() if n.startswith(f"layers.{i}.") and n.endswith("weight")}
+        for name, shape in shapes.items():
+            size = math.prod(shape)
+            if isinstance(block.mlp, MoE) and ".mlp.experts." in name:
+                size = size * block.mlp.top_k // block.mlp.num_experts
+            total += size if len(shape) > 1 else 0
+    return total + ir.head.out_features * ir.hidden_size
+
+
+def read_bandwidth(threads: int) -> float:
+    """Bytes per second this machine reads a 1 GiB array at (the median of 5 sums), with `threads` threads."""
+    import torch
+
+    torch.set_num_threads(threads)
+    data = torch.ones(1 << 29, dtype=torch.bfloat16)
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        data.sum(dtype=torch.float32)
+        times.append(time.perf_counter() - start)
+    return data.numel() * data.element_size() / statistics.median(times)
+
+
 def cpu_description() -> str:
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")), "?")
@@ -176,25 +214,30 @@ def main() -> None:
         runs[name].append(measure())
     rows = {name: median_row(results) for name, results in runs.items()}
     base = rows["transformers bf16"]
+    bandwidth, active = read_bandwidth(args.threads), active_weights(path)
     checkpoint_mb = sum(f.stat().st_size for f in path.glob("*.safetensors")) / (1024 * 1024)
     lines = [f"### {args.model}, {args.threads} threads, prompt {args.prompt_tokens}, {args.new_tokens} new tokens",
              "", f"{cpu_description()}; {time.strftime('%Y-%m-%d')}; `python benchmarks/bench_cpu.py --model "
              f"{args.model} --threads {args.threads} --repeat {args.repeat}`; medians of {args.repeat} interleaved "
              f"runs; model MB: peak RSS above the RSS after the framework's import, × the checkpoint's "
              f"{checkpoint_mb:.0f} MB", "",
+             f"; memory limit: {active / 1e6:.0f}M weights read per decoded token (the chosen experts only) at the "
+             f"same run's read bandwidth of {bandwidth / 1e9:.1f} GB/s", "",
              "| engine | import s | load s | TTFT ms | prefill tok/s | decode tok/s | prefill × | decode × | "
-             "peak RSS MB | model MB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "decode / memory limit | peak RSS MB | model MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
         if "error" in row:
-            lines.append(f"| {name} | error: {row['error']} | | | | | | | | |")
+            lines.append(f"| {name} | error: {row['error']} | | | | | | | | | |")
             continue
         ratio = (lambda key: f"{row[key] / base[key]:.2f}") if "error" not in base else (lambda key: "?")
         model = row["model_rss_mb"]
         model_cell = "?" if model is None else f"{model:.0f} ({model / checkpoint_mb:.2f}×)"
+        width = BYTES_PER_WEIGHT.get(name)
+        limit = "" if width is None else f"{row['decode_tok_s'] / (bandwidth / (active * width)):.0%}"
         lines.append(f"| {name} | {row['import_s']:.2f} | {row['load_s']:.2f} | {row['ttft_s'] * 1000:.0f} | "
                      f"{row['prefill_tok_s']:.0f} | {row['decode_tok_s']:.1f} | {ratio('prefill_tok_s')} | "
-                     f"{ratio('decode_tok_s')} | {row['peak_rss_mb']:.0f} | {model_cell} |")
+                     f"{ratio('decode_tok_s')} | {limit} | {row['peak_rss_mb']:.0f} | {model_cell} |")
     table = "\n".join(lines) + "\n"
     print(table)
     if args.write:

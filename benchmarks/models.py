@@ -2,6 +2,8 @@
 
 gemma-bench: vocab 32000, hidden 1024, intermediate 4096, 12 layers, 16 heads, 1 KV head, head_dim 64
 (210M parameters, 421 MB in bf16). bloom-bench: a BLOOM of similar size (hidden 1024, 16 heads, 14 layers).
+mixtral-bench: a Mixtral (hidden 768, 12 layers, 12 heads, 4 KV heads, 8 experts of intermediate 1408, top 2):
+380M parameters, of which 146M are active per token (the head and embedding counted).
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ CONFIGS = {
                                   num_attention_heads=16, num_key_value_heads=1, head_dim=64,
                                   max_position_embeddings=4096)),
     "bloom-bench": ("bloom", dict(vocab_size=32000, hidden_size=1024, n_layer=14, n_head=16)),
+    "mixtral-bench": ("mixtral", dict(vocab_size=32000, hidden_size=768, intermediate_size=1408, num_hidden_layers=12,
+                                      num_attention_heads=12, num_key_value_heads=4, num_local_experts=8,
+                                      num_experts_per_tok=2, max_position_embeddings=4096, sliding_window=None)),
 }
 
 
