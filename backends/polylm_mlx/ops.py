@@ -123,11 +123,13 @@ def route(logits: mx.array, moe: MoE) -> tuple[mx.array, mx.array]:
 def gather_linear(x: mx.array, weight: Matrix, bias: mx.array | None, indices: mx.array, sorted_indices: bool
                   ) -> mx.array:
     """x [..., 1, in] through expert `indices` [...] of a stacked `weight` (dense [experts, in, out] or quantized,
-    see `params`), x broadcast against them: [..., 1, out], each expert's bias (stacked [experts, out]) added."""
+    see `params`), x broadcast against them: [..., 1, out] in x's dtype, each expert's bias (stacked [experts, out])
+    added. A float32 stack (on the CPU, see `params`) multiplies x in float32."""
     if isinstance(weight, QuantizedMatrix):
         y = weight.gather_matmul(x, indices, sorted_indices)
     else:
-        y = mx.gather_mm(x, weight, rhs_indices=indices, sorted_indices=sorted_indices)
+        y = mx.gather_mm(x.astype(weight.dtype), weight, rhs_indices=indices, sorted_indices=sorted_indices)
+        y = y.astype(x.dtype)
     return y if bias is None else y + mx.expand_dims(bias[indices], -2)
 
 

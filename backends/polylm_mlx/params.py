@@ -12,7 +12,9 @@ the CPU goes through BLAS, which multiplies a contiguous [in, out] copy about 2Ã
 A mixture-of-experts layer (`ExpertParams`) holds its experts stacked, [gate; up] and down each one matrix of
 [experts, out, in] as stored, and multiplies through `mx.gather_mm` with the same [experts, in, out] operand as a
 dense projection (a view, or the float32 CPU copy), or `mx.gather_qmm` when quantized; their biases stacked
-[experts, out]. The router and the shared expert's gate are dense operands, never quantized (as on torch).
+[experts, out]. MLX's CPU `gather_mm` multiplies float32 only, so on the CPU a half-precision stack is held in
+float32 (twice its memory; `ops.gather_linear` rounds the product back). The router and the shared expert's gate
+are dense operands, never quantized (as on torch).
 """
 
 from __future__ import annotations
@@ -156,7 +158,15 @@ def _experts(moe: MoE, tensors: dict[str, mx.array], module: str, quantization: 
     shared = _dense(moe.shared, tensors, f"{module}.shared", quantization) if moe.shared is not None else (None,) * 4
     gate = tensors.pop(f"{module}.shared_gate.weight", None)
     return ExpertParams(_matrix(tensors.pop(f"{module}.router.weight"), None, f"{module}.router"),
-                        tensors.pop(f"{module}.router.bias", None), _matrix(up, quantization, f"{experts}.up"), up_bias,
-                        _matrix(tensors.pop(f"{experts}.down.weight"), quantization, f"{experts}.down"),
+                        tensors.pop(f"{module}.router.bias", None), _stack(up, quantization, f"{experts}.up"), up_bias,
+                        _stack(tensors.pop(f"{experts}.down.weight"), quantization, f"{experts}.down"),
                         tensors.pop(f"{experts}.down.bias", None), *shared,
                         shared_gate=None if gate is None else _matrix(gate, None, f"{module}.shared_gate"))
+
+
+def _stack(stored: mx.array, quantization: Quantization | None, where: str) -> Matrix:
+    """Stacked expert matrices [experts, out, in] as `_matrix` makes them; in float32 on the CPU when dense (see the
+    module docstring)."""
+    if quantization is None and mx.default_device().type == mx.cpu:
+        stored = stored.astype(mx.float32)
+    return _matrix(stored, quantization, where)
