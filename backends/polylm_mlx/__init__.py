@@ -12,8 +12,7 @@ import sys
 from polylm.backend import Availability, Backend, Runtime, ShardRuntime
 from polylm.checkpoint.weights import Weights
 from polylm.hookspecs import hookimpl
-from polylm.errors import BackendError
-from polylm.ir import ModelIR, MoE
+from polylm.ir import ModelIR
 from polylm.parallel.plan import Shard, ShardPlan
 from polylm.parallel.ranks import RankEnv
 
@@ -51,7 +50,6 @@ class MLXBackend(Backend):
     def lower(self, ir: ModelIR, weights: Weights, dtype: str) -> Runtime:
         from .runtime import MLXRuntime
 
-        _refuse_experts(ir)
         return MLXRuntime(ir, weights, dtype)
 
     def join_group(self, world_size: int, timeout_s: float) -> Shard:
@@ -68,14 +66,7 @@ class MLXBackend(Backend):
     def lower_shard(self, ir: ModelIR, weights: Weights, dtype: str, plan: ShardPlan) -> ShardRuntime:
         from .parallel import MLXShardRuntime
 
-        _refuse_experts(ir)
         return MLXShardRuntime(ir, weights, dtype, plan)
-
-
-def _refuse_experts(ir: ModelIR) -> None:
-    if any(isinstance(block.mlp, MoE) for block in ir.blocks):
-        raise BackendError(f"the mlx backend does not run mixture-of-experts layers ({ir.family}) yet; use "
-                           "--backend torch")
 
 
 @hookimpl

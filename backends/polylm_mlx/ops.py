@@ -4,6 +4,9 @@
 multiply happens in float32, as the IR says), LayerNorm, and attention with an additive bias (but not with a
 logit softcap, which it cannot apply: that attention is composed here). RoPE is composed
 here because each row has its own positions and frequencies, which `mx.fast.rope`'s scalar offset cannot say.
+
+Routed experts multiply each token by its chosen experts only, through `mx.gather_mm` / `mx.gather_qmm` over the
+stacked expert matrices (as mlx-lm's SwitchGLU), inside the lazy graph: no expert choice is read on the host.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from polylm.ir import MLP, Attention
+from polylm.backend import ExpertParams
+from polylm.ir import MLP, Attention, MoE
 from polylm.parallel.plan import ShardPlan, gather_padding, trim_gathered
 
 from .params import Matrix, NormParams
@@ -89,6 +93,67 @@ def activation(h: mx.array, mlp: MLP) -> mx.array:
         gate, up = mx.split(h, 2, axis=-1)
         return _ACTIVATIONS[mlp.activation](gate) * up
     return _ACTIVATIONS[mlp.activation](h)
+
+
+def mlp(x: mx.array, up: Matrix, up_bias: mx.array | None, down: Matrix, down_bias: mx.array | None, spec: MLP
+        ) -> mx.array:
+    """A dense MLP (this rank's share of its output when tensor-parallel)."""
+    return linear(activation(linear(x, up, up_bias), spec), down, down_bias)
+
+
+#: Routed tokens × top_k from which the experts' inputs are sorted by expert first (mlx-lm's SwitchGLU threshold):
+#: each expert's matrix is then read once for a run of rows; a decode step's few rows gather unsorted.
+SORT_FROM = 64
+
+
+def route(logits: mx.array, moe: MoE) -> tuple[mx.array, mx.array]:
+    """The weights (float32) and indices [..., top_k] of the experts the router `logits` choose (as
+    `polylm_torch_common.ops.route`). The top k are in descending order, as torch.topk gives distinct values;
+    `mx.argsort` is stable, so among tied scores the lower expert index comes first (torch.topk promises no
+    order among ties: there the chosen set may differ, as between any two implementations)."""
+    logits = logits.astype(mx.float32)
+    scores = logits if moe.routing == "topk_softmax" else mx.softmax(logits, axis=-1)
+    chosen = mx.argsort(-scores, axis=-1)[..., :moe.top_k]
+    top = mx.take_along_axis(scores, chosen, axis=-1)
+    if moe.routing == "topk_softmax":
+        return mx.softmax(top, axis=-1), chosen
+    return (top / top.sum(axis=-1, keepdims=True) if moe.normalize else top), chosen
+
+
+def gather_linear(x: mx.array, weight: Matrix, bias: mx.array | None, indices: mx.array, sorted_indices: bool
+                  ) -> mx.array:
+    """x [..., 1, in] through expert `indices` [...] of a stacked `weight` (dense [experts, in, out] or quantized,
+    see `params`), x broadcast against them: [..., 1, out] in x's dtype, each expert's bias (stacked [experts, out])
+    added. A float32 stack (on the CPU, see `params`) multiplies x in float32."""
+    if isinstance(weight, QuantizedMatrix):
+        y = weight.gather_matmul(x, indices, sorted_indices)
+    else:
+        y = mx.gather_mm(x.astype(weight.dtype), weight, rhs_indices=indices, sorted_indices=sorted_indices)
+        y = y.astype(x.dtype)
+    return y if bias is None else y + mx.expand_dims(bias[indices], -2)
+
+
+def experts(x: mx.array, p: ExpertParams, moe: MoE) -> mx.array:
+    """Routed experts (`polylm.ir.MoE`) on x [..., hidden]: each token through its top-k experts only, weighted as
+    the routing says, plus the shared expert (scaled by its sigmoid gate); this rank's share when tensor-parallel."""
+    weights, chosen = route(linear(x, p.router, p.router_bias), moe)
+    rows, indices = mx.expand_dims(x, (-2, -3)), chosen  # [..., 1, 1, hidden] against [..., top_k]
+    sort = chosen.size >= SORT_FROM
+    if sort:  # one row per (token, slot), ordered by expert
+        flat = chosen.flatten()
+        order = mx.argsort(flat)
+        rows, indices = x.reshape(-1, 1, x.shape[-1])[order // moe.top_k], flat[order]
+    up = gather_linear(rows, p.experts_up, p.experts_up_bias, indices, sort)
+    y = gather_linear(activation(up, moe.expert), p.experts_down, p.experts_down_bias, indices, sort)
+    y = y[mx.argsort(order)].reshape(*chosen.shape, -1) if sort else y.squeeze(-2)  # [..., top_k, hidden]
+    # each expert's weighted output rounded to x's dtype, then summed (as the reference accumulates them)
+    out = (y * weights[..., None]).astype(x.dtype).sum(axis=-2)
+    if moe.shared is not None:
+        shared = mlp(x, p.shared_up, p.shared_up_bias, p.shared_down, p.shared_down_bias, moe.shared)
+        if p.shared_gate is not None:
+            shared = mx.sigmoid(linear(x, p.shared_gate)) * shared
+        out = out + shared
+    return out
 
 
 _ACTIVATIONS = {

@@ -8,6 +8,13 @@ embeddings, norms and biases keep the compute dtype, and a tied head stays the (
 Projection matrices are operands of `x @ w`, [in, out]. Usually that is a free transposed view of the stored
 [out, in] tensor, the layout MLX's Metal kernels and its CPU half-precision kernels are fastest with; float32 on
 the CPU goes through BLAS, which multiplies a contiguous [in, out] copy about 2× faster, so it gets one.
+
+A mixture-of-experts layer (`ExpertParams`) holds its experts stacked, [gate; up] and down each one matrix of
+[experts, out, in] as stored, and multiplies through `mx.gather_mm` with the same [experts, in, out] operand as a
+dense projection (a view, or the float32 CPU copy), or `mx.gather_qmm` when quantized; their biases stacked
+[experts, out]. MLX's CPU `gather_mm` multiplies float32 only, so on the CPU a half-precision stack is held in
+float32 (twice its memory; `ops.gather_linear` rounds the product back). The router and the shared expert's gate
+are dense operands, never quantized (as on torch).
 """
 
 from __future__ import annotations
@@ -17,9 +24,9 @@ from typing import Iterator, Union
 
 import mlx.core as mx
 
-from polylm.backend import LayerParams, ModelParams, NormParams
+from polylm.backend import ExpertParams, LayerParams, ModelParams, NormParams
 from polylm.errors import WeightsError
-from polylm.ir import Block, ModelIR, Norm, Quantization
+from polylm.ir import MLP, Block, ModelIR, MoE, Norm, Quantization
 from polylm.numerics.layouts import qkv_parts, qkv_row_order, up_parts
 from polylm.checkpoint.slices import TensorFiles
 from polylm.checkpoint.weights import Weights
@@ -94,17 +101,18 @@ def _norm(spec: Norm | None, tensors: dict[str, mx.array], prefix: str) -> NormP
 
 
 def _matrix(stored: mx.array, quantization: Quantization | None, where: str) -> Matrix:
-    """A stored [out, in] projection as the [in, out] operand of `x @ w` (see the module docstring), or quantized."""
+    """A stored [out, in] projection (or a stack of them, [experts, out, in]) as the [in, out] operand of `x @ w`
+    (see the module docstring), or quantized."""
     if quantization is not None:
         return quantize(stored, quantization, where)
     if stored.dtype == mx.float32 and mx.default_device().type == mx.cpu:
-        return mx.contiguous(stored.T)
-    return stored.T
+        return mx.contiguous(stored.swapaxes(-1, -2))
+    return stored.swapaxes(-1, -2)
 
 
-def _fuse(tensors: dict[str, mx.array], names: tuple[str, ...]) -> mx.array:
+def _fuse(tensors: dict[str, mx.array], names: tuple[str, ...], axis: int = 0) -> mx.array:
     parts = [tensors.pop(name) for name in names]
-    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=axis)
 
 
 def _layer(block: Block, tensors: dict[str, mx.array], prefix: str, quantization: Quantization | None
@@ -117,20 +125,48 @@ def _layer(block: Block, tensors: dict[str, mx.array], prefix: str, quantization
         rows = mx.array(order)
         qkv = qkv[rows]
         qkv_bias = qkv_bias[rows] if qkv_bias is not None else None
-    up = _fuse(tensors, up_parts(mlp, f"{prefix}.mlp", "weight"))
-    up_bias = _fuse(tensors, up_parts(mlp, f"{prefix}.mlp", "bias")) if mlp.bias else None
-
-    def matrix(stored: mx.array, name: str) -> Matrix:
-        return _matrix(stored, quantization, f"{prefix}.{name}")
-
+    moe = _experts(mlp, tensors, f"{prefix}.mlp", quantization) if isinstance(mlp, MoE) else None
+    dense = (None,) * 4 if moe is not None else _dense(mlp, tensors, f"{prefix}.mlp", quantization)
     qk_norm = attn.qk_norm.norm if attn.qk_norm is not None else None
-    return LayerParams(_norm(block.attn_norm, tensors, f"{prefix}.attn_norm"), matrix(qkv, "attn.qkv"), qkv_bias,
-                       matrix(tensors.pop(f"{prefix}.attn.o.weight"), "attn.o"),
+    return LayerParams(_norm(block.attn_norm, tensors, f"{prefix}.attn_norm"),
+                       _matrix(qkv, quantization, f"{prefix}.attn.qkv"), qkv_bias,
+                       _matrix(tensors.pop(f"{prefix}.attn.o.weight"), quantization, f"{prefix}.attn.o"),
                        tensors.pop(f"{prefix}.attn.o.bias", None),
-                       _norm(block.mlp_norm, tensors, f"{prefix}.mlp_norm"), matrix(up, "mlp.up"), up_bias,
-                       matrix(tensors.pop(f"{prefix}.mlp.down.weight"), "mlp.down"),
-                       tensors.pop(f"{prefix}.mlp.down.bias", None),
+                       _norm(block.mlp_norm, tensors, f"{prefix}.mlp_norm"), *dense, moe=moe,
                        attn_post_norm=_norm(block.attn_post_norm, tensors, f"{prefix}.attn_post_norm"),
                        mlp_post_norm=_norm(block.mlp_post_norm, tensors, f"{prefix}.mlp_post_norm"),
                        q_norm=_norm(qk_norm, tensors, f"{prefix}.attn.q_norm"),
                        k_norm=_norm(qk_norm, tensors, f"{prefix}.attn.k_norm"))
+
+
+def _dense(mlp: MLP, tensors: dict[str, mx.array], module: str, quantization: Quantization | None
+           ) -> tuple[Matrix, mx.array | None, Matrix, mx.array | None]:
+    """The (up, up bias, down, down bias) of the dense MLP at canonical `module`."""
+    up = _fuse(tensors, up_parts(mlp, module, "weight"))
+    up_bias = _fuse(tensors, up_parts(mlp, module, "bias")) if mlp.bias else None
+    return (_matrix(up, quantization, f"{module}.up"), up_bias,
+            _matrix(tensors.pop(f"{module}.down.weight"), quantization, f"{module}.down"),
+            tensors.pop(f"{module}.down.bias", None))
+
+
+def _experts(moe: MoE, tensors: dict[str, mx.array], module: str, quantization: Quantization | None
+             ) -> ExpertParams:
+    """A mixture-of-experts layer's params (see the module docstring); the shared expert as a dense MLP."""
+    experts = f"{module}.experts"
+    up = _fuse(tensors, up_parts(moe.expert, experts, "weight"), axis=1)  # [experts, gate rows + up rows, hidden]
+    up_bias = _fuse(tensors, up_parts(moe.expert, experts, "bias"), axis=1) if moe.expert.bias else None
+    shared = _dense(moe.shared, tensors, f"{module}.shared", quantization) if moe.shared is not None else (None,) * 4
+    gate = tensors.pop(f"{module}.shared_gate.weight", None)
+    return ExpertParams(_matrix(tensors.pop(f"{module}.router.weight"), None, f"{module}.router"),
+                        tensors.pop(f"{module}.router.bias", None), _stack(up, quantization, f"{experts}.up"), up_bias,
+                        _stack(tensors.pop(f"{experts}.down.weight"), quantization, f"{experts}.down"),
+                        tensors.pop(f"{experts}.down.bias", None), *shared,
+                        shared_gate=None if gate is None else _matrix(gate, None, f"{module}.shared_gate"))
+
+
+def _stack(stored: mx.array, quantization: Quantization | None, where: str) -> Matrix:
+    """Stacked expert matrices [experts, out, in] as `_matrix` makes them; in float32 on the CPU when dense (see the
+    module docstring)."""
+    if quantization is None and mx.default_device().type == mx.cpu:
+        stored = stored.astype(mx.float32)
+    return _matrix(stored, quantization, where)

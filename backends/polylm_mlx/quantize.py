@@ -10,7 +10,8 @@ the activations' dtype.
 MLX groups 32, 64 or 128 input features. IR groups that are multiples of 32 map onto those by repeating each
 group's scale; one scale per output row (int8's default) likewise becomes that scale repeated over every group
 of the row — both exact. Input features are zero-padded to whole groups (q = 0 there); the activations are then
-padded to match, which real checkpoints never need.
+padded to match, which real checkpoints never need. A stack of matrices (a mixture-of-experts layer's experts,
+[experts, out, in]) is quantized row by row like one matrix and multiplied through `mx.gather_qmm`.
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ MLX_GROUP_SIZES = (128, 64, 32)
 
 @dataclass
 class QuantizedMatrix:
-    """A [out, in] projection in MLX's affine quantized layout, the operand of `x @ w.T`."""
+    """A [out, in] projection (or a stack of them, [experts, out, in]) in MLX's affine quantized layout, the
+    operand of `x @ w.T`."""
 
-    weight: mx.array  # uint32 [out, padded_in · bits / 32]: codes q + 2^(bits−1), packed from the low bits up
-    scales: mx.array  # [out, padded_in / group_size] in the scheme's scale dtype
+    weight: mx.array  # uint32 [..., out, padded_in · bits / 32]: codes q + 2^(bits−1), packed from the low bits up
+    scales: mx.array  # [..., out, padded_in / group_size] in the scheme's scale dtype
     biases: mx.array  # −2^(bits−1) · scales
     group_size: int  # MLX's group size
     bits: int
@@ -41,25 +43,32 @@ class QuantizedMatrix:
 
     def matmul(self, x: mx.array) -> mx.array:
         """x [..., in] @ w.T in x's dtype."""
-        padding = self.scales.shape[-1] * self.group_size - self.in_features
-        if padding:
-            x = mx.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, padding)])
-        y = mx.quantized_matmul(x, self.weight, self.scales, self.biases, transpose=True,
+        y = mx.quantized_matmul(self._padded(x), self.weight, self.scales, self.biases, transpose=True,
                                 group_size=self.group_size, bits=self.bits)
         return y.astype(x.dtype)  # float32 scales promote a bfloat16 or float16 product
 
+    def gather_matmul(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
+        """x [..., rows, in] @ w[indices].T of a stack, in x's dtype (see `ops.gather_linear`)."""
+        y = mx.gather_qmm(self._padded(x), self.weight, self.scales, self.biases, rhs_indices=indices,
+                          transpose=True, group_size=self.group_size, bits=self.bits, sorted_indices=sorted_indices)
+        return y.astype(x.dtype)
+
+    def _padded(self, x: mx.array) -> mx.array:
+        padding = self.scales.shape[-1] * self.group_size - self.in_features
+        return mx.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, padding)]) if padding else x
+
     def dequantize(self) -> mx.array:
-        """The [out, in] float32 weight this matrix multiplies with (scale · q)."""
+        """The [..., out, in] float32 weight this matrix multiplies with (scale · q)."""
         ones = mx.ones(self.scales.shape, dtype=mx.float32)
         q = mx.dequantize(self.weight, ones, ones * -2 ** (self.bits - 1), group_size=self.group_size, bits=self.bits)
-        scales = mx.repeat(self.scales.astype(mx.float32), self.group_size, axis=1)
-        return (q * scales)[:, :self.in_features]
+        scales = mx.repeat(self.scales.astype(mx.float32), self.group_size, axis=-1)
+        return (q * scales)[..., :self.in_features]
 
 
 def quantize(stored: mx.array, spec: Quantization, where: str) -> QuantizedMatrix:
-    """`stored` [out, in] quantized by the core reference and packed for `mx.quantized_matmul`; `where` names it
-    in errors."""
-    in_features = stored.shape[1]
+    """`stored` [..., out, in] quantized by the core reference and packed for `mx.quantized_matmul` (or, stacked,
+    `mx.gather_qmm`); `where` names it in errors."""
+    *lead, in_features = stored.shape
     # the IR's group, as a width over the (padded) input features
     if spec.group_size is None:
         ir_group = -(-in_features // 32) * 32
@@ -70,12 +79,13 @@ def quantize(stored: mx.array, spec: Quantization, where: str) -> QuantizedMatri
                            f"features; int{spec.bits} with groups of {spec.group_size} is not a multiple of 32")
     group_size = next(size for size in MLX_GROUP_SIZES if ir_group % size == 0)
     padded = -(-in_features // ir_group) * ir_group
-    reference = quantization.quantize(np.asarray(stored.astype(mx.float32)), spec)
+    # rows are quantized independently, so a stack's rows are quantized as one matrix's
+    reference = quantization.quantize(np.asarray(stored.astype(mx.float32)).reshape(-1, in_features), spec)
     offset = 2 ** (spec.bits - 1)
     codes = np.pad(reference.codes, ((0, 0), (0, padded - in_features))).view(np.uint8) + np.uint8(offset)
     if spec.bits == 4:  # two codes a byte, the even feature in the low nibble
         codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
-    packed = mx.array(codes.view(np.uint32))  # little-endian bytes: the first code in the lowest bits
-    scales = mx.array(reference.scales).astype(getattr(mx, spec.scale_dtype))
-    scales = mx.repeat(scales, ir_group // group_size, axis=1)
+    packed = mx.array(codes.view(np.uint32)).reshape(*lead, -1)  # little-endian: the first code in the lowest bits
+    scales = mx.array(reference.scales).astype(getattr(mx, spec.scale_dtype)).reshape(*lead, -1)
+    scales = mx.repeat(scales, ir_group // group_size, axis=-1)
     return QuantizedMatrix(packed, scales, scales * -offset, group_size, spec.bits, in_features)

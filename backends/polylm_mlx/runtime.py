@@ -160,8 +160,9 @@ class MLXRuntime(Runtime):
         return out if block.residual_scale == 1.0 else out * block.residual_scale
 
     def _mlp(self, x: mx.array, block: Block, layer: LayerParams) -> mx.array:
-        hidden = ops.activation(ops.linear(x, layer.up, layer.up_bias), block.mlp)
-        return ops.reduce(ops.linear(hidden, layer.down, layer.down_bias), self.group)
+        if layer.moe is not None:
+            return ops.reduce(ops.experts(x, layer.moe, block.mlp), self.group)
+        return ops.reduce(ops.mlp(x, layer.up, layer.up_bias, layer.down, layer.down_bias, block.mlp), self.group)
 
     def _attention(self, x: mx.array, attn: Attention, layer: LayerParams, keys: mx.array, values: mx.array,
                    offset: mx.array, visibility: mx.array | RingInputs, cos_sin: Rotary | None,
