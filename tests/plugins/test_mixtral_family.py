@@ -56,10 +56,6 @@ def test_tasks_are_transformers_classes_and_question_answering():
 @pytest.mark.parametrize("task", registry().families["mixtral"][0].tasks)
 def test_matches_transformers(ckpt_root, task, backend):
     directory, hf = checkpoint(ckpt_root, task)
-    if backend == "mlx":
-        with pytest.raises(polylm.errors.BackendError, match="does not run mixture-of-experts"):
-            polylm.load(directory, backend="mlx", task=task)
-        return
     assert_parity(directory, task, backend, hf=hf)
 
 
