@@ -581,7 +581,8 @@ def test_logprobs_of_ruled_out_tokens_are_standard_json(plain, model, monkeypatc
 
     def masked(step, cache):
         logits = np.array(forward(step, cache))
-        logits[:, 10:] = -np.inf  # the model rules out all but 10 tokens
+        logits[:, 13:] = -np.inf  # the model rules out all but 10 tokens
+        logits[:, :3] = -np.inf  # and the special ones, so that no reply ends at once (with no logprobs to show)
         return logits
     monkeypatch.setattr(model.runtime, "forward", masked)
     response = httpx.post(plain[0] + "/v1/completions", timeout=30,
