@@ -31,7 +31,8 @@ def to_ir(config: ConfigView, task: str) -> ModelIR:
 
 def sparse_layers(ir: ModelIR, config: ConfigView, moe: Callable[[int], MoE], default_experts: int) -> ModelIR:
     """Qwen-MoE's layers: routed experts `moe(num_experts)` on layer i unless it is in `mlp_only_layers`, when
-    `num_experts` (Qwen3-MoE saves `num_local_experts`) > 0 and (i + 1) is a multiple of `decoder_sparse_step`; the others keep `ir`'s dense MLP."""
+    `num_experts` (Qwen3-MoE saves `num_local_experts`) > 0 and (i + 1) is a multiple of `decoder_sparse_step`;
+    the others keep `ir`'s dense MLP."""
     num_experts = config.get("num_experts", "num_local_experts", default=default_experts)
     step = config.positive("decoder_sparse_step", default=1)
     dense_only = config.get("mlp_only_layers", kind=list, default=[])
