@@ -26,14 +26,15 @@ def test_matches_transformers(make_ckpt, family, backend, task):
     assert_parity(directory, task, backend)
 
 
-def assert_parity(directory, task, backend, hf=None):
+def assert_parity(directory, task, backend, hf=None, new_tokens=12):
     """Logits of left- and right-padded batches against transformers (or the model `hf`) on `backend`; for
-    causal LMs also 12 greedy tokens of a batch of 2 prompts."""
-    report = check_parity(directory, task=task, backends=[backend], tolerance=TOLERANCE, hf=hf)
+    causal LMs also `new_tokens` greedy tokens of a batch of 2 prompts."""
+    report = check_parity(directory, task=task, backends=[backend], tolerance=TOLERANCE, hf=hf,
+                          new_tokens=new_tokens)
     assert report.task == task and report.unavailable == {}
     assert set(report.max_diff[backend]) == {"left", "right"}
     assert max(report.max_diff[backend].values()) <= TOLERANCE
     if task == "causal-lm":
         assert report.greedy[backend] == report.reference_greedy
-        assert sum(len(g) for g in report.reference_greedy) >= 12
+        assert sum(len(g) for g in report.reference_greedy) >= new_tokens
     return report
