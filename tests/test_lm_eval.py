@@ -99,7 +99,7 @@ def test_echo_streams_the_prompt_first(served, model):
     assert first["text"] == PROMPT and first["finish_reason"] is None
     assert len(first["logprobs"]["tokens"]) == len(model.tokenizer.encode(PROMPT))
     assert "".join(c["choices"][0]["text"] for c in chunks) == whole["text"]
-    streamed = [lp for c in chunks if c["choices"][0]["logprobs"] for lp in c["choices"][0]["logprobs"]["token_logprobs"]]
+    streamed = [lp for chunk in chunks for lp in (chunk["choices"][0]["logprobs"] or {}).get("token_logprobs", [])]
     assert streamed[0] is None and streamed[1:] == pytest.approx(whole["logprobs"]["token_logprobs"][1:], abs=1e-5)
     assert chunks[-1]["choices"][0]["finish_reason"] == whole["finish_reason"]
 

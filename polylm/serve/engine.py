@@ -2,11 +2,11 @@
 
 It takes prompts and cancellations from a thread-safe inbox, runs steps while there is work, turns tokens into
 text (stop strings included) and posts each request's events onto that request's queue, so the HTTP side never
-waits on the model. A prompt to echo with logprobs is scored here, in one pass of its own (bounded in size, see
+waits on the model. A prompt to echo with logprobs is scored here, in passes of its own (bounded in size, see
 `polylm.generate.scoring`), before it joins the scheduler. A request whose logits leave no token to pick, or
-whose prompt cannot be scored, fails alone; any other exception fails the
-requests running at the time and the engine goes on; should its thread ever end, every request still in it
-fails, and new ones are refused with 503 at once (`failure` says why).
+whose prompt cannot be scored, fails alone; any other exception fails the requests running at the time and the
+engine goes on; should its thread ever end, every request still in it fails, and new ones are refused with 503
+at once (`failure` says why).
 """
 
 from __future__ import annotations

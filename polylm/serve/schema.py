@@ -222,7 +222,8 @@ def _completion_prompts(body: dict, model: Model) -> tuple[list[list[int]], list
     return prompts, texts
 
 
-def _echo(prompts: list[list[int]], texts: list[str | None], model: Model, logprobs: bool) -> list[tuple[str, list[int]]]:
+def _echo(prompts: list[list[int]], texts: list[str | None], model: Model,
+          logprobs: bool) -> list[tuple[str, list[int]]]:
     """What `echo` answers first: each prompt's text as given (or decoded from its ids), and with logprobs each
     token's offset in the decoded text."""
     tokenizer = model.tokenizer
