@@ -145,7 +145,7 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def _check_logits(best: float) -> None:
+def check_logits(best: float) -> None:
     """Raise unless `best`, the largest logit (NaN when any is), leaves a token to pick."""
     if math.isnan(best):
         raise GenerationError("the model's logits hold NaN (broken weights, or an overflow in the forward pass); "
@@ -164,6 +164,14 @@ class TokenChoice:
     top: tuple[tuple[int, float], ...] = ()
 
 
+def scored_choice(logprobs: np.ndarray, token: int, top: int) -> TokenChoice:
+    """`token` with its log-probability in `logprobs` [vocab] and the `top` most likely tokens."""
+    count = min(top, logprobs.shape[-1])
+    best = np.argpartition(-logprobs, count - 1)[:count] if count else np.zeros(0, dtype=np.int64)
+    best = best[np.argsort(-logprobs[best], kind="stable")]
+    return TokenChoice(token, float(logprobs[token]), tuple((int(t), float(logprobs[t])) for t in best))
+
+
 class Sampler:
     """Picks one sequence's tokens: its `Sampling`, its own random generator, and the tokens it has seen (for
     the repetition penalty), so the sequence samples the same whatever batch it runs in."""
@@ -178,9 +186,9 @@ class Sampler:
         """The next token from this sequence's logits [vocab]; `GenerationError` when they leave none to pick."""
         if self._plain_greedy:
             token = int(np.argmax(logits))  # the first NaN, if there is one
-            _check_logits(float(logits[token]))
+            check_logits(float(logits[token]))
         else:
-            _check_logits(float(np.max(logits)))
+            check_logits(float(np.max(logits)))
             scores = adjust_scores(logits[None], self.sampling, self._seen_mask(logits.shape[-1]))[0]
             if self.sampling.greedy:
                 token = int(np.argmax(scores))
@@ -191,11 +199,7 @@ class Sampler:
                 self._seen.add(token)
         if self.sampling.logprobs is None:
             return TokenChoice(token)
-        logprobs = log_softmax(logits)
-        count = min(self.sampling.logprobs, logprobs.shape[-1])
-        top = np.argpartition(-logprobs, count - 1)[:count] if count else np.zeros(0, dtype=np.int64)
-        top = top[np.argsort(-logprobs[top], kind="stable")]
-        return TokenChoice(token, float(logprobs[token]), tuple((int(t), float(logprobs[t])) for t in top))
+        return scored_choice(log_softmax(logits), token, self.sampling.logprobs)
 
     def _seen_mask(self, vocab: int) -> np.ndarray | None:
         if self._seen is None:

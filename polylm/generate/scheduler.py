@@ -76,6 +76,8 @@ class Output:
     choice: TokenChoice | None
     finish_reason: str | None = None
     error: PolylmError | None = None
+    #: the end-of-sequence token whose pick ended the request (not one of its tokens), with its logprobs
+    eos: TokenChoice | None = None
 
 
 @dataclass
@@ -226,7 +228,7 @@ class Scheduler:
                 continue
             if choice.token in self.eos:
                 self._free(request, STOP)
-                outputs.append(Output(request, None, STOP))
+                outputs.append(Output(request, None, STOP, eos=choice))
                 continue
             request.tokens.append(choice.token)
             self.stats.generated_tokens += 1

@@ -49,3 +49,19 @@ def _overlap(text: str, stop: str) -> int:
         if text.endswith(stop[:size]):
             return size
     return 0
+
+
+def token_offsets(tokenizer, ids: Sequence[int]) -> list[int]:
+    """Where each token's text starts in `tokenizer.decode(ids)`, decoding a few tokens at a time (each token in
+    the context of the one before, so a decoder's word boundaries hold); a token that ends inside a character
+    starts where that character does, as does the token that completes it."""
+    offsets, length = [], 0
+    context = done = 0  # ids[context:done]: the decoded tokens the next one is read after
+    for index in range(len(ids)):
+        offsets.append(length)
+        text = tokenizer.decode(ids[context:index + 1])
+        if text.endswith("\ufffd"):  # a character split across tokens: wait for its end
+            continue
+        length += max(len(text) - len(tokenizer.decode(ids[context:done])), 0)
+        context, done = done, index + 1
+    return offsets

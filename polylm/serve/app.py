@@ -140,8 +140,8 @@ def create_app(model: Model, *, model_name: str, api_key: str | None = None, max
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
         tokenizer = model.tokenizer
-        jobs = [Job(i, prompt, params.sampling, TextStream(tokenizer, params.stop), post)
-                for i, prompt in enumerate(params.prompts)]
+        jobs = [Job(i, prompt, params.sampling, TextStream(tokenizer, params.stop), post,
+                    None if params.echo is None else params.echo[i]) for i, prompt in enumerate(params.prompts)]
         engine.submit(jobs)
         formatter = Formatter(params, model, model_name)
         choices = [Choice() for _ in jobs]
@@ -240,7 +240,7 @@ async def _collect(request: HttpRequest, events: asyncio.Queue, choices: list[Ch
             if event[0] == "error":
                 raise event[2]
             apply_event(choices[event[1]], event)
-            remaining -= event[4] is not None
+            remaining -= event[0] == "token" and event[4] is not None
         return True
     finally:
         gone.cancel()
@@ -263,6 +263,9 @@ async def _stream(events: asyncio.Queue, jobs: list[Job], choices: list[Choice],
         if event[0] == "error":
             yield sse(event[2].body())
             break
+        if event[0] == "prompt":  # the echoed prompt comes first, in a chunk of its own
+            yield sse(formatter.chunk(event[1], event[2], apply_event(choices[event[1]], event), None))
+            continue
         index, piece, finish = event[1], event[2], event[4]
         pending[index] += apply_event(choices[index], event)
         if piece or finish is not None or pending[index]:  # with logprobs, every token gets its chunk

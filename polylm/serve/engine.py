@@ -2,9 +2,11 @@
 
 It takes prompts and cancellations from a thread-safe inbox, runs steps while there is work, turns tokens into
 text (stop strings included) and posts each request's events onto that request's queue, so the HTTP side never
-waits on the model. A request whose logits leave no token to pick fails alone; any other exception fails the
-requests running at the time and the engine goes on; should its thread ever end, every request still in it
-fails, and new ones are refused with 503 at once (`failure` says why).
+waits on the model. A prompt to echo with logprobs is scored here, in passes of its own (bounded in size, see
+`polylm.generate.scoring`), before it joins the scheduler. A request whose logits leave no token to pick, or
+whose prompt cannot be scored, fails alone; any other exception fails the requests running at the time and the
+engine goes on; should its thread ever end, every request still in it fails, and new ones are refused with 503
+at once (`failure` says why).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Callable
 from ..errors import InputError, PolylmError
 from ..generate.sampling import Sampling
 from ..generate.scheduler import STOP, Output, Request, Scheduler
+from ..generate.scoring import prompt_logprobs
 from ..generate.stream import TextStream
 from ..model import Model
 from .schema import ApiError
@@ -33,14 +36,17 @@ MAX_CACHE_SLOTS = 4096
 @dataclass(eq=False)
 class Job:
     """One prompt of one HTTP request, as the worker runs it. `post` puts an event on the request's queue from
-    any thread: ("token", index, text piece, TokenChoice | None, finish reason | None, tokens made) or
-    ("error", index, ApiError)."""
+    any thread: ("prompt", index, echoed text, [(TokenChoice, text offset)] per prompt token when logprobs are
+    asked for), first and only with `echo`; ("token", index, text piece, TokenChoice | None, finish reason | None,
+    tokens made); or ("error", index, ApiError). With `echo`, an end-of-sequence token that ends the request
+    comes as a last "token" event with an empty piece (its logprob listed, as OpenAI and vLLM list it)."""
 
     index: int
     prompt: list[int]
     sampling: Sampling
     text: TextStream
     post: Callable[[tuple], None]
+    echo: tuple[str, list[int]] | None = None  # the prompt's text and its tokens' offsets in it, to answer first
     request: Request | None = None  # the scheduler's Request once submitted (worker thread only)
     done: bool = False  # its last event was posted (worker thread only)
 
@@ -153,11 +159,22 @@ class Engine:
     def _on_submit(self, jobs: list[Job]) -> None:
         for job in jobs:
             try:
+                if job.echo is not None:
+                    self._echo(job)
                 job.request = self.scheduler.submit(job.prompt, job.sampling)
-            except PolylmError as exc:
+            except Exception as exc:  # noqa: BLE001 - scoring a prompt may fail in any way; the request fails alone
+                if not isinstance(exc, PolylmError):
+                    log.exception("scoring a prompt failed")
                 self._fail(job, api_error(exc))
                 continue
             self._jobs[job.request.id] = job
+
+    def _echo(self, job: Job) -> None:
+        """Post the prompt's text, with its tokens' logprobs when the request asks for them."""
+        text, offsets = job.echo
+        top = job.sampling.logprobs
+        scored = [] if top is None else prompt_logprobs(self.model.runtime, job.prompt, top)
+        job.post(("prompt", job.index, text, list(zip(scored, offsets))))
 
     def _on_cancel(self, jobs: list[Job]) -> None:
         for job in jobs:
@@ -176,7 +193,9 @@ class Engine:
             del self._jobs[out.request.id]
             self._fail(job, api_error(out.error))
             return
-        piece, finish = "", out.finish_reason
+        piece, finish, choice = "", out.finish_reason, out.choice
+        if choice is None and job.echo is not None:
+            choice = out.eos
         if out.choice is not None:
             piece = job.text.push(out.choice.token)
             if job.text.stopped and finish is None:
@@ -186,7 +205,7 @@ class Engine:
             piece += job.text.finish()
             del self._jobs[out.request.id]
             self._release(job)
-        job.post(("token", job.index, piece, out.choice, finish, len(out.request.tokens)))
+        job.post(("token", job.index, piece, choice, finish, len(out.request.tokens)))
 
     def _recover(self, exc: Exception) -> None:
         """After an exception in a turn: the scheduler's running requests end, and so does every job whose

@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse
 
 from ..errors import InputError, PolylmError
 from ..generate.sampling import MAX_TOP_LOGPROBS, Sampling, TokenChoice
+from ..generate.stream import token_offsets
 from ..model import Model
 
 
@@ -121,6 +122,8 @@ class Params:
     include_usage: bool
     top_logprobs: int | None  # None: no logprobs
     chat: bool
+    #: with `echo`, each prompt's text and (with logprobs) where each of its tokens starts in it
+    echo: list[tuple[str, list[int]]] | None = None
 
 
 def _sampling_params(body: dict, model: Model, chat: bool, longest_prompt: int) -> tuple[Sampling, list[str], int | None]:
@@ -185,7 +188,8 @@ def _check_context(prompts: list[list[int]], model: Model, param: str) -> None:
                            param=param, code="context_length_exceeded")
 
 
-def _completion_prompts(body: dict, model: Model) -> list[list[int]]:
+def _completion_prompts(body: dict, model: Model) -> tuple[list[list[int]], list[str | None]]:
+    """Each prompt's token ids, and its text when it was given as text."""
     prompt = body.get("prompt")
     vocab = model.ir.embedding.vocab_size
 
@@ -202,8 +206,9 @@ def _completion_prompts(body: dict, model: Model) -> list[list[int]]:
     else:
         raise ApiError(400, "'prompt' must be a string, an array of strings, an array of token ids or an array of "
                             f"such arrays, got {_json_type(prompt)}", param="prompt")
-    prompts = []
+    prompts, texts = [], []
     for item in items:
+        texts.append(item if isinstance(item, str) else None)
         if isinstance(item, str):
             if model.tokenizer is None:
                 raise ApiError(400, "this model has no tokenizer; send token ids", param="prompt")
@@ -214,7 +219,16 @@ def _completion_prompts(body: dict, model: Model) -> list[list[int]]:
         if bad:
             raise ApiError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param="prompt")
         prompts.append(list(item))
-    return prompts
+    return prompts, texts
+
+
+def _echo(prompts: list[list[int]], texts: list[str | None], model: Model,
+          logprobs: bool) -> list[tuple[str, list[int]]]:
+    """What `echo` answers first: each prompt's text as given (or decoded from its ids), and with logprobs each
+    token's offset in the decoded text."""
+    tokenizer = model.tokenizer
+    return [(tokenizer.decode(ids) if text is None else text, token_offsets(tokenizer, ids) if logprobs else [])
+            for ids, text in zip(prompts, texts)]
 
 
 def _chat_prompt(body: dict, model: Model) -> list[int]:
@@ -254,17 +268,19 @@ def parse(body: Any, model: Model, name: str, *, chat: bool) -> Params:
         raise ApiError(400, f"the request body must be a JSON object, got {_json_type(body)}")
     _check_unicode(body)
     _check_model(body, name)
-    prompts = [_chat_prompt(body, model)] if chat else _completion_prompts(body, model)
+    prompts, texts = ([_chat_prompt(body, model)], [None]) if chat else _completion_prompts(body, model)
     _check_context(prompts, model, "messages" if chat else "prompt")
-    if not chat and (_field(body, "echo", bool, False) or body.get("suffix") is not None):
-        raise ApiError(400, "'echo' and 'suffix' are not supported", param="echo")
+    if not chat and body.get("suffix") is not None:
+        raise ApiError(400, "'suffix' is not supported", param="suffix")
     if not chat and _field(body, "best_of", int, 1) != 1:
         raise ApiError(400, "'best_of' must be 1", param="best_of")
+    echo = not chat and _field(body, "echo", bool, False)
     sampling, stop, top_logprobs = _sampling_params(body, model, chat, max(len(p) for p in prompts))
     stream = _field(body, "stream", bool, False)
     options = _field(body, "stream_options", dict, {})
     include_usage = bool(_field(options, "include_usage", bool, False))
-    return Params(prompts, sampling, stop, stream, include_usage, top_logprobs, chat)
+    return Params(prompts, sampling, stop, stream, include_usage, top_logprobs, chat,
+                  _echo(prompts, texts, model, top_logprobs is not None) if echo else None)
 
 
 # -- responses ---------------------------------------------------------------------------------------------------
@@ -305,9 +321,11 @@ class Formatter:
                 return {"token": text, "logprob": _json_logprob(logprob), "bytes": list(text.encode("utf-8"))}
             return {"content": [{**item(c.token, c.logprob), "top_logprobs": [item(t, lp) for t, lp in c.top]}
                                 for c, _ in entries]}
+        # an echoed prompt's first token follows nothing: its logprob and alternatives are null
         return {"tokens": [self._text(c.token) for c, _ in entries],
-                "token_logprobs": [_json_logprob(c.logprob) for c, _ in entries],
-                "top_logprobs": [{self._text(t): _json_logprob(lp) for t, lp in c.top} for c, _ in entries],
+                "token_logprobs": [None if c.logprob is None else _json_logprob(c.logprob) for c, _ in entries],
+                "top_logprobs": [None if c.logprob is None else {self._text(t): _json_logprob(lp) for t, lp in c.top}
+                                 for c, _ in entries],
                 "text_offset": [offset for _, offset in entries]}
 
     def usage(self, choices: list[Choice]) -> dict:
@@ -356,7 +374,11 @@ def _json_logprob(logprob: float) -> float:
 
 
 def apply_event(choice: Choice, event: tuple) -> list[tuple[TokenChoice, int]]:
-    """Fold a token event into its choice; returns the logprob entries it added."""
+    """Fold a token or echoed-prompt event into its choice; returns the logprob entries it added."""
+    if event[0] == "prompt":
+        _, _, choice.text, entries = event
+        choice.logprobs = list(entries)
+        return choice.logprobs[:]
     _, _, piece, token_choice, finish, count = event
     added = []
     if token_choice is not None and token_choice.logprob is not None:
