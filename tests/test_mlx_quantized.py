@@ -19,6 +19,7 @@ mx = pytest.importorskip("mlx.core")
 import polylm  # noqa: E402
 from polylm.cli import main  # noqa: E402
 from polylm.errors import BackendError, WeightsError  # noqa: E402
+from polylm.loading.inspect import inspect  # noqa: E402
 from polylm.numerics.quantization import AffineQuantization, affine_dequantize, affine_quantize  # noqa: E402
 from polylm.testing import tiny_checkpoint  # noqa: E402
 
@@ -90,7 +91,8 @@ def test_mlx_keeps_the_stored_arrays(source, tmp_path):
     stored = load_file(quantized / "model.safetensors")
     assert params.head.bits == 4 and params.head.group_size == 64  # the tied head multiplies the stored arrays
     np.testing.assert_array_equal(np.array(params.head.weight), stored["model.embed_tokens.weight"])
-    np.testing.assert_array_equal(np.array(params.layers[0].out.scales), stored["model.layers.0.self_attn.o_proj.scales"])
+    np.testing.assert_array_equal(np.array(params.layers[0].out.scales),
+                                  stored["model.layers.0.self_attn.o_proj.scales"])
     assert params.layers[1].up.bits == 4 and isinstance(params.layers[0].down, mx.array)  # 96 inputs: dense
 
 
@@ -143,6 +145,11 @@ def test_convert_round_trip(source, tmp_path):
         assert np.abs(logits(out, backend) - logits(reference, "torch")).max() < EXACT
     with pytest.raises(BackendError, match="quantize it twice"):
         polylm.load(out, quantize="int8")
+    report, before = inspect(out), inspect(source)
+    assert report.parameters == before.parameters
+    stored = sum(value.nbytes for key, value in written.items() if value.dtype == np.uint32 or
+                 key.endswith((".scales", ".biases")))
+    assert report.weight_bytes["mlx-int4"] == stored
 
 
 def test_bad_packed_shape_and_missing_scales(source, tmp_path):
@@ -157,3 +164,15 @@ def test_bad_packed_shape_and_missing_scales(source, tmp_path):
     save_file(tensors, str(quantized / "model.safetensors"))
     with pytest.raises(WeightsError, match=rf"{key}.weight.* is quantized .* but {key}.scales is missing"):
         polylm.load(quantized, backend="torch")
+
+
+def test_mlx_lm_loads_a_converted_checkpoint(source, tmp_path):
+    """Where mlx-lm is installed: it loads `polylm convert`'s output as quantized layers, with polylm's logits."""
+    mlx_lm = pytest.importorskip("mlx_lm")
+    out = tmp_path / "int4"
+    main(["convert", str(source), str(out), "--quantize", "int4", "--group-size", "32"])
+    model, _ = mlx_lm.load(str(out))
+    kinds = {type(module).__name__ for _, module in model.named_modules()}
+    assert {"QuantizedEmbedding", "QuantizedLinear"} <= kinds and "Linear" not in kinds
+    theirs = np.array(model(mx.array(IDS)).astype(mx.float32))
+    assert np.abs(theirs - logits(out, "mlx")).max() < EXACT

@@ -3,8 +3,9 @@ at the offsets its validated header gave (`weights.TensorRef`): no second header
 
 Data come back as numpy arrays of the stored bits (`STORAGE`: bfloat16 as uint16, which numpy has no type
 for), so a backend views them as its own dtype without a float copy. A matrix stored MLX-quantized comes back
-dequantized (`polylm.numerics.quantization.affine_dequantize`) in its scales' dtype, as `mx.dequantize` gives it. Plain reads rather than a memory map: the
-file's pages are not counted in the process's resident memory, which keeps a load's peak near the weights'.
+dequantized (`polylm.numerics.quantization.affine_dequantize`) in its scales' dtype, as `mx.dequantize` gives it.
+Plain reads rather than a memory map: the file's pages are not counted in the process's resident memory, which
+keeps a load's peak near the weights'.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -54,13 +55,17 @@ def quantize(weight: np.ndarray, spec: Quantization) -> QuantizedArrays:
         rows = slice(start, start + step)
         codes[rows], scales[rows] = _quantize_rows(weight[rows], spec, group, groups)
 
-    starts = range(0, out_features, step)
+    _in_blocks(block, range(0, out_features, step))
+    return QuantizedArrays(codes, scales, group)
+
+
+def _in_blocks(block: Callable[[int], None], starts: range) -> None:
+    """`block(start)` for each start, on a thread pool when there are several (numpy releases the GIL)."""
     if len(starts) > 1:
         with ThreadPoolExecutor(min(len(starts), os.cpu_count() or 1)) as pool:
             list(pool.map(block, starts))
-    elif out_features:
-        block(0)
-    return QuantizedArrays(codes, scales, group)
+    elif starts:
+        block(starts[0])
 
 
 def _quantize_rows(weight: np.ndarray, spec: Quantization, group: int, groups: int
@@ -136,6 +141,10 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
 def unpack_codes(packed: np.ndarray, bits: int) -> np.ndarray:
     """The inverse of `pack_codes`: uint32 [rows, words] → uint8 codes [rows, words · 32 / bits]."""
     rows = packed.shape[0]
+    if bits in (2, 4, 8):  # whole codes per word: shift and mask
+        shifts = np.arange(0, 32, bits, dtype=np.uint32)
+        codes = (np.asarray(packed, dtype=np.uint32)[..., None] >> shifts) & np.uint32(2 ** bits - 1)
+        return codes.astype(np.uint8).reshape(rows, -1)
     stream = np.unpackbits(np.ascontiguousarray(packed, dtype="<u4").view(np.uint8).reshape(rows, -1), axis=-1,
                            bitorder="little")
     weights = (1 << np.arange(bits, dtype=np.uint8))
@@ -146,13 +155,20 @@ def affine_dequantize(packed: np.ndarray, scales: np.ndarray, biases: np.ndarray
                       dtype: str = "float32") -> np.ndarray:
     """The [rows, in] float32 weight s·u + b of MLX-format arrays, computed as `mx.dequantize` does in the scales'
     `dtype` (float32, bfloat16 or float16; `scales`/`biases` given as float32 values of it): the product rounded to
-    that dtype, then the sum. Exact in float32 for every dtype but the last rounding, as MLX's own kernels."""
-    codes = unpack_codes(packed, spec.bits).astype(np.float32)
-    rows, columns = codes.shape
-    grouped = codes.reshape(rows, columns // spec.group_size, spec.group_size)
-    rounded = _ROUNDING[dtype]
-    weight = rounded(grouped * scales.astype(np.float32)[..., None]) + biases.astype(np.float32)[..., None]
-    return rounded(weight).reshape(rows, columns)
+    that dtype, then the sum. Rows are dequantized in blocks on a thread pool, as `quantize` does."""
+    rows, columns = packed.shape[0], packed.shape[1] * 32 // spec.bits
+    weight = np.empty((rows, columns), dtype=np.float32)
+    rounded, step = _ROUNDING[dtype], max(1, _BLOCK_ELEMENTS // max(1, columns))
+
+    def block(start: int) -> None:
+        part = slice(start, start + step)
+        codes = unpack_codes(packed[part], spec.bits).astype(np.float32)
+        grouped = codes.reshape(len(codes), columns // spec.group_size, spec.group_size)
+        values = rounded(grouped * scales[part].astype(np.float32)[..., None])
+        weight[part] = rounded(values + biases[part].astype(np.float32)[..., None]).reshape(len(codes), columns)
+
+    _in_blocks(block, range(0, rows, step))
+    return weight
 
 
 def affine_quantize(weight: np.ndarray, spec: AffineQuantization, dtype: str = "float32"
