@@ -5,6 +5,12 @@ offset already. `mx.load` reads safetensors itself, so bf16 weights never pass t
 `ir.quantization` the projection matrices and an untied head become `QuantizedMatrix` records (see `quantize`);
 embeddings, norms and biases keep the compute dtype, and a tied head stays the (unquantized) embedding.
 
+A checkpoint stored MLX-quantized (`TensorRef.quantized`) keeps its arrays as they are: each such matrix is a
+`QuantizedMatrix` of the stored codes, scales and biases, multiplied by `mx.quantized_matmul` as mlx-lm does;
+q/k/v (gate/up) fuse when they share bits and group size, else they are dequantized to the compute dtype. A
+quantized embedding is dequantized for the row lookup (`mx.dequantize`), and a head tied to it multiplies with
+its stored arrays.
+
 Projection matrices are operands of `x @ w`, [in, out]. Usually that is a free transposed view of the stored
 [out, in] tensor, the layout MLX's Metal kernels and its CPU half-precision kernels are fastest with; float32 on
 the CPU goes through BLAS, which multiplies a contiguous [in, out] copy about 2× faster, so it gets one.
@@ -20,6 +26,7 @@ are dense operands, never quantized (as on torch).
 from __future__ import annotations
 
 from dataclasses import fields, is_dataclass
+from pathlib import Path
 from typing import Iterator, Union
 
 import mlx.core as mx
@@ -29,7 +36,7 @@ from polylm.errors import WeightsError
 from polylm.ir import MLP, Block, ModelIR, MoE, Norm, Quantization
 from polylm.numerics.layouts import qkv_parts, qkv_row_order, up_parts
 from polylm.checkpoint.slices import TensorFiles
-from polylm.checkpoint.weights import Weights
+from polylm.checkpoint.weights import TensorRef, Weights
 
 from .quantize import QuantizedMatrix, quantize
 
@@ -40,17 +47,30 @@ MX_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float
 Matrix = Union[mx.array, QuantizedMatrix]
 
 
-def read_tensors(weights: Weights, dtype: mx.Dtype) -> dict[str, mx.array]:
-    """Every canonical tensor as an MLX array of `dtype` (each file opened once; the few stacked from a tensor per
-    head read by core)."""
-    tensors: dict[str, mx.array] = {}
-    for path, names in weights.by_file():
-        try:
-            stored = mx.load(str(path), format="safetensors")
-        except Exception as exc:  # noqa: BLE001 - mlx raises plain RuntimeError/ValueError
-            raise WeightsError(f"{path}: cannot read tensor data ({exc})") from None
-        for name, key in names.items():
-            tensors[name] = weights[name].view_of(stored[key]).astype(dtype)
+def read_tensors(weights: Weights, dtype: mx.Dtype) -> dict[str, Matrix]:
+    """Every canonical tensor as an MLX array of `dtype`, or a stored-quantized matrix as a `QuantizedMatrix`
+    (each file opened once; the few stacked from a tensor per head read by core)."""
+    tensors: dict[str, Matrix] = {}
+    files: dict[Path, dict[str, mx.array]] = {}
+
+    def stored(ref: TensorRef) -> mx.array:
+        if ref.file not in files:
+            try:
+                files[ref.file] = mx.load(str(ref.file), format="safetensors")
+            except Exception as exc:  # noqa: BLE001 - mlx raises plain RuntimeError/ValueError
+                raise WeightsError(f"{ref.file}: cannot read tensor data ({exc})") from None
+        return files[ref.file][ref.key]
+
+    for _, names in weights.by_file():
+        for name in names:
+            ref = weights[name]
+            if ref.quantized is None:
+                tensors[name] = ref.view_of(stored(ref)).astype(dtype)
+                continue
+            packed = ref.quantized
+            matrix = QuantizedMatrix(stored(packed.codes), stored(packed.scales), stored(packed.biases),
+                                     packed.spec.group_size, packed.spec.bits, ref.shape[1])
+            tensors[name] = matrix if ref.rows is None else matrix.take_rows(mx.arange(*ref.rows))
     with TensorFiles() as files:
         for name, ref in weights.items():
             if ref.parts:
@@ -58,21 +78,28 @@ def read_tensors(weights: Weights, dtype: mx.Dtype) -> dict[str, mx.array]:
     return tensors
 
 
-def build_params(ir: ModelIR, tensors: dict[str, mx.array]) -> ModelParams:
+def build_params(ir: ModelIR, tensors: dict[str, Matrix]) -> ModelParams:
     """Group canonical tensors into the runtime's layout and materialize them (consumes `tensors`).
 
     `mx.load` is lazy, so each layer is evaluated as it is built: the file is read and any layout copy made
     one layer at a time, and peak memory stays near the model's own size.
     """
+    dtype = tensors["final_norm.weight"].dtype  # the compute dtype: `read_tensors` gave it every dense tensor
     embed = tensors.pop("embed.weight")
+    stored_embed = embed if isinstance(embed, QuantizedMatrix) else None
+    if stored_embed is not None:  # looked up by rows: dequantized
+        embed = stored_embed.dequantize_stored().astype(dtype)
     embed_norm = _norm(ir.embedding.norm, tensors, "embed.norm")
     positions = tensors.pop("embed.positions.weight", None)
     layers = []
     for index, block in enumerate(ir.layers):
-        layers.append(_layer(block, tensors, f"layers.{index}", ir.quantization))
+        layers.append(_layer(block, tensors, f"layers.{index}", ir.quantization, dtype))
         mx.eval(list(_arrays(layers[-1])))
     final_norm = _norm(ir.final_norm, tensors, "final_norm")
-    head = embed.T if ir.head.tied_to_embedding else _matrix(tensors.pop("head.weight"), ir.quantization, "head")
+    if ir.head.tied_to_embedding:
+        head = stored_embed or embed.T
+    else:
+        head = _matrix(tensors.pop("head.weight"), ir.quantization, "head")
     params = ModelParams(embed, embed_norm, layers, final_norm, head, tensors.pop("head.bias", None), positions)
     mx.eval(list(_arrays(params)))
     return params
@@ -100,9 +127,11 @@ def _norm(spec: Norm | None, tensors: dict[str, mx.array], prefix: str) -> NormP
     return NormParams(spec, weight, tensors.pop(f"{prefix}.bias", None))
 
 
-def _matrix(stored: mx.array, quantization: Quantization | None, where: str) -> Matrix:
+def _matrix(stored: Matrix, quantization: Quantization | None, where: str) -> Matrix:
     """A stored [out, in] projection (or a stack of them, [experts, out, in]) as the [in, out] operand of `x @ w`
-    (see the module docstring), or quantized."""
+    (see the module docstring), or quantized (a stored-quantized one stays as it is)."""
+    if isinstance(stored, QuantizedMatrix):
+        return stored
     if quantization is not None:
         return quantize(stored, quantization, where)
     if stored.dtype == mx.float32 and mx.default_device().type == mx.cpu:
@@ -110,23 +139,34 @@ def _matrix(stored: mx.array, quantization: Quantization | None, where: str) -> 
     return stored.swapaxes(-1, -2)
 
 
-def _fuse(tensors: dict[str, mx.array], names: tuple[str, ...], axis: int = 0) -> mx.array:
+def _fuse(tensors: dict[str, Matrix], names: tuple[str, ...], dtype: mx.Dtype | None = None, axis: int = 0
+          ) -> Matrix:
+    """The concatenation of `names` along `axis` (rows; 1 for expert stacks): stored-quantized parts stay
+    quantized when they share bits and group size, a mix is dequantized to `dtype`."""
     parts = [tensors.pop(name) for name in names]
-    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=axis)
+    if len(parts) == 1:
+        return parts[0]
+    quantized = [part for part in parts if isinstance(part, QuantizedMatrix)]
+    if not quantized:
+        return mx.concatenate(parts, axis=axis)
+    if len(quantized) == len(parts) and len({(part.bits, part.group_size) for part in quantized}) == 1:
+        return QuantizedMatrix.concatenate(quantized)
+    return mx.concatenate([part.dequantize_stored().astype(dtype) if isinstance(part, QuantizedMatrix) else part
+                           for part in parts], axis=0)
 
 
-def _layer(block: Block, tensors: dict[str, mx.array], prefix: str, quantization: Quantization | None
-           ) -> LayerParams:
+def _layer(block: Block, tensors: dict[str, Matrix], prefix: str, quantization: Quantization | None,
+           dtype: mx.Dtype) -> LayerParams:
     attn, mlp = block.attention, block.mlp
-    qkv = _fuse(tensors, qkv_parts(attn, prefix, "weight"))
+    qkv = _fuse(tensors, qkv_parts(attn, prefix, "weight"), dtype)
     qkv_bias = _fuse(tensors, qkv_parts(attn, prefix, "bias")) if attn.qkv_bias else None
     order = qkv_row_order(attn)
     if order is not None:
         rows = mx.array(order)
-        qkv = qkv[rows]
+        qkv = qkv.take_rows(rows) if isinstance(qkv, QuantizedMatrix) else qkv[rows]
         qkv_bias = qkv_bias[rows] if qkv_bias is not None else None
     moe = _experts(mlp, tensors, f"{prefix}.mlp", quantization) if isinstance(mlp, MoE) else None
-    dense = (None,) * 4 if moe is not None else _dense(mlp, tensors, f"{prefix}.mlp", quantization)
+    dense = (None,) * 4 if moe is not None else _dense(mlp, tensors, f"{prefix}.mlp", quantization, dtype)
     qk_norm = attn.qk_norm.norm if attn.qk_norm is not None else None
     return LayerParams(_norm(block.attn_norm, tensors, f"{prefix}.attn_norm"),
                        _matrix(qkv, quantization, f"{prefix}.attn.qkv"), qkv_bias,
@@ -139,10 +179,10 @@ def _layer(block: Block, tensors: dict[str, mx.array], prefix: str, quantization
                        k_norm=_norm(qk_norm, tensors, f"{prefix}.attn.k_norm"))
 
 
-def _dense(mlp: MLP, tensors: dict[str, mx.array], module: str, quantization: Quantization | None
-           ) -> tuple[Matrix, mx.array | None, Matrix, mx.array | None]:
+def _dense(mlp: MLP, tensors: dict[str, Matrix], module: str, quantization: Quantization | None,
+           dtype: mx.Dtype | None = None) -> tuple[Matrix, mx.array | None, Matrix, mx.array | None]:
     """The (up, up bias, down, down bias) of the dense MLP at canonical `module`."""
-    up = _fuse(tensors, up_parts(mlp, module, "weight"))
+    up = _fuse(tensors, up_parts(mlp, module, "weight"), dtype)
     up_bias = _fuse(tensors, up_parts(mlp, module, "bias")) if mlp.bias else None
     return (_matrix(up, quantization, f"{module}.up"), up_bias,
             _matrix(tensors.pop(f"{module}.down.weight"), quantization, f"{module}.down"),

@@ -11,7 +11,8 @@ MLX groups 32, 64 or 128 input features. IR groups that are multiples of 32 map 
 group's scale; one scale per output row (int8's default) likewise becomes that scale repeated over every group
 of the row — both exact. Input features are zero-padded to whole groups (q = 0 there); the activations are then
 padded to match, which real checkpoints never need. A stack of matrices (a mixture-of-experts layer's experts,
-[experts, out, in]) is quantized row by row like one matrix and multiplied through `mx.gather_qmm`.
+[experts, out, in]) is quantized row by row like one matrix and multiplied through `mx.gather_qmm`. A checkpoint
+stored in this format (mlx-lm's affine codes, scales and biases) is held in the same record as it is (`params`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ class QuantizedMatrix:
     """A [out, in] projection (or a stack of them, [experts, out, in]) in MLX's affine quantized layout, the
     operand of `x @ w.T`."""
 
-    weight: mx.array  # uint32 [..., out, padded_in · bits / 32]: codes q + 2^(bits−1), packed from the low bits up
+    # polylm's: codes q + 2^(bits−1) (biases −2^(bits−1) · scales); a checkpoint's: as stored (see `params`)
+    weight: mx.array  # uint32 [..., out, padded_in · bits / 32], packed from the low bits up
     scales: mx.array  # [..., out, padded_in / group_size] in the scheme's scale dtype
     biases: mx.array  # −2^(bits−1) · scales
     group_size: int  # MLX's group size
@@ -56,6 +58,22 @@ class QuantizedMatrix:
     def _padded(self, x: mx.array) -> mx.array:
         padding = self.scales.shape[-1] * self.group_size - self.in_features
         return mx.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, padding)]) if padding else x
+
+    def dequantize_stored(self) -> mx.array:
+        """The [out, in] weight of a matrix stored MLX-quantized, as `mx.dequantize` gives it (scales' dtype)."""
+        return mx.dequantize(self.weight, self.scales, self.biases, group_size=self.group_size, bits=self.bits)
+
+    def take_rows(self, rows: mx.array) -> QuantizedMatrix:
+        """The matrix of output rows `rows` (rows are quantized independently)."""
+        return QuantizedMatrix(self.weight[rows], self.scales[rows], self.biases[rows], self.group_size, self.bits,
+                               self.in_features)
+
+    @staticmethod
+    def concatenate(parts: list[QuantizedMatrix]) -> QuantizedMatrix:
+        """The row-wise concatenation of matrices of one bits, group size and input size."""
+        return QuantizedMatrix(*(mx.concatenate([getattr(part, name) for part in parts], axis=0)
+                                 for name in ("weight", "scales", "biases")),
+                               parts[0].group_size, parts[0].bits, parts[0].in_features)
 
     def dequantize(self) -> mx.array:
         """The [..., out, in] float32 weight this matrix multiplies with (scale · q)."""

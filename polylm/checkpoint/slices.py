@@ -2,8 +2,10 @@
 at the offsets its validated header gave (`weights.TensorRef`): no second header parse, no framework.
 
 Data come back as numpy arrays of the stored bits (`STORAGE`: bfloat16 as uint16, which numpy has no type
-for), so a backend views them as its own dtype without a float copy. Plain reads rather than a memory map: the
-file's pages are not counted in the process's resident memory, which keeps a load's peak near the weights'.
+for), so a backend views them as its own dtype without a float copy. A matrix stored MLX-quantized comes back
+dequantized (`polylm.numerics.quantization.affine_dequantize`) in its scales' dtype, as `mx.dequantize` gives it.
+Plain reads rather than a memory map: the file's pages are not counted in the process's resident memory, which
+keeps a load's peak near the weights'.
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ from typing import BinaryIO
 import numpy as np
 
 from ..errors import WeightsError
+from ..numerics.quantization import affine_dequantize
 from ..parallel.plan import TensorSlice
 from .weights import TensorRef
 
 #: The numpy type holding each stored dtype's bits.
-STORAGE = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": np.dtype(np.uint16)}
+STORAGE = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": np.dtype(np.uint16),
+           "U32": np.dtype(np.uint32)}
 
 #: A column slice is read in runs of whole rows of about this many bytes, then cut.
 _CHUNK_BYTES = 8 << 20
@@ -57,7 +61,10 @@ class TensorFiles:
         whole rows and keeps the slice. `out`, when given, is filled instead: a C-contiguous array of exactly
         the slice's bytes, of any type (a framework's tensor seen through numpy). A view (`TensorRef.plain`
         false) reads the stored rows or columns it covers, then cuts, transposes and copies; a stack of
-        per-head tensors (`TensorRef.parts`) reads the heads it covers and stacks them."""
+        per-head tensors (`TensorRef.parts`) reads the heads it covers and stacks them; a quantized matrix
+        (`TensorRef.quantized`) reads the rows it covers and dequantizes them."""
+        if ref.quantized is not None:
+            return _fill(out, self._dequantized(ref, part), ref)
         if ref.parts:
             heads = (part.start, part.stop) if part is not None and part.dim == 0 else (0, len(ref.parts))
             inner = TensorSlice(part.dim - 1, part.start, part.stop) if part is not None and part.dim else None
@@ -102,6 +109,26 @@ class TensorFiles:
         data = self.read(stored, TensorSlice(dim, *ranges[dim]))
         data = data[tuple(slice(None) if d == dim else slice(*r) for d, r in enumerate(ranges))]
         return _fill(out, np.ascontiguousarray(data.swapaxes(-1, -2) if ref.transposed else data), ref)
+
+    def _dequantized(self, ref: TensorRef, part: TensorSlice | None) -> np.ndarray:
+        """`part` of a quantized matrix (or of its row range): the rows' codes, scales and biases read and
+        dequantized, then the columns cut."""
+        packed = ref.quantized
+        start, stop = ref.rows or (0, ref.shape[0])
+        if part is not None and part.dim == 0:
+            start, stop = start + part.start, start + part.stop
+        rows = TensorSlice(0, start, stop)
+        scales, biases = (self.read(stored, rows).view(STORAGE[stored.dtype]) for stored in (packed.scales,
+                                                                                           packed.biases))
+        if ref.dtype == "bfloat16":  # the stored bits are the upper half of a float32
+            scales, biases = ((values.astype(np.uint32) << 16).view(np.float32) for values in (scales, biases))
+        weight = affine_dequantize(self.read(packed.codes, rows), scales, biases, packed.spec, ref.dtype)
+        if part is not None and part.dim == 1:
+            weight = weight[:, part.start:part.stop]
+        weight = np.ascontiguousarray(weight)  # values of ref.dtype already, as float32
+        if ref.dtype == "bfloat16":
+            return (weight.view(np.uint32) >> 16).astype(np.uint16)
+        return weight.astype(STORAGE[ref.dtype])
 
     def _read_columns(self, fh: BinaryIO, ref: TensorRef, part: TensorSlice, data: np.ndarray) -> None:
         """A slice of dimension `part.dim` ≥ 1: the tensor seen as [outer, size, inner] bytes, read in runs of

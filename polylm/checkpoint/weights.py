@@ -17,6 +17,7 @@ from typing import Any, Iterable, Iterator, Mapping, Union
 import numpy as np
 
 from ..errors import TaskError, WeightsError
+from ..numerics.quantization import AffineQuantization
 from ..progress import progress
 from .files import open_regular, parse_json, read_json
 
@@ -34,9 +35,11 @@ class TensorRef:
     """Where one checkpoint tensor lives and what it is; for a canonical tensor stored otherwise (`Stored`), the
     view of it: the stored tensor with its last two axes swapped (`transposed`), then indices [a, b) of axis
     `rows_axis` of that (`rows`); or, with `parts`, the stack of one stored tensor per head (`key` then names them
-    all, with `{h}`).
+    all, with `{h}`); or, with `quantized`, the matrix that MLX-format codes, scales and biases encode
+    (`polylm.checkpoint.quantized`), of the scales' dtype.
 
-    `shape` is the view's; `offset`, `nbytes` and `stored_shape` are the whole stored tensor's (the first part's).
+    `shape` is the view's; `offset`, `nbytes` and `stored_shape` are the whole stored tensor's (the first part's;
+    a quantized matrix's codes).
     """
 
     file: Path
@@ -50,16 +53,20 @@ class TensorRef:
     rows_axis: int = 0
     stored_shape: tuple[int, ...] | None = None  # None: `shape`
     parts: tuple[TensorRef, ...] = ()  # the stored tensors stacked along a new first dimension, in order
+    quantized: Packed | None = None
 
     @property
     def plain(self) -> bool:
-        """Whether the tensor is the stored one as it is (no transposition, no row range, not stacked)."""
-        return not self.transposed and self.rows is None and not self.parts
+        """Whether the tensor is the stored one as it is (no transposition, no row range, not stacked, not
+        quantized)."""
+        return not self.transposed and self.rows is None and not self.parts and self.quantized is None
 
     def stored(self) -> TensorRef:
-        """The whole stored tensor, plain."""
-        return self if self.plain else TensorRef(self.file, self.key, self.dtype, self.stored_shape, self.offset,
-                                                 self.nbytes)
+        """The whole stored tensor, plain (a quantized one: the whole matrix, still quantized)."""
+        if self.plain:
+            return self
+        return TensorRef(self.file, self.key, self.dtype, self.stored_shape or self.shape, self.offset, self.nbytes,
+                         quantized=self.quantized)
 
     def view_of(self, stored: Any) -> Any:
         """This view of the whole `stored` tensor, an array of any framework with `.swapaxes` and slicing."""
@@ -68,6 +75,15 @@ class TensorRef:
             return view
         return view[(slice(None),) * self.rows_axis + (slice(*self.rows),)]
 
+
+@dataclass(frozen=True)
+class Packed:
+    """A matrix stored in MLX's affine quantized form: uint32 codes, scales and biases (plain refs)."""
+
+    spec: AffineQuantization
+    codes: TensorRef
+    scales: TensorRef
+    biases: TensorRef
 
 @dataclass(frozen=True, init=False)
 class Stored:
@@ -274,6 +290,9 @@ def resolve(checkpoint: Checkpoint, shapes: Mapping[str, tuple[int, ...]], modul
             wanted = " or ".join(repr(k) for k in keys)
             raise WeightsError(f"{checkpoint.directory}: missing tensor {wanted} (for {name}, expected shape "
                                f"{list(shape)})")
+        if ref.quantized is not None and stored.transposed:
+            raise WeightsError(f"{ref.file}: tensor {key!r} is quantized, but this family stores it transposed; "
+                               "only [out, in] matrices load quantized")
         if stored.transposed or stored.stacked:
             ref = _view(ref, stored, name, layer, param, shapes)
         if ref.shape != tuple(shape):

@@ -144,6 +144,23 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the Hub revision of an ORG/NAME model (branch, tag or commit; default main)")
     inspect.set_defaults(handler=_inspect)
 
+    convert = commands.add_parser(
+        "convert", help="write a checkpoint MLX-quantized (mlx-lm's format), which loads without quantizing",
+        formatter_class=_formatter,
+        description="Write MODEL into the new directory OUT with its projection matrices and embedding stored as "
+                    "MLX's affine\ncodes, scales and biases (exactly as mx.quantize makes them), config.json's "
+                    "`quantization` set and the\ntokenizer files and chat template copied: polylm (every backend) "
+                    "and mlx-lm load it as it is.",
+        epilog="example:\n  polylm convert ./qwen3-0.6b ./qwen3-0.6b-4bit --quantize int4")
+    convert.add_argument("model", metavar="MODEL", help="model directory or Hub repo id (downloaded when missing)")
+    convert.add_argument("--revision", default=None, metavar="REV",
+                         help="the Hub revision of an ORG/NAME model (branch, tag or commit; default main)")
+    convert.add_argument("out", metavar="OUT", help="the directory to write (must not exist)")
+    convert.add_argument("--quantize", required=True, choices=("int4", "int8"), help="bits per weight")
+    convert.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128), metavar="N",
+                         help="input features per scale and bias: 32, 64 (default, as mlx-lm) or 128")
+    convert.set_defaults(handler=_convert)
+
     plugins = commands.add_parser("plugins", help="list plugins: families, backends, and failures",
                                   formatter_class=_formatter, epilog="example:\n  polylm plugins")
     plugins.set_defaults(handler=_plugins)
@@ -298,6 +315,13 @@ def _inspect(args: argparse.Namespace) -> None:
         args.model = args.model_path
     report = inspect(_model_dir(args), dtype=args.dtype)
     print(json.dumps(report.as_dict(), ensure_ascii=False) if args.json else render(report))
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from ..loading.convert import convert
+
+    out = convert(_model_dir(args), args.out, quantize=args.quantize, group_size=args.group_size)
+    print(f"wrote {out} ({args.quantize}, groups of {args.group_size})", file=sys.stderr)
 
 
 def _plugins(args: argparse.Namespace) -> None:

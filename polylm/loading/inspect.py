@@ -130,10 +130,15 @@ def parameters(weights: Weights) -> dict[str, int]:
 
 def weight_bytes(weights: Weights, quantization: Quantization | None = None) -> dict[str, int]:
     """Bytes of the tensors the model reads, per stored dtype; with `quantization`, the quantized matrices under
-    the name of their scheme ("int8", "int4": codes at their bit width plus scales in the scheme's scale dtype)."""
+    the name of their scheme ("int8", "int4": codes at their bit width plus scales in the scheme's scale dtype).
+    Matrices a checkpoint stores MLX-quantized count as stored, under "mlx-int<bits>" (codes, scales, biases)."""
     sizes: dict[str, int] = {}
     for name, ref in weights.items():
-        if quantization is not None and _QUANTIZED.match(name):
+        if ref.quantized is not None:
+            packed = ref.quantized
+            key = f"mlx-int{packed.spec.bits}"
+            size = packed.codes.nbytes + packed.scales.nbytes + packed.biases.nbytes
+        elif quantization is not None and _QUANTIZED.match(name):
             key, size = f"int{quantization.bits}", quantized_bytes(ref.shape, quantization)
         else:
             key, size = ref.dtype, math.prod(ref.shape) * _ITEMSIZE[ref.dtype]

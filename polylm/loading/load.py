@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..backend import DTYPES
 from ..checkpoint.hub import resolve_model
+from ..checkpoint.quantized import read_quantization, unpack_quantized
 from ..checkpoint.weights import Checkpoint, Weights, resolve
 from ..config import ConfigView
 from ..errors import BackendError, TaskError, WeightsError
@@ -57,6 +58,7 @@ def load(path: str | Path, *, backend: str = "auto", task: str | None = None, dt
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise BackendError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZATIONS)}")
     check_supported(quantize, tensor_parallel)
+    check_prequantized(config, quantize, tensor_parallel)
     chosen = plugins.backend(backend)
     ir = mapped.ir
     if quantize is not None:
@@ -91,11 +93,26 @@ def check_supported(quantize: str | None, tensor_parallel: int | None) -> None:
                            f"tensor-parallel (tensor_parallel={tensor_parallel}, --tp) yet; drop one of them")
 
 
+def check_prequantized(config: ConfigView, quantize: str | None, tensor_parallel: int | None) -> None:
+    """Refuse quantizing a checkpoint stored quantized (MLX format) once more, or sharding it (not yet), before
+    anything is loaded or a group is joined."""
+    quantization = read_quantization(config)
+    if quantization is None:
+        return
+    stored = f"{config.path.parent} is stored quantized ({quantization.describe()})"
+    if quantize is not None:
+        raise BackendError(f"{stored}; quantize={quantize!r} (--quantize) would quantize it twice: drop it")
+    if tensor_parallel is not None:
+        raise BackendError(f"{stored}; quantized checkpoints do not run tensor-parallel (tensor_parallel="
+                           f"{tensor_parallel}, --tp) yet")
+
+
 def checkpoint_weights(directory: Path, config: ConfigView, family: Family, ir: ModelIR, task: str, *,
                        check_values: bool = True) -> Weights:
     """The checkpoint tensors `ir` reads, matched from the safetensors headers and checked (presence, shapes,
     dtypes, leftovers; with `check_values`, the 1-D tensors' values, the only data read before lowering)."""
     checkpoint = Checkpoint(directory)
+    unpack_quantized(checkpoint, read_quantization(config))
     _check_layer_count(ir, checkpoint, config)
     others = {t: m for t, m in family.head_names.items() if t != task and m != family.head_names[task]}
     return resolve(checkpoint, ir.tensor_shapes(), family.module_names, family.head_names[task],
