@@ -71,10 +71,10 @@ def read_tensors(weights: Weights, dtype: mx.Dtype) -> dict[str, Matrix]:
             matrix = QuantizedMatrix(stored(packed.codes), stored(packed.scales), stored(packed.biases),
                                      packed.spec.group_size, packed.spec.bits, ref.shape[1])
             tensors[name] = matrix if ref.rows is None else matrix.take_rows(mx.arange(*ref.rows))
-    with TensorFiles() as files:
+    with TensorFiles() as reader:
         for name, ref in weights.items():
             if ref.parts:
-                tensors[name] = mx.array(files.read(ref)).view(MX_DTYPES[ref.dtype]).astype(dtype)
+                tensors[name] = mx.array(reader.read(ref)).view(MX_DTYPES[ref.dtype]).astype(dtype)
     return tensors
 
 
