@@ -116,6 +116,7 @@ def _attention(attention: Attention) -> str:
             f"{_position(attention)}")
     text += f", window {attention.window}" if attention.window else ""
     text += f", softcap {attention.softcap:g}" if attention.softcap else ""
+    text += ", sinks" if attention.sinks else ""
     text += ", q/k/v stored fused per head" if attention.qkv_layout != "separate" else ""
     text += ", q/k/v bias" if attention.qkv_bias else ""
     text += ", output bias" if attention.out_bias else ""
