@@ -241,6 +241,7 @@ class LayerParams(Generic[A]):
     q_norm: NormParams[A] | None = None
     k_norm: NormParams[A] | None = None
     moe: ExpertParams[A] | None = None
+    sinks: A | None = None  # the attention sinks' logits [heads] (`Attention.sinks`)
 
 
 @dataclass

@@ -14,12 +14,12 @@ from typing import Literal, Union
 from .errors import IRError
 
 NormKind = Literal["rms", "layer"]
-Activation = Literal["silu", "gelu_tanh", "gelu", "relu", "relu2"]
+Activation = Literal["silu", "gelu_tanh", "gelu", "relu", "relu2", "swiglu_oai"]
 RopeScalingKind = Literal["linear", "dynamic", "yarn", "llama3", "longrope"]
 QKVLayout = Literal["separate", "fused_per_kv_group"]
 Task = Literal["causal-lm", "sequence-classification", "token-classification", "question-answering"]
 
-ACTIVATIONS: tuple[str, ...] = ("silu", "gelu_tanh", "gelu", "relu", "relu2")
+ACTIVATIONS: tuple[str, ...] = ("silu", "gelu_tanh", "gelu", "relu", "relu2", "swiglu_oai")
 TASKS: tuple[str, ...] = ("causal-lm", "sequence-classification", "token-classification", "question-answering")
 MAX_ROPE_FACTOR = 1e6
 #: More layers than any decoder has (the largest have ~130); a config asking for more is refused, not enumerated.
@@ -207,7 +207,9 @@ class Attention:
     `window`: sliding-window attention, a query sees only the keys fewer than `window` positions before it (itself
     included: transformers' `sliding_window`); None sees every earlier key. `softcap` caps the scaled attention
     logits to ±softcap as `softcap·tanh(logit / softcap)` before the mask is applied (Gemma 2's
-    attn_logit_softcapping).
+    attn_logit_softcapping). `sinks`: each head has a learned logit (`layers.{i}.attn.sinks` [heads]) that joins
+    its softmax's denominator as one more key with no value (gpt-oss's attention sinks): the weights of the real
+    keys then sum to less than 1.
     """
 
     num_heads: int
@@ -221,6 +223,7 @@ class Attention:
     qk_norm: QKNorm | None = None
     window: int | None = None
     softcap: float | None = None
+    sinks: bool = False
 
     def __post_init__(self) -> None:
         _positive_int(self.num_heads, "num_attention_heads")
@@ -263,17 +266,30 @@ class Attention:
 
 @dataclass(frozen=True)
 class MLP:
-    """Feed-forward: `down(act(gate(x)) * up(x))` when gated, else `down(act(up(x)))`."""
+    """Feed-forward: `down(act(gate(x)) * up(x))` when gated, else `down(act(up(x)))`.
+
+    "swiglu_oai" (gpt-oss's clamped SwiGLU, gated only) is `(up' + 1) · g · sigmoid(alpha · g)` with
+    g = min(gate, limit) and up' = up clamped to ±limit (`limit`: the config's swiglu_limit, `alpha` its
+    swiglu_alpha); the other activations take no `limit`.
+    """
 
     intermediate_size: int
     activation: Activation
     gated: bool
     bias: bool = False
+    limit: float | None = None
+    alpha: float = 1.702
 
     def __post_init__(self) -> None:
         _positive_int(self.intermediate_size, "intermediate_size")
         _require(self.activation in ACTIVATIONS,
                  f"unknown activation {self.activation!r}; supported: {', '.join(ACTIVATIONS)}")
+        if self.activation == "swiglu_oai":
+            _require(self.gated, "activation 'swiglu_oai' needs a gated MLP")
+            _positive_float(self.limit, "swiglu_limit")
+            _positive_float(self.alpha, "swiglu_alpha")
+        else:
+            _require(self.limit is None, f"activation {self.activation!r} takes no swiglu_limit")
 
 
 Routing = Literal["softmax_topk", "topk_softmax"]
@@ -549,6 +565,8 @@ class ModelIR:
                 shapes[f"{p}.attn.qkv.weight"] = (q_rows + 2 * kv_rows, hidden)
                 if attn.qkv_bias:
                     shapes[f"{p}.attn.qkv.bias"] = (q_rows + 2 * kv_rows,)
+            if attn.sinks:
+                shapes[f"{p}.attn.sinks.weight"] = (attn.num_heads,)
             shapes[f"{p}.attn.o.weight"] = (hidden, q_rows)
             if attn.out_bias:
                 shapes[f"{p}.attn.o.bias"] = (hidden,)

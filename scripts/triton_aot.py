@@ -34,18 +34,21 @@ def cases(dtype: str, quick: bool = False) -> list[tuple[str, object, dict, dict
     data = f"*{_TRITON_TYPES[dtype]}"
     exact = dtype == "float32"
     found = []
-    for label, rows, head_dim, group, alibi, softcap, split, window in (
-            ("prefill, 8 heads of 256 on 1 KV head", 512, 256, 8, False, False, False, 0),
-            ("prefill, softcap, 8 heads of 256 on 1", 512, 256, 8, False, True, False, 0),
-            ("decode, split-KV, softcap, 8 heads of 256 on 1", 1, 256, 8, False, True, True, 0),
-            ("decode, split-KV, ALiBi, heads of 96", 1, 96, 1, True, False, True, 0),
-            ("prefill, ALiBi, heads of 96", 512, 96, 1, True, False, False, 0),
-            ("decode, split-KV, sliding-window ring, softcap, 4 heads of 128 on 1", 1, 128, 4, False, True, True, 4096),
-            ("prefill, sliding-window ring, ALiBi, heads of 96", 512, 96, 1, True, False, False, 4096)):
+    for label, rows, head_dim, group, alibi, softcap, split, window, sinks in (
+            ("prefill, 8 heads of 256 on 1 KV head", 512, 256, 8, False, False, False, 0, False),
+            ("prefill, softcap, 8 heads of 256 on 1", 512, 256, 8, False, True, False, 0, False),
+            ("decode, split-KV, softcap, 8 heads of 256 on 1", 1, 256, 8, False, True, True, 0, False),
+            ("decode, split-KV, ALiBi, heads of 96", 1, 96, 1, True, False, True, 0, False),
+            ("prefill, ALiBi, heads of 96", 512, 96, 1, True, False, False, 0, False),
+            ("decode, split-KV, sliding-window ring, softcap, 4 heads of 128 on 1", 1, 128, 4, False, True, True, 4096,
+             False),
+            ("prefill, sliding-window ring, ALiBi, heads of 96", 512, 96, 1, True, False, False, 4096, False),
+            ("prefill, sinks, sliding-window ring, 8 heads of 64 on 1", 512, 64, 8, False, False, False, 128, True),
+            ("decode, split-KV, sinks, 8 heads of 64 on 1", 1, 64, 8, False, False, True, 0, True)):
         tiles = attention.attention_tiles(head_dim, rows * group, exact)
         options = {k: tiles.pop(k) for k in ("num_warps", "num_stages")}
         constexprs = dict(NUM_HEADS=8 * group, NUM_KV_HEADS=8, HEAD_DIM=head_dim, HAS_ALIBI=alibi, SOFTCAP=softcap,
-                          WINDOW=window, SPLIT=split, **tiles)
+                          WINDOW=window, HAS_SINKS=sinks, SPLIT=split, **tiles)
         found.append((f"attention: {label}", attention._attention_kernel,
                       {"out_ptr": "*fp32" if split else data}, constexprs, options))
     found.append(("attention: merge splits", attention._merge_splits_kernel, {"out_ptr": data},

@@ -72,18 +72,26 @@ def rope(x: mx.array, cos: mx.array, sin: mx.array, attn: Attention) -> mx.array
     return mx.concatenate((rotated, x[..., rot:]), axis=-1) if rot < attn.head_dim else rotated
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, bias: mx.array, attn: Attention) -> mx.array:
+def attention(q: mx.array, k: mx.array, v: mx.array, bias: mx.array, attn: Attention,
+              sinks: mx.array | None = None) -> mx.array:
     """q [batch, heads, new, d]; k/v [batch, kv_heads, keys, d] (GQA handled by the kernel);
-    bias [batch, 1|heads, new, keys] in the compute dtype. With a logit softcap, as transformers' eager attention:
-    scores in the compute dtype, capped, biased, softmax in float32."""
-    if attn.softcap is None:
+    bias [batch, 1|heads, new, keys] in the compute dtype. With a logit softcap or attention sinks (`sinks`
+    [heads]: one more logit per head in the softmax, with no value), as transformers' eager attention: scores in
+    the compute dtype, capped, biased, softmax in float32."""
+    if attn.softcap is None and sinks is None:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=attn.softmax_scale, mask=bias)
     batch, heads, new, dim = q.shape
     grouped = (batch, k.shape[1], heads // k.shape[1], new)  # query heads by KV head (transformers' repeat_kv)
     scores = (q.reshape(*grouped, dim) @ k[:, :, None].swapaxes(-1, -2)) * attn.softmax_scale
-    scores = mx.tanh(scores / attn.softcap) * attn.softcap
+    if attn.softcap is not None:
+        scores = mx.tanh(scores / attn.softcap) * attn.softcap
     scores = scores + (bias[:, :, None] if bias.shape[1] == 1 else bias.reshape(*grouped, -1))
+    if sinks is not None:
+        sink = mx.broadcast_to(sinks.astype(scores.dtype).reshape(1, *grouped[1:3], 1, 1), (*grouped, 1))
+        scores = mx.concatenate((scores, sink), axis=-1)
     weights = mx.softmax(scores.astype(mx.float32), axis=-1).astype(q.dtype)
+    if sinks is not None:
+        weights = weights[..., :-1]
     return (weights @ v[:, :, None]).reshape(batch, heads, new, dim)
 
 
@@ -91,6 +99,9 @@ def activation(h: mx.array, mlp: MLP) -> mx.array:
     """The MLP's activation, applied to [gate; up] halves when gated."""
     if mlp.gated:
         gate, up = mx.split(h, 2, axis=-1)
+        if mlp.activation == "swiglu_oai":
+            gate, up = mx.minimum(gate, mlp.limit), mx.clip(up, -mlp.limit, mlp.limit)
+            return (up + 1) * gate * mx.sigmoid(gate * mlp.alpha)
         return _ACTIVATIONS[mlp.activation](gate) * up
     return _ACTIVATIONS[mlp.activation](h)
 

@@ -176,7 +176,8 @@ def _layer(block: Block, tensors: dict[str, Matrix], prefix: str, quantization: 
                        attn_post_norm=_norm(block.attn_post_norm, tensors, f"{prefix}.attn_post_norm"),
                        mlp_post_norm=_norm(block.mlp_post_norm, tensors, f"{prefix}.mlp_post_norm"),
                        q_norm=_norm(qk_norm, tensors, f"{prefix}.attn.q_norm"),
-                       k_norm=_norm(qk_norm, tensors, f"{prefix}.attn.k_norm"))
+                       k_norm=_norm(qk_norm, tensors, f"{prefix}.attn.k_norm"),
+                       sinks=tensors.pop(f"{prefix}.attn.sinks.weight", None))
 
 
 def _dense(mlp: MLP, tensors: dict[str, Matrix], module: str, quantization: Quantization | None,

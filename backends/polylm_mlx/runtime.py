@@ -194,7 +194,7 @@ class MLXRuntime(Runtime):
         if only is not None:
             q, bias = _slots(q, only, axis=2), _slots(bias, only, axis=2)
         window = bias.shape[-1]
-        out = ops.attention(q, keys[:, :, :window], values[:, :, :window], bias, attn)
+        out = ops.attention(q, keys[:, :, :window], values[:, :, :window], bias, attn, layer.sinks)
         out = out.transpose(0, 2, 1, 3).reshape(batch, q.shape[2], q_size)
         return ops.reduce(ops.linear(out, layer.out, layer.out_bias), self.group), keys, values
 

@@ -38,14 +38,14 @@ class CpuOps(ReferenceOps):
         return fused if fused is not None else super().rope_and_cache(qkv, keys, values, rotary, step, attn)
 
     def attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, step: StepTensors,
-                  attn: Attention) -> torch.Tensor:
-        if q.shape[2] <= _COMPILED_ATTENTION_MAX_NEW:
+                  attn: Attention, sinks: torch.Tensor | None = None) -> torch.Tensor:
+        if q.shape[2] <= _COMPILED_ATTENTION_MAX_NEW and sinks is None:  # the kernel has no sinks
             fused = cpu_gemv.attention(q, keys, values, step.attention_bias, step.key_slots, attn.softmax_scale,
                                        attn.softcap)
             if fused is not None:
                 return fused
-        return super().attention(q, keys, values, step, attn)
+        return super().attention(q, keys, values, step, attn, sinks)
 
     def activation(self, h: torch.Tensor, mlp: MLP) -> torch.Tensor:
-        fused = cpu_gemv.gated_activation(h, mlp.activation) if mlp.gated else None
+        fused = cpu_gemv.gated_activation(h, mlp.activation) if mlp.gated else None  # None for swiglu_oai
         return fused if fused is not None else super().activation(h, mlp)

@@ -164,14 +164,15 @@ class ReferenceOps:
         return q
 
     def attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, step: StepTensors,
-                  attn: Attention) -> torch.Tensor:
+                  attn: Attention, sinks: torch.Tensor | None = None) -> torch.Tensor:
         """q [batch, heads, new, d] attends to the cache's keys/values [batch, kv_heads, capacity, d] in the slots
-        the step's mask covers; returns [batch, new, heads·d]. With a logit softcap (which SDPA cannot apply) it
-        computes as transformers' eager attention: scores in q's dtype, capped, biased, softmax in float32."""
+        the step's mask covers; returns [batch, new, heads·d]. With a logit softcap or attention sinks (`sinks`
+        [heads]: one more logit per head in the softmax, with no value), which SDPA cannot apply, it computes as
+        transformers' eager attention: scores in q's dtype, capped, biased, softmax in float32."""
         batch, _, new, _ = q.shape
         end = step.key_slots
         keys, values = keys[:, :, :end], values[:, :, :end]
-        if attn.softcap is None:
+        if attn.softcap is None and sinks is None:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.attention_bias,
                                                  scale=attn.softmax_scale,
                                                  enable_gqa=attn.num_heads != attn.num_kv_heads)
@@ -179,14 +180,25 @@ class ReferenceOps:
             group = attn.num_heads // attn.num_kv_heads
             keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
             scores = q @ keys.transpose(-1, -2) * attn.softmax_scale
-            scores = torch.tanh(scores / attn.softcap) * attn.softcap + step.attention_bias
-            out = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ values
+            if attn.softcap is not None:
+                scores = torch.tanh(scores / attn.softcap) * attn.softcap
+            scores = scores + step.attention_bias
+            if sinks is not None:
+                sink = sinks.to(scores.dtype)[:, None, None].expand(batch, -1, new, 1)
+                scores = torch.cat((scores, sink), dim=-1)
+            weights = torch.softmax(scores, dim=-1, dtype=torch.float32)
+            if sinks is not None:
+                weights = weights[..., :-1]
+            out = weights.to(q.dtype) @ values
         return out.transpose(1, 2).reshape(batch, new, -1)
 
     def activation(self, h: torch.Tensor, mlp: MLP) -> torch.Tensor:
         """The MLP's activation, applied to [gate; up] halves when gated."""
         if mlp.gated:
             gate, up = h.chunk(2, dim=-1)
+            if mlp.activation == "swiglu_oai":  # gpt-oss's clamped SwiGLU
+                gate, up = gate.clamp(max=mlp.limit), up.clamp(-mlp.limit, mlp.limit)
+                return (up + 1) * gate * torch.sigmoid(gate * mlp.alpha)
             return _ACTIVATIONS[mlp.activation](gate) * up
         return _ACTIVATIONS[mlp.activation](h)
 

@@ -159,7 +159,8 @@ def _layer(block: Block, read: TensorReader, prefix: str, matrix: MatrixOf) -> L
                        attn_post_norm=_norm(block.attn_post_norm, read, f"{prefix}.attn_post_norm"),
                        mlp_post_norm=_norm(block.mlp_post_norm, read, f"{prefix}.mlp_post_norm"),
                        q_norm=_norm(qk_norm, read, f"{prefix}.attn.q_norm"),
-                       k_norm=_norm(qk_norm, read, f"{prefix}.attn.k_norm"))
+                       k_norm=_norm(qk_norm, read, f"{prefix}.attn.k_norm"),
+                       sinks=read.optional(f"{prefix}.attn.sinks.weight"))
 
 
 def _dense(mlp: MLP, read: TensorReader, module: str, matrix: MatrixOf) -> tuple[Any, ...]:

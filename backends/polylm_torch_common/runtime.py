@@ -168,7 +168,7 @@ class TorchRuntime(Runtime):
         if attn.qk_norm is not None:
             qkv = self._qk_norm(qkv, layer, attn)
         q = self.ops.rope_and_cache(qkv, keys, values, rotary, step, attn)
-        out = self.ops.attention(q, keys, values, step, attn)
+        out = self.ops.attention(q, keys, values, step, attn, layer.sinks)
         return self.ops.reduce(self.ops.linear(out, layer.out, layer.out_bias))
 
     def _qk_norm(self, qkv: torch.Tensor, layer: LayerParams, attn: Attention) -> torch.Tensor:

@@ -7,7 +7,10 @@ Visibility comes from the step only: a query in cache slot s sees slot j ≤ s w
 ring, real keys fewer than `window` positions before the query's own: `WINDOW`); ALiBi adds
 slope · (position_j − position_s). The key loop stops at the block's last query slot, read from the device, so
 the same launch serves a cache of any fill. A logit softcap (`Attention.softcap`, Gemma 2) caps each scaled
-score to softcap·tanh(score / softcap) before ALiBi and the mask (SOFTCAP, a compile-time switch). Masked scores get a large finite negative value rather than −inf:
+score to softcap·tanh(score / softcap) before ALiBi and the mask (SOFTCAP, a compile-time switch). Attention sinks
+(`Attention.sinks`, gpt-oss: a logit per head that joins the softmax's denominator with no value) start the running
+max and sum at the sink's logit and 1 (HAS_SINKS; in split-KV, the first split's only), so a fully masked row then
+gives 0. Masked scores get a large finite negative value rather than −inf:
 a fully masked (padding) row then averages values instead of dividing 0 by 0, and any visible key wipes
 those terms out (their weight underflows to exactly 0).
 """
@@ -32,11 +35,11 @@ PROGRAMS_PER_SM = 2
 @triton.jit
 def _attention_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, max_ptr, sum_ptr, mask_ptr, positions_ptr, slots_ptr, slopes_ptr,
-        query_positions_ptr, batch, new, keys, split_keys, score_scale, cap_log2,
+        query_positions_ptr, sinks_ptr, batch, new, keys, split_keys, score_scale, cap_log2,
         stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
         stride_mask, stride_positions, stride_query_positions,
         NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_ALIBI: tl.constexpr,
-        WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     GROUP: tl.constexpr = NUM_HEADS // NUM_KV_HEADS
     b = tl.program_id(0) // NUM_KV_HEADS
@@ -70,6 +73,10 @@ def _attention_kernel(
 
     row_max = tl.full([BLOCK_M], -1.0e30, tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
+    if HAS_SINKS:  # the sink as one more score (in log2 units) whose value is 0, counted by the first split
+        sink = tl.load(sinks_ptr + head).to(tl.float32) * 1.4426950408889634
+        row_max = tl.where(split == 0, sink, row_max)
+        row_sum = tl.where(split == 0, row_sum + 1.0, row_sum)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for key_start in range(start, stop, BLOCK_N):
         key = key_start + tl.arange(0, BLOCK_N)
@@ -135,7 +142,8 @@ def _merge_splits_kernel(acc_ptr, max_ptr, sum_ptr, out_ptr, n_rows, num_splits,
 
 def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
               positions: torch.Tensor, slots: torch.Tensor, alibi: torch.Tensor | None, attn: Attention,
-              num_splits: int | None = None, query_positions: torch.Tensor | None = None) -> torch.Tensor:
+              num_splits: int | None = None, query_positions: torch.Tensor | None = None,
+              sinks: torch.Tensor | None = None) -> torch.Tensor:
     """q [batch, heads, new, head_dim] (any strides, unit in head_dim) attends to the cache's keys/values
     [batch, kv_heads, capacity, head_dim] within the first mask.shape[1] slots; the new tokens sit in `slots`
     [new] (int32). mask/positions are [batch, ≥ keys]. Returns [batch, new, heads·head_dim].
@@ -143,6 +151,7 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: t
     A sliding-window layer's ring (`attn.window` set) passes the ring's keys instead: mask/positions [batch,
     keys] say which ring slots hold real keys and their positions (`polylm.numerics.masks.ring_keys`), and
     `query_positions` [batch, new] the new tokens'; a query at position p sees real keys in (p − window, p].
+    `sinks` [heads]: the attention sinks' logits (`Attention.sinks`).
 
     `num_splits` forces the number of key splits (tests); by default it is chosen from the GPU's size."""
     batch, heads, new, head_dim = q.shape
@@ -166,12 +175,13 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: t
         partial, row_max, row_sum = out, out, out
     _attention_kernel[(batch * attn.num_kv_heads, row_blocks, num_splits)](
         q, keys, values, partial, row_max, row_sum, mask, positions, slots, alibi if alibi is not None else q,
-        query_positions if ring else positions, batch, new, keys_len, split_keys, *_score_scales(attn),
+        query_positions if ring else positions, sinks if sinks is not None else q, batch, new, keys_len, split_keys, *_score_scales(attn),
         q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), mask.stride(0), positions.stride(0),
         query_positions.stride(0) if ring else 0,
         NUM_HEADS=heads, NUM_KV_HEADS=attn.num_kv_heads, HEAD_DIM=head_dim, HAS_ALIBI=alibi is not None,
-        WINDOW=attn.window if ring else 0, SOFTCAP=attn.softcap is not None, SPLIT=num_splits > 1, **tiles)
+        WINDOW=attn.window if ring else 0, SOFTCAP=attn.softcap is not None,
+        HAS_SINKS=sinks is not None, SPLIT=num_splits > 1, **tiles)
     if num_splits > 1:
         n_rows = batch * new * heads
         _merge_splits_kernel[(n_rows,)](partial, row_max, row_sum, out, n_rows, num_splits, HEAD_DIM=head_dim,

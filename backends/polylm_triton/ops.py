@@ -50,13 +50,16 @@ class TritonOps(ReferenceOps):
         return rope.rope_and_cache(qkv, keys, values, rotary, slots, attn)
 
     def attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, step: StepTensors,
-                  attn: Attention) -> torch.Tensor:
+                  attn: Attention, sinks: torch.Tensor | None = None) -> torch.Tensor:
         if step.ring_slots is not None:
             return attention.attention(q, keys, values, step.ring_mask, step.ring_positions, step.slots, step.alibi,
-                                       attn, query_positions=step.new_positions)
-        return attention.attention(q, keys, values, step.mask, step.positions, step.slots, step.alibi, attn)
+                                       attn, query_positions=step.new_positions, sinks=sinks)
+        return attention.attention(q, keys, values, step.mask, step.positions, step.slots, step.alibi, attn,
+                                   sinks=sinks)
 
     def activation(self, h: torch.Tensor, mlp: MLP) -> torch.Tensor:
+        if mlp.activation == "swiglu_oai":  # no kernel for gpt-oss's clamped SwiGLU: the reference op
+            return super().activation(h, mlp)
         return activation.activation(h, mlp)
 
     def gather(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

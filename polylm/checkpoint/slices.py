@@ -93,21 +93,24 @@ class TensorFiles:
         return out.view(storage).reshape(shape) if out.dtype == np.uint8 else out
 
     def _read_view(self, ref: TensorRef, part: TensorSlice | None, out: np.ndarray | None) -> np.ndarray:
-        """`part` of a transposed or row-range view: its index ranges mapped onto the stored tensor."""
-        ranges = [(0, size) for size in ref.shape]
+        """`part` of a transposed, row-range or interleaved view: its index ranges mapped onto the stored
+        tensor."""
+        ranges = [(0, size, 1) for size in ref.shape]
         if part is not None:
-            ranges[part.dim] = (part.start, part.stop)
+            ranges[part.dim] = (part.start, part.stop, 1)
         if ref.rows is not None:
-            start, stop = ranges[ref.rows_axis]
-            ranges[ref.rows_axis] = (start + ref.rows[0], stop + ref.rows[0])
+            start, stop, _ = ranges[ref.rows_axis]
+            first, step = ref.rows[0], ref.rows_step
+            ranges[ref.rows_axis] = (first + start * step, first + (stop - 1) * step + 1 if stop > start else first,
+                                     step)
         if ref.transposed:
             ranges[-2:] = ranges[:-3:-1]
         stored = ref.stored()
         # read along one cut dimension (a run of rows, or of columns), then cut the others
-        cut = [d for d, (start, stop) in enumerate(ranges) if (start, stop) != (0, stored.shape[d])]
+        cut = [d for d, (start, stop, _) in enumerate(ranges) if (start, stop) != (0, stored.shape[d])]
         dim = cut[0] if cut else 0
-        data = self.read(stored, TensorSlice(dim, *ranges[dim]))
-        data = data[tuple(slice(None) if d == dim else slice(*r) for d, r in enumerate(ranges))]
+        data = self.read(stored, TensorSlice(dim, *ranges[dim][:2]))
+        data = data[tuple(slice(None, None, r[2]) if d == dim else slice(*r) for d, r in enumerate(ranges))]
         return _fill(out, np.ascontiguousarray(data.swapaxes(-1, -2) if ref.transposed else data), ref)
 
     def _dequantized(self, ref: TensorRef, part: TensorSlice | None) -> np.ndarray:

@@ -34,9 +34,9 @@ SINGLE_FILE = "model.safetensors"
 class TensorRef:
     """Where one checkpoint tensor lives and what it is; for a canonical tensor stored otherwise (`Stored`), the
     view of it: the stored tensor with its last two axes swapped (`transposed`), then indices [a, b) of axis
-    `rows_axis` of that (`rows`); or, with `parts`, the stack of one stored tensor per head (`key` then names them
-    all, with `{h}`); or, with `quantized`, the matrix that MLX-format codes, scales and biases encode
-    (`polylm.checkpoint.quantized`), of the scales' dtype.
+    `rows_axis` of that (`rows`), every `rows_step`-th of them (an interleaved stack); or, with `parts`, the stack
+    of one stored tensor per head (`key` then names them all, with `{h}`); or, with `quantized`, the matrix that
+    MLX-format codes, scales and biases encode (`polylm.checkpoint.quantized`), of the scales' dtype.
 
     `shape` is the view's; `offset`, `nbytes` and `stored_shape` are the whole stored tensor's (the first part's;
     a quantized matrix's codes).
@@ -51,6 +51,7 @@ class TensorRef:
     transposed: bool = False
     rows: tuple[int, int] | None = None
     rows_axis: int = 0
+    rows_step: int = 1
     stored_shape: tuple[int, ...] | None = None  # None: `shape`
     parts: tuple[TensorRef, ...] = ()  # the stored tensors stacked along a new first dimension, in order
     quantized: Packed | None = None
@@ -73,7 +74,7 @@ class TensorRef:
         view = stored.swapaxes(-1, -2) if self.transposed else stored
         if self.rows is None:
             return view
-        return view[(slice(None),) * self.rows_axis + (slice(*self.rows),)]
+        return view[(slice(None),) * self.rows_axis + (slice(*self.rows, self.rows_step),)]
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,10 @@ class Stored:
       q, k, v; Phi-3's `gate_up_proj`: gate, up); the one mapped to this value is its share of the rows, whose
       sizes come from the IR's shapes. Map each of them to the same `Stored`.
     - `transposed`: matrices are stored [in, out] (GPT-2's Conv1D); the rows are then the stored columns.
+    - `interleaved` (with `stacked`): the rows alternate between the stacked modules instead (row r belongs to
+      module r mod n: gpt-oss's `gate_up_proj`, gate then up); they must be the same size.
+    - `bare`: the stored names are whole tensor names, the weight's without a `.weight` suffix and the bias's
+      with `_bias` appended (gpt-oss's `experts.gate_up_proj` / `gate_up_proj_bias`, `self_attn.sinks`).
     Names may hold `{i}` (the layer) as plain names do, and `{h}`: one stored tensor per head, h = 0, 1, … up to
     the canonical tensor's first dimension (heads, or KV heads), stacked along it (StableLM's per-head
     `q_layernorm.norms.{h}` as one [heads, head_dim] `QKNorm` "head_each" weight); not with `stacked` or
@@ -104,15 +109,28 @@ class Stored:
     names: tuple[str, ...]
     stacked: tuple[str, ...]
     transposed: bool
+    interleaved: bool
+    bare: bool
 
-    def __init__(self, *names: str, stacked: tuple[str, ...] = (), transposed: bool = False) -> None:
+    def __init__(self, *names: str, stacked: tuple[str, ...] = (), transposed: bool = False,
+                 interleaved: bool = False, bare: bool = False) -> None:
         if not names:
             raise ValueError("Stored needs at least one checkpoint module name")
         if any("{h}" in name for name in names) and (stacked or transposed):
             raise ValueError("Stored names with {h} (a tensor per head) take no `stacked` or `transposed`")
+        if interleaved and not stacked:
+            raise ValueError("Stored(interleaved=True) needs the `stacked` modules whose rows alternate")
         object.__setattr__(self, "names", names)
         object.__setattr__(self, "stacked", tuple(stacked))
         object.__setattr__(self, "transposed", transposed)
+        object.__setattr__(self, "interleaved", interleaved)
+        object.__setattr__(self, "bare", bare)
+
+    def key(self, module: str, param: str) -> str:
+        """The stored tensor name of parameter `param` (`weight`, `bias`) of checkpoint module `module`."""
+        if not self.bare:
+            return f"{module}.{param}"
+        return module if param == "weight" else f"{module}_{param}"
 
 
 #: A value of `Family.module_names`: the checkpoint module's name, or how it is stored.
@@ -279,7 +297,7 @@ def resolve(checkpoint: Checkpoint, shapes: Mapping[str, tuple[int, ...]], modul
         if "{h}" in stored.names[0]:
             refs[name] = _per_head(checkpoint, stored, name, param, shape)
             continue
-        keys = [f"{module}.{param}" for module in stored.names]
+        keys = [stored.key(module, param) for module in stored.names]
         key = next((k for k in keys if k in checkpoint.tensors), keys[0])
         ref = checkpoint.tensors.get(key)
         if ref is None and name.startswith("head."):
@@ -320,14 +338,15 @@ def resolve(checkpoint: Checkpoint, shapes: Mapping[str, tuple[int, ...]], modul
 
 def _view(ref: TensorRef, stored: Stored, name: str, layer: str | None, param: str,
           shapes: Mapping[str, tuple[int, ...]]) -> TensorRef:
-    """`ref` (a whole stored tensor) seen as canonical tensor `name`: its last two axes swapped, then its share of
-    the rows — of a matrix, its second-to-last axis (the rows of each expert's matrix in a [experts, rows, in]
-    stack); of a bias, its last."""
-    transposed = stored.transposed and len(ref.shape) > 1
+    """`ref` (a whole stored tensor) seen as canonical tensor `name`: a matrix's last two axes swapped (biases,
+    [experts, rows] stacks included, are read as they are), then its share of the rows — of a matrix, its
+    second-to-last axis (the rows of each expert's matrix in a [experts, rows, in] stack); of a bias, its last:
+    a run of rows, or every n-th row when `interleaved`."""
+    transposed = stored.transposed and param == "weight" and len(ref.shape) > 1
     shape = list(ref.shape)
     if transposed:
         shape[-2:] = shape[:-3:-1]
-    rows, axis = None, max(len(shape) - (2 if param == "weight" else 1), 0)
+    rows, step, axis = None, 1, max(len(shape) - (2 if param == "weight" else 1), 0)
     if stored.stacked:
         module = name[:-len(param) - 1]
         parts = [part.format(i=layer) for part in stored.stacked]
@@ -340,15 +359,21 @@ def _view(ref: TensorRef, stored: Stored, name: str, layer: str | None, param: s
             raise WeightsError(f"{ref.file}: tensor {ref.key!r}{' transposed' if transposed else ''} has "
                                f"shape {list(shape)}; expected {total} rows stacking {', '.join(parts)}")
         rows = (start, start + size)
+        if stored.interleaved:
+            if any(shapes[f"{part}.{param}"][axis] != size for part in parts):
+                raise WeightsError(f"{ref.file}: tensor {ref.key!r} interleaves {', '.join(parts)}, which need "
+                                   f"rows of one size")
+            step = len(parts)
+            rows = (parts.index(module), total)
         shape[axis] = size
-    return replace(ref, shape=tuple(shape), transposed=transposed, rows=rows, rows_axis=axis,
+    return replace(ref, shape=tuple(shape), transposed=transposed, rows=rows, rows_axis=axis, rows_step=step,
                    stored_shape=ref.shape)
 
 
 def _per_head(checkpoint: Checkpoint, stored: Stored, name: str, param: str, shape: tuple[int, ...]) -> TensorRef:
     """Canonical tensor `name` of `shape` [heads, …] as the stack of one stored tensor per head (`{h}` names:
     the first candidate whose head 0 is present), each checked for presence, shape and dtype."""
-    patterns = [f"{module}.{param}" for module in stored.names]
+    patterns = [stored.key(module, param) for module in stored.names]
     pattern = next((p for p in patterns if p.format(h=0) in checkpoint.tensors), patterns[0])
     parts = []
     for head in range(shape[0]):
@@ -403,7 +428,8 @@ def _stored_as(name: str, module_names: Mapping[str, ModuleName], head_name: str
     entry = module_names[f"layers.{{i}}.{match.group(2)}"] if match else module_names[module]
     stored = entry if isinstance(entry, Stored) else Stored(entry)
     names = tuple(f"{prefix}{n.format(i=layer, h='{h}')}" for n in stored.names)
-    return Stored(*names, stacked=stored.stacked, transposed=stored.transposed), layer, param
+    return Stored(*names, stacked=stored.stacked, transposed=stored.transposed, interleaved=stored.interleaved,
+                  bare=stored.bare), layer, param
 
 
 def _detect_prefix(checkpoint: Checkpoint, module_names: Mapping[str, ModuleName],

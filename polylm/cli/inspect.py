@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..ir import ALiBi, Attention, Block, ModelIR, Norm, RoPE
+from ..ir import MLP, ALiBi, Attention, Block, ModelIR, MoE, Norm, RoPE
 from ..loading.inspect import PARTS, Inspection
 
 
@@ -116,6 +116,7 @@ def _attention(attention: Attention) -> str:
             f"{_position(attention)}")
     text += f", window {attention.window}" if attention.window else ""
     text += f", softcap {attention.softcap:g}" if attention.softcap else ""
+    text += ", sinks" if attention.sinks else ""
     text += ", q/k/v stored fused per head" if attention.qkv_layout != "separate" else ""
     text += ", q/k/v bias" if attention.qkv_bias else ""
     text += ", output bias" if attention.out_bias else ""
@@ -126,6 +127,17 @@ def _attention(attention: Attention) -> str:
 
 def _mlp(block: Block) -> str:
     mlp = block.mlp
+    if not isinstance(mlp, MoE):
+        return _dense(mlp)
+    routing = "softmax, top " if mlp.routing == "softmax_topk" else "top "
+    text = (f"{mlp.num_experts} experts, {routing}{mlp.top_k}" + (" renormalized" if mlp.normalize else "")
+            + (" (router bias)" if mlp.router_bias else "") + f", each {_dense(mlp.expert)}")
+    if mlp.shared is not None:
+        text += f"; shared expert{' (gated)' if mlp.shared_gate else ''} {_dense(mlp.shared)}"
+    return text
+
+
+def _dense(mlp: MLP) -> str:
     return (f"{'gated ' if mlp.gated else ''}{mlp.activation}, intermediate {mlp.intermediate_size}"
             + (", bias" if mlp.bias else ""))
 

@@ -30,7 +30,7 @@ from .registry import PluginInfo, registry
 #: The parts parameters are counted in, in the order they are shown.
 PARTS = ("embedding", "attention", "mlp", "norms", "head")
 #: Canonical matrices that `--quantize` stores as integers: the block projections and an untied head.
-_QUANTIZED = re.compile(r"^(layers\.\d+\.(attn\.(q|k|v|qkv|o)|mlp\.(gate|up|down))|head)\.weight$")
+_QUANTIZED = re.compile(r"^(layers\.\d+\.(attn\.(q|k|v|qkv|o)|mlp\.((experts|shared)\.)?(gate|up|down))|head)\.weight$")
 _ITEMSIZE = dict(FLOAT_DTYPES.values())
 
 
@@ -147,9 +147,10 @@ def weight_bytes(weights: Weights, quantization: Quantization | None = None) -> 
 
 
 def quantized_bytes(shape: tuple[int, ...], quantization: Quantization) -> int:
-    """Bytes of an [out, in] matrix quantized as `quantization` says (`polylm.numerics.quantization`): the
-    codes, and a scale per row and group of `group_size` inputs (a short last group has one too)."""
-    rows, columns = shape
+    """Bytes of an [out, in] matrix (or a stack of them: [experts, out, in]) quantized as `quantization` says
+    (`polylm.numerics.quantization`): the codes, and a scale per row and group of `group_size` inputs (a short
+    last group has one too)."""
+    rows, columns = math.prod(shape[:-1]), shape[-1]
     groups = -(-columns // (quantization.group_size or columns))
     return -(-rows * columns * quantization.bits // 8) + rows * groups * _ITEMSIZE[quantization.scale_dtype]
 

@@ -177,6 +177,7 @@ def plan_shards(ir: ModelIR, shard: Shard) -> ShardPlan:
                 group_rows = (attn.num_heads // attn.num_kv_heads + 2) * d
                 slices[parts[0]] = TensorSlice(0, kv_heads.start * group_rows, kv_heads.stop * group_rows)
         slices[f"{layer}.attn.o.weight"] = TensorSlice(1, heads.start * d, heads.stop * d)
+        slices[f"{layer}.attn.sinks.weight"] = TensorSlice(0, heads.start, heads.stop)
         if attn.qk_norm is not None and attn.qk_norm.scope == "head_each":  # one weight row per head
             for param in ("weight", "bias") if attn.qk_norm.norm.bias else ("weight",):
                 slices[f"{layer}.attn.q_norm.{param}"] = TensorSlice(0, heads.start, heads.stop)
