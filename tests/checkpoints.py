@@ -52,6 +52,15 @@ def build(root: Path, family: str, task: str = "causal-lm", *, dtype: str = "flo
     return variant
 
 
+def edited(directory: Path, tmp_path: Path, edit) -> Path:
+    """A copy of checkpoint `directory` whose config.json is `edit(config)`."""
+    changed = tmp_path / "changed"
+    shutil.copytree(directory, changed)
+    config = json.loads((changed / "config.json").read_text())
+    (changed / "config.json").write_text(json.dumps(edit(config)))
+    return changed
+
+
 def _rename_tensors(directory: Path, rename) -> None:
     from safetensors.torch import load_file, save_file
 

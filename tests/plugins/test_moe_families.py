@@ -3,8 +3,6 @@
 top-k, dense layers among routed ones, Qwen2-MoE's gated shared expert, biases, RoPE theta, eps), routing that
 differs per token, the variant OLMoE declines, Qwen2-MoE over two tensor-parallel ranks, and int8 on torch."""
 
-import json
-import shutil
 
 import numpy as np
 import pytest
@@ -22,6 +20,7 @@ from polylm.ir import MLP, MoE
 from polylm.loading import model_ir
 from polylm.parallel.ranks import free_port
 from polylm.testing import SEQUENCES, padded
+from checkpoints import edited
 from test_heads import qa_reference, with_qa_head
 from test_parity import BACKENDS, assert_parity
 from test_tensor_parallel import WORKER, assert_matches_one_process, run_two_ranks
@@ -111,15 +110,6 @@ def test_sliding_windows_follow_transformers():
     assert kinds.count("sliding_attention") == 2
     qwen3 = polylm_qwen3_moe.to_ir(ConfigView(config, "config.json"), "causal-lm")
     assert [b.attention.window for b in qwen3.layers] == [8] * 5
-
-
-def edited(directory, tmp_path, edit):
-    """A copy of checkpoint `directory` whose config.json is `edit(config)`."""
-    changed = tmp_path / "changed"
-    shutil.copytree(directory, changed)
-    config = json.loads((changed / "config.json").read_text())
-    (changed / "config.json").write_text(json.dumps(edit(config)))
-    return changed
 
 
 @pytest.mark.parametrize("family", FAMILIES)

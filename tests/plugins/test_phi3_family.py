@@ -3,8 +3,6 @@ ids, with its quirks: stacked qkv_proj / gate_up_proj, partial RoPE, a tied head
 per row by length, on both sides of original_max_position_embeddings; its config forms and checks), the variants
 it declines; and Phi's tied lm_head, which keeps its own bias."""
 
-import json
-import shutil
 
 import numpy as np
 import pytest
@@ -22,6 +20,7 @@ from polylm.numerics.positions import rope_frequencies_per_row
 from polylm.parallel.plan import Shard, TensorSlice, plan_shards
 from polylm.testing import SEQUENCES, max_diff_padded
 from polylm_torch_common.params import TensorReader
+from checkpoints import edited
 from test_heads import qa_reference, with_qa_head
 from test_parity import BACKENDS, TOLERANCE, assert_parity
 
@@ -100,15 +99,6 @@ def test_longrope_frequencies_per_row(ckpt_root):
     np.testing.assert_allclose(short[0], 1 / (np.array(SHORT) * base), rtol=1e-6)
     mixed, _ = rope_frequencies_per_row(attn, np.array([[0, 16], [0, 15]]))
     np.testing.assert_allclose(mixed, 1 / (np.array([LONG, SHORT]) * base), rtol=1e-6)
-
-
-def edited(directory, tmp_path, edit):
-    """A copy of checkpoint `directory` whose config.json is `edit(config)`."""
-    changed = tmp_path / "changed"
-    shutil.copytree(directory, changed)
-    config = json.loads((changed / "config.json").read_text())
-    (changed / "config.json").write_text(json.dumps(edit(config)))
-    return changed
 
 
 def legacy_su(config):
