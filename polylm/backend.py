@@ -63,10 +63,16 @@ def cache_windows(ir: ModelIR, capacity: int) -> tuple[int | None, ...]:
     return tuple(w if w is not None and w < capacity else None for w in (b.attention.window for b in ir.layers))
 
 
+def ring_size(window: int, capacity: int) -> int:
+    """The slots of a `Ring` (its spare slot aside) for `window` in a cache of `capacity`: the window of the first
+    new token of a pass and the pass's other tokens, at most the capacity."""
+    return min(capacity, window + PASS_LIMIT - 1)
+
+
 def cache_slots(ir: ModelIR, capacity: int) -> list[int]:
     """The slots each layer's keys (and values) take in a cache of `capacity` (`Cache.build`): the capacity, or a
     windowed layer's ring and its spare slot."""
-    return [capacity if w is None else min(capacity, w + PASS_LIMIT - 1) + 1 for w in cache_windows(ir, capacity)]
+    return [capacity if w is None else ring_size(w, capacity) + 1 for w in cache_windows(ir, capacity)]
 
 
 @dataclass
@@ -82,7 +88,7 @@ class Ring:
 
     @classmethod
     def new(cls, window: int, batch: int, capacity: int) -> "Ring":
-        size = min(capacity, window + PASS_LIMIT - 1)  # the window of the first new token, and the pass's tokens
+        size = ring_size(window, capacity)
         return cls(window, size, np.full((batch, size + 1), -1, dtype=np.int64), size < capacity)
 
     def write(self, step: Step, past: int) -> "RingPass":
@@ -144,7 +150,7 @@ class Cache:
         """An empty cache for `ir`'s layers, with `make(slots)` making one layer's keys (or values) array."""
         windows = cache_windows(ir, capacity)
         rings = {w: Ring.new(w, batch, capacity) for w in set(windows) if w is not None}
-        sizes = [capacity if w is None else rings[w].size + 1 for w in windows]
+        sizes = cache_slots(ir, capacity)
         return cls([make(n) for n in sizes], [make(n) for n in sizes], batch, capacity, 0, windows, rings)
 
     def admit(self, step: Step) -> tuple[int, int]:
