@@ -67,7 +67,7 @@ def main() -> None:
     q, cache = torch.randn(1, 16, 1, 64).bfloat16(), torch.randn(1, 1, 256, 64).bfloat16()
     bias = torch.zeros(1, 1, 1, 192).bfloat16()
     fused = {"decode attention, 192 slots": (
-        lambda: cpu_gemv.attention(q, cache, cache, bias, 192, 0.125),
+        lambda: cpu_gemv.fused_kernels().attention(q, cache, cache, bias, 192, 0.125),
         lambda: F.scaled_dot_product_attention(q, cache[:, :, :192], cache[:, :, :192], attn_mask=bias,
                                                scale=0.125, enable_gqa=True))}
     norm = NormParams(Norm("rms", 1e-6), torch.randn(1024), None)

@@ -1,6 +1,7 @@
 """`CpuOps`: the reference ops with the compiled CPU kernels of `cpu_gemv` (fused residual add + RMSNorm, gated
-activation, RoPE + cache write, decode attention) where they apply. Each kernel declines (returns None) where it
-does not — another device or dtype, no extension, `POLYLM_GEMV_ISA=none` — and the reference op runs instead."""
+activation, RoPE + cache write, decode attention) where they apply. The kernels' ISA is picked once, when the ops
+are made (`cpu_gemv.fused_kernels`); each kernel declines (returns None) where it does not apply — another device
+or dtype, no extension, `POLYLM_GEMV_ISA=none` — and the reference op runs instead."""
 
 from __future__ import annotations
 
@@ -20,9 +21,12 @@ _COMPILED_ATTENTION_MAX_NEW = 16
 class CpuOps(ReferenceOps):
     """The torch backend's ops: the compiled kernels first, the reference ops where they decline."""
 
+    def __init__(self) -> None:
+        self._kernels = cpu_gemv.fused_kernels()
+
     def add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, p: NormParams) -> tuple[torch.Tensor, torch.Tensor]:
         if p.spec.kind == "rms":
-            fused = cpu_gemv.add_rms_norm(x, delta, p.weight, p.bias, p.spec.eps)
+            fused = self._kernels.add_rms_norm(x, delta, p.weight, p.bias, p.spec.eps)
             if fused is not None:
                 return fused
         return super().add_norm(x, delta, p)
@@ -33,19 +37,19 @@ class CpuOps(ReferenceOps):
         if step.ring_slots is not None:  # the kernel writes consecutive slots; a ring's are scattered
             return super().rope_and_cache(qkv, keys, values, rotary, step, attn)
         interleaved = rotary is not None and attn.position.interleaved
-        fused = cpu_gemv.rope_and_cache(qkv, rotary, keys, values, step.past, attn.num_heads, attn.num_kv_heads,
-                                        attn.head_dim, attn.rotary_dim, interleaved)
+        fused = self._kernels.rope_and_cache(qkv, rotary, keys, values, step.past, attn.num_heads,
+                                             attn.num_kv_heads, attn.head_dim, attn.rotary_dim, interleaved)
         return fused if fused is not None else super().rope_and_cache(qkv, keys, values, rotary, step, attn)
 
     def attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, step: StepTensors,
                   attn: Attention, sinks: torch.Tensor | None = None) -> torch.Tensor:
         if q.shape[2] <= _COMPILED_ATTENTION_MAX_NEW and sinks is None:  # the kernel has no sinks
-            fused = cpu_gemv.attention(q, keys, values, step.attention_bias, step.key_slots, attn.softmax_scale,
-                                       attn.softcap)
+            fused = self._kernels.attention(q, keys, values, step.attention_bias, step.key_slots,
+                                            attn.softmax_scale, attn.softcap)
             if fused is not None:
                 return fused
         return super().attention(q, keys, values, step, attn, sinks)
 
     def activation(self, h: torch.Tensor, mlp: MLP) -> torch.Tensor:
-        fused = cpu_gemv.gated_activation(h, mlp.activation) if mlp.gated else None  # None for swiglu_oai
+        fused = self._kernels.gated_activation(h, mlp.activation) if mlp.gated else None  # None for swiglu_oai
         return fused if fused is not None else super().activation(h, mlp)

@@ -210,16 +210,16 @@ class ReferenceOps:
     def experts(self, x: torch.Tensor, p: ExpertParams, moe: MoE) -> torch.Tensor:
         """Routed experts (`polylm.ir.MoE`) on x [..., hidden]: each token through its top-k experts only, weighted
         as the routing says, plus the shared expert. Tokens are grouped by expert, so each chosen expert's
-        matrices are read once per call and an expert no token chose is not read at all."""
+        matrices are read once per call and an expert no token chose is not read at all. Each expert's weighted
+        output is rounded to x's dtype and summed in it, in the experts' order, as transformers does."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, chosen = route(self.linear(x, p.router, p.router_bias), moe)
         out = torch.zeros_like(x)
-        for expert in chosen.unique().tolist():
-            rows, slot = (chosen == expert).nonzero(as_tuple=True)
+        for expert, rows, slots in _by_expert(chosen, moe.num_experts):  # a token names an expert once at most
             y = self.mlp(x[rows], p.experts_up[expert], p.experts_up_bias[expert], p.experts_down[expert],
                          p.experts_down_bias[expert], moe.expert)
-            out.index_add_(0, rows, (y * weights[rows, slot, None]).to(out.dtype))
+            out[rows] += (y * weights[rows, slots, None]).to(out.dtype)
         if moe.shared is not None:
             shared = self.mlp(x, p.shared_up, p.shared_up_bias, p.shared_down, p.shared_down_bias, moe.shared)
             if p.shared_gate is not None:
@@ -242,6 +242,24 @@ def route(logits: torch.Tensor, moe: MoE) -> tuple[torch.Tensor, torch.Tensor]:
     if moe.normalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, chosen
+
+
+def _by_expert(chosen: torch.Tensor, num_experts: int) -> list[tuple[int, torch.Tensor | slice, torch.Tensor | int]]:
+    """(expert, token rows, top-k slots) for each expert that some token of `chosen` [tokens, top_k] names, in
+    the experts' order, after one host sync. For one token (decode) the rows are `slice(None)` and the slot an
+    int, which index without copying."""
+    if chosen.shape[0] == 1:
+        return sorted((expert, slice(None), slot) for slot, expert in enumerate(chosen[0].tolist()))
+    flat = chosen.flatten()
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    groups, start = [], 0
+    for expert, count in enumerate(counts):
+        if count:
+            picked = order[start:start + count]
+            groups.append((expert, picked // chosen.shape[1], picked % chosen.shape[1]))
+        start += count
+    return groups
 
 
 def _relu2(x: torch.Tensor) -> torch.Tensor:

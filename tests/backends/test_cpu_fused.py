@@ -204,4 +204,5 @@ def test_rope_and_cache_op_equals_reference(kernel_path, monkeypatch, dtype, int
     assert torch.equal(fused, expected)  # the same roundings, bit for bit
     assert all(torch.equal(a, b) for a, b in zip(fused_cache, cache))
     monkeypatch.setenv("POLYLM_GEMV_ISA", "none")  # the kernel declines: CpuOps is the reference op
-    assert cpu_gemv.rope_and_cache(qkv, rotary, *cache, past, heads, kv_heads, d, rotary_dim, interleaved) is None
+    declining = cpu_gemv.fused_kernels()
+    assert declining.rope_and_cache(qkv, rotary, *cache, past, heads, kv_heads, d, rotary_dim, interleaved) is None

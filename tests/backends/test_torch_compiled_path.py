@@ -50,8 +50,9 @@ def refuse_compiled_kernels(monkeypatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("the compiled CPU kernels were called")
 
-    for module, name in ((_build, "load"), (_build, "select_isa"), (cpu_gemv, "add_rms_norm"),
-                         (cpu_gemv, "gated_activation"), (cpu_gemv, "attention"), (cpu_gemv, "rope_and_cache")):
+    for module, name in ((_build, "load"), (_build, "select_isa"), (cpu_gemv, "fused_kernels"),
+                         (cpu_gemv.FusedKernels, "add_rms_norm"), (cpu_gemv.FusedKernels, "gated_activation"),
+                         (cpu_gemv.FusedKernels, "attention"), (cpu_gemv.FusedKernels, "rope_and_cache")):
         monkeypatch.setattr(module, name, refuse)
 
 

@@ -13,11 +13,11 @@ on 2 Zen 4 cores, 10-20% above ``F.linear`` (oneDNN) and at the measured ``vdpbf
 (fp32/fp16 weights or x, AVX2 CPUs, where torch's bf16 matmul is emulated) a tiled path unpacks about 2 MB of the
 weight at a time into a transposed fp32 tile and multiplies it with ``at::mm``.
 
-:func:`gated_activation` fuses a gated MLP's ``act(gate) * up`` (SiLU, tanh-GELU), :func:`add_rms_norm` a residual
-add with the RMSNorm after it, and :func:`attention` the attention of a few query rows over the KV cache (decode):
-fp32 math, one rounding, one pass instead of 5-9 torch ops or SDPA's ~300 µs a decode call. They are written once
-(``fused.h``) and compiled for both ISAs. :func:`rope_and_cache` (plain C++) splits the fused q/k/v projection,
-rotates q and k and writes the KV cache with the very roundings of the torch ops.
+:class:`FusedKernels` (made once per runtime by :func:`fused_kernels`) fuses a gated MLP's ``act(gate) * up``
+(SiLU, tanh-GELU), a residual add with the RMSNorm after it, and the attention of a few query rows over the KV cache
+(decode): fp32 math, one rounding, one pass instead of 5-9 torch ops or SDPA's ~300 µs a decode call. They are
+written once (``fused.h``) and compiled for both ISAs. Its ``rope_and_cache`` (plain C++) splits the fused q/k/v
+projection, rotates q and k and writes the KV cache with the very roundings of the torch ops.
 
 Memory: the packed copy *replaces* the original weight. A :class:`PackedLinear` keeps no reference to the tensor it
 was built from (drop yours and its memory is freed); the only extra storage is row padding to a multiple of 16 and K
@@ -53,8 +53,7 @@ from polylm.numerics import quantization
 
 from . import _build, _layout
 
-__all__ = ["available", "add_rms_norm", "attention", "gated_activation", "rope_and_cache",
-           "PackedLinear", "Int8Linear", "Int4Linear"]
+__all__ = ["available", "fused_kernels", "FusedKernels", "PackedLinear", "Int8Linear", "Int4Linear"]
 
 _QUANT_KIND = {8: 0, 4: 1}  # QuantKind in kernels.h, by bits
 _GATED = {"silu": 0, "gelu_tanh": 1}
@@ -67,67 +66,66 @@ def available() -> tuple[bool, str]:
     return (module is not None and isa is not None), reason
 
 
-def _fused_kernels(x: torch.Tensor, *caches: torch.Tensor) -> tuple[object, int] | None:
-    """(extension, ISA code) when the fused kernels apply to CPU activations `x` and the KV caches `caches` (which
-    they read or write in place: contiguous, of x's dtype), else None (torch ops then)."""
-    if x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu":
-        return None
-    if any(cache.dtype != x.dtype or not cache.is_contiguous() for cache in caches):
-        return None
+class FusedKernels:
+    """The compiled fused ops for the ISA that ``POLYLM_GEMV_ISA`` picked when this was made (:func:`fused_kernels`).
+    Each op returns None where it does not apply — another device or dtype, no extension — and the caller then
+    uses torch ops."""
+
+    def __init__(self, module: object | None, isa: str | None) -> None:
+        self._module = module
+        self._isa = None if isa is None else _build.ISA_CODES[isa]
+
+    def _applies(self, x: torch.Tensor, *caches: torch.Tensor) -> bool:
+        """Whether the kernels serve CPU activations `x` and the KV caches `caches` (which they read or write in
+        place: contiguous, of x's dtype)."""
+        if self._module is None or x.dtype not in (torch.float32, torch.bfloat16) or not x.is_cpu:
+            return False
+        return all(cache.dtype == x.dtype and cache.is_contiguous() for cache in caches)
+
+    def gated_activation(self, h: torch.Tensor, activation: str) -> torch.Tensor | None:
+        """``act(gate) * up`` over the halves of h's last dimension (SiLU, tanh-GELU)."""
+        if activation not in _GATED or not self._applies(h):
+            return None
+        return self._module.gated_activation(h.contiguous(), _GATED[activation], self._isa)
+
+    def attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, length: int,
+                  scale: float, softcap: float | None = None) -> torch.Tensor | None:
+        """``softmax(cap(scale · q kᵀ) + bias) v`` of q [B, H, T, d] over the first `length` slots of the cache
+        keys/values [B, KVH, cap, d] (grouped heads), bias [B, 1|H, T, length], where cap(s) = softcap·tanh(s /
+        softcap) (the identity when `softcap` is None: `Attention.softcap`); [B, T, H·d] in fp32 math (for
+        decode, where torch's SDPA costs ~300 µs a call)."""
+        if q.shape[-1] > 256 or not self._applies(q, keys, values):
+            return None
+        return self._module.attention(q.contiguous(), keys, values, bias.contiguous(), length, scale, softcap or 0.0,
+                                      self._isa)
+
+    def rope_and_cache(self, qkv: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None,
+                       keys: torch.Tensor, values: torch.Tensor, past: int, heads: int, kv_heads: int, head_dim: int,
+                       rotary_dim: int, interleaved: bool) -> torch.Tensor | None:
+        """``ReferenceOps.rope_and_cache`` in one compiled pass (same roundings): q [B, H, T, d], with k and v
+        written into the caches at slots ``past..past+T``."""
+        if not self._applies(qkv, keys, values):
+            return None
+        cos, sin = rotary if rotary is not None else (None, None)
+        return self._module.rope_and_cache(qkv.contiguous(), cos, sin, keys, values, past, heads, kv_heads,
+                                           head_dim, rotary_dim if rotary is not None else 0, interleaved)
+
+    def add_rms_norm(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                     bias: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(x + delta, RMSNorm(x + delta))`` (``x`` and its norm without a delta): fp32 math, ``weight`` (and
+        ``bias``) fp32 multiplied in before the one rounding, like the torch ops they replace."""
+        if not self._applies(x) or (delta is not None and (delta.dtype != x.dtype or delta.shape != x.shape)):
+            return None
+        return self._module.add_rms_norm(x.contiguous(), None if delta is None else delta.contiguous(),
+                                         weight.float(), None if bias is None else bias.float(), eps, self._isa)
+
+
+def fused_kernels() -> FusedKernels:
+    """The fused ops of the ISA ``POLYLM_GEMV_ISA`` picks now (built on first call); every op declines where the
+    extension is unavailable or disabled (``POLYLM_GEMV_ISA=none``). Made once per runtime, so that a decode
+    step does not ask again for each op."""
     module, isa, _ = _build.select_isa()
-    return None if module is None or isa is None else (module, _build.ISA_CODES[isa])
-
-
-def gated_activation(h: torch.Tensor, activation: str) -> torch.Tensor | None:
-    """``act(gate) * up`` over the halves of h's last dimension with the compiled kernel; None where it does not
-    apply (activation, dtype, device, no extension or ``POLYLM_GEMV_ISA=none``), and the caller uses torch ops."""
-    fused = _fused_kernels(h) if activation in _GATED else None
-    if fused is None:
-        return None
-    module, isa = fused
-    return module.gated_activation(h.contiguous(), _GATED[activation], isa)
-
-
-def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, length: int,
-              scale: float, softcap: float | None = None) -> torch.Tensor | None:
-    """``softmax(cap(scale · q kᵀ) + bias) v`` of q [B, H, T, d] over the first `length` slots of the cache
-    keys/values [B, KVH, cap, d] (grouped heads), bias [B, 1|H, T, length], where cap(s) = softcap·tanh(s / softcap)
-    (the identity when `softcap` is None: `Attention.softcap`); [B, T, H·d] from the compiled
-    kernel (fp32 math; for decode, where torch's SDPA costs ~300 µs a call), or None where it does not apply,
-    as for :func:`gated_activation`."""
-    fused = _fused_kernels(q, keys, values)
-    if fused is None or q.shape[-1] > 256:
-        return None
-    module, isa = fused
-    return module.attention(q.contiguous(), keys, values, bias.contiguous(), length, scale, softcap or 0.0, isa)
-
-
-def rope_and_cache(qkv: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None, keys: torch.Tensor,
-                   values: torch.Tensor, past: int, heads: int, kv_heads: int, head_dim: int, rotary_dim: int,
-                   interleaved: bool) -> torch.Tensor | None:
-    """``ReferenceOps.rope_and_cache`` in one compiled pass (same roundings): q [B, H, T, d], with k
-    and v written into the caches at slots ``past..past+T``; None where it does not apply, as for
-    :func:`gated_activation`."""
-    fused = _fused_kernels(qkv, keys, values)
-    if fused is None:
-        return None
-    module, _ = fused
-    cos, sin = rotary if rotary is not None else (None, None)
-    return module.rope_and_cache(qkv.contiguous(), cos, sin, keys, values, past, heads, kv_heads, head_dim,
-                                 rotary_dim if rotary is not None else 0, interleaved)
-
-
-def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(x + delta, RMSNorm(x + delta))`` (``x`` and its norm without a delta) with the compiled kernel: fp32
-    math, ``weight`` (and ``bias``) fp32 multiplied in before the one rounding, like the torch ops they replace;
-    None where it does not apply, as for :func:`gated_activation`."""
-    fused = _fused_kernels(x)
-    if fused is None or (delta is not None and (delta.dtype != x.dtype or delta.shape != x.shape)):
-        return None
-    module, isa = fused
-    return module.add_rms_norm(x.contiguous(), None if delta is None else delta.contiguous(), weight.float(),
-                               None if bias is None else bias.float(), eps, isa)
+    return FusedKernels(module if isa is not None else None, isa)
 
 
 def _warn_fallback(reason: str) -> None:
