@@ -206,6 +206,7 @@ def test_streamed_turns_carry_the_conversation(page, reference):
 
 def test_stop_ends_the_reply_and_frees_the_row(page, server, reference):
     settings(page, max_tokens="200")
+    generated = server.engine.snapshot["generated_tokens"]
     page.fill("#input", FIRST)
     page.click("#send")
     page.wait_for_function("() => document.querySelector('#messages .assistant').textContent.length > 3")
@@ -219,7 +220,7 @@ def test_stop_ends_the_reply_and_frees_the_row(page, server, reference):
     assert full.startswith(stopped) and len(stopped) < len(full) and error(page) is None
     assert page.get_attribute("#messages .assistant", "class") == "message assistant cut"
     idle_server(server)  # the server cancelled the request when the page let go of it
-    assert server.engine.snapshot["generated_tokens"] < 200
+    assert server.engine.snapshot["generated_tokens"] - generated < 100
 
     settings(page, max_tokens="5")  # the page takes input again, and the stopped turn stays in the chat
     send(page, SECOND)
