@@ -8,6 +8,7 @@ The checkpoint is tiny helium with a character-level tokenizer, so every token t
 The server's steps are slowed to `STEP_SECONDS`, so tokens arrive one by one on any machine.
 """
 
+import itertools
 import re
 import shutil
 import time
@@ -185,7 +186,7 @@ def test_streamed_turns_carry_the_conversation(page, reference):
     assert texts(page, "user") == [FIRST] and texts(page, "assistant") == [first] and len(first) > 10
     seen = [text for text in page.evaluate("window.seen") if text]
     assert len(set(seen)) >= 3 and seen[-1] == first  # it grew over several updates before it finished
-    assert all(later.startswith(earlier) for earlier, later in zip(seen, seen[1:]))
+    assert all(later.startswith(earlier) for earlier, later in itertools.pairwise(seen))
 
     page.fill("#input", SECOND)
     page.press("#input", "Enter")  # Enter sends too

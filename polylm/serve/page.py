@@ -5,8 +5,8 @@ inline script and style run (by their hashes) and lets it connect to this origin
 from __future__ import annotations
 
 import base64
-import hashlib
 import functools
+import hashlib
 import re
 from importlib import resources
 
