@@ -6,7 +6,7 @@ each request's events onto that request's asyncio queue. HTTP handlers only read
 tokenizing and chat-template rendering run in a worker thread, so the event loop never waits on the model or on
 a large request. A client that goes away cancels its requests at once, which frees their rows for the next step;
 a full queue answers 429, a body over `max_body_bytes` 413, a stopped engine 503. Every error, starlette's own
-404/405 and unexpected 500s included, has OpenAI's JSON body.
+404/405 and unexpected 500s included, has OpenAI's JSON body. `/` is a chat page in the browser (`page.py`).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from ..errors import InputError
 from ..generate.stream import TextStream
 from ..model import Model
 from .engine import MIN_PREFIX, Engine, Job
+from .page import chat_page
 from .schema import ApiError, Choice, Formatter, apply_event, load_json, parse, sse
 
 log = logging.getLogger("polylm.server")
@@ -104,6 +105,9 @@ def create_app(model: Model, *, model_name: str, api_key: str | None = None, max
                 log.exception("unexpected error")
                 return ApiError(500, f"internal error: {exc}", type="server_error").response()
         return run
+
+    async def page(request: HttpRequest) -> Response:
+        return chat_page()
 
     async def health(request: HttpRequest) -> Response:
         if engine.failure is not None:
@@ -189,6 +193,7 @@ def create_app(model: Model, *, model_name: str, api_key: str | None = None, max
             engine.stop()
 
     routes = [
+        Route("/", endpoint(page, auth=False)),  # the page is public; the API calls it makes carry the key
         Route("/health", endpoint(health, auth=False)),
         Route("/v1/models", endpoint(models)),
         Route("/v1/models/{name:path}", endpoint(one_model)),
@@ -338,8 +343,9 @@ def serve(model: Model, *, model_name: str, host: str = "127.0.0.1", port: int =
         log.addHandler(handler)
         log.setLevel(logging.INFO)
     bound_host, bound_port = sock.getsockname()[:2]
-    log.info("polylm serving %s (%s, %s) on http://%s:%d/v1 — batch %d, queue %d%s", model_name, model.backend,
-             model.dtype, bound_host, bound_port, max_batch, max_queue, ", API key required" if api_key else "")
+    log.info("polylm serving %s (%s, %s) on http://%s:%d/v1 (chat page: http://%s:%d/) — batch %d, queue %d%s",
+             model_name, model.backend, model.dtype, bound_host, bound_port, bound_host, bound_port, max_batch,
+             max_queue, ", API key required" if api_key else "")
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
     if threading.current_thread() is threading.main_thread():
         # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again: make both end here
