@@ -8,6 +8,10 @@ caching by construction:
   sees key slots ≤ s whose mask is set.
 - `Step.gather` [batch], when given, keeps one slot of `input_ids` per row before the head (the last token
   for generation, the last non-pad token for sequence classification).
+- A new slot whose mask is not set holds no token: what a runtime computes there is never read (no query sees
+  its key), except at a gathered slot, whose head output is returned. `Step.computed` lists the new slots a
+  gathering runtime needs to compute, so that padding (a row joining with its prompt while the others feed one
+  token, an idle row) costs no matrix work.
 """
 
 from __future__ import annotations
@@ -50,6 +54,16 @@ class Step:
     positions: np.ndarray
     mask: np.ndarray
     gather: np.ndarray | None = None
+
+    def computed(self, past: int) -> np.ndarray | None:
+        """The new slots a gathering pass after `past` filled slots must compute, as indices into the flattened
+        [batch, new] new slots in ascending order: the real ones and the gathered ones; None when that is all of
+        them, or when the step gathers nothing (then every slot's head output is returned)."""
+        if self.gather is None:
+            return None
+        needed = self.mask[:, past:].copy()
+        needed[np.arange(needed.shape[0]), self.gather] = True
+        return None if needed.all() else np.flatnonzero(needed)
 
 
 #: The most new tokens one forward pass of a model with sliding-window layers computes: a longer step runs as
