@@ -8,6 +8,10 @@ caching by construction:
   sees key slots ≤ s whose mask is set.
 - `Step.gather` [batch], when given, keeps one slot of `input_ids` per row before the head (the last token
   for generation, the last non-pad token for sequence classification).
+- A new slot whose mask is not set holds no token: what a runtime computes there is never read (no query sees
+  its key), except at a gathered slot, whose head output is returned. `Step.computed` lists the new slots a
+  gathering runtime needs to compute, so that padding (a row joining with its prompt while the others feed one
+  token, an idle row) costs no matrix work.
 """
 
 from __future__ import annotations
@@ -51,9 +55,20 @@ class Step:
     mask: np.ndarray
     gather: np.ndarray | None = None
 
+    def computed(self, past: int) -> np.ndarray | None:
+        """The new slots a gathering pass after `past` filled slots must compute, as indices into the flattened
+        [batch, new] new slots in ascending order: the real ones and the gathered ones; None when that is all of
+        them, or when the step gathers nothing (then every slot's head output is returned)."""
+        if self.gather is None:
+            return None
+        needed = self.mask[:, past:].copy()
+        needed[np.arange(needed.shape[0]), self.gather] = True
+        return None if needed.all() else np.flatnonzero(needed)
 
-#: The most new tokens one forward pass of a model with sliding-window layers computes: a longer step runs as
-#: several passes, so that a windowed layer's ring (`Ring`) holds its window plus one pass of new tokens.
+
+#: The most new tokens one forward pass computes: a longer step (a long prompt) runs as several passes, so that a
+#: pass's activations and attention bias stay bounded whatever the prompt's length, and a sliding-window layer's
+#: ring (`Ring`) holds its window plus one pass of new tokens.
 PASS_LIMIT = 512
 
 
@@ -173,25 +188,27 @@ class Cache:
 
     def run(self, step: Step, forward_pass: Callable[[Pass], np.ndarray]) -> np.ndarray:
         """`step` through `forward_pass` (a runtime's forward over one `Pass`, writing this cache): in passes of
-        at most `PASS_LIMIT` new tokens when the cache has rings, else one. Returns the passes' outputs joined as
-        `Runtime.forward` gives them; `length` advances after each pass."""
+        at most `PASS_LIMIT` new tokens. Returns the passes' outputs joined as `Runtime.forward` gives them (with a
+        gather, one row per batch entry from the pass that holds its gathered slot); `length` advances after each
+        pass."""
         past, new = self.admit(step)
-        limit = PASS_LIMIT if self.rings else new
-        outputs, starts = [], range(0, new, limit)
-        for start in starts:
-            stop = min(start + limit, new)
+        outputs: list[np.ndarray] = []
+        gathered: np.ndarray | None = None  # with a gather: each row's output, from the pass of its slot
+        for start in range(0, new, PASS_LIMIT):
+            stop = min(start + PASS_LIMIT, new)
             end = past + stop
             gather = None if step.gather is None else np.clip(step.gather - start, 0, stop - start - 1)
             part = Step(step.input_ids[:, start:stop], step.positions[:, :end], step.mask[:, :end], gather)
             rings = {w: ring.write(part, past + start) for w, ring in self.rings.items()}
-            outputs.append(forward_pass(Pass(part, past + start, stop - start, rings)))
+            out = forward_pass(Pass(part, past + start, stop - start, rings))
             self.length = end
-        if len(outputs) == 1:
-            return outputs[0]
-        if step.gather is None:
-            return np.concatenate(outputs, axis=1)
-        chosen = np.minimum(step.gather // limit, len(outputs) - 1)
-        return np.stack(outputs)[chosen, np.arange(self.batch)]
+            if step.gather is None:
+                outputs.append(out)
+            else:  # a row whose slot is in this pass takes its output from it
+                gathered = out if gathered is None else np.where((step.gather >= start)[:, None], out, gathered)
+        if step.gather is not None:
+            return gathered
+        return outputs[0] if len(outputs) == 1 else np.concatenate(outputs, axis=1)
 
 
 A = TypeVar("A")  # a backend's array type (torch.Tensor, mx.array, …)

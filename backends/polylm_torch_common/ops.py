@@ -34,7 +34,8 @@ class StepTensors:
     new_positions: torch.Tensor  # [batch, new] positions of the new tokens
     mask: torch.Tensor  # [batch, keys] bool: the slot holds a real token
     slots: torch.Tensor  # [new] int32: cache slot of each new token (past, past + 1, …)
-    gather: torch.Tensor | None  # [batch]: the one new token per row that reaches the head
+    gather: torch.Tensor | None  # [batch]: the one new token per row that reaches the head (an index into
+    # `computed` when that is set)
     # per kind of RoPE the layers use: [batch or 1, rotary_dim / 2] float32 inverse frequencies, and the
     # multiplier of cos and sin (YaRN attention factor)
     frequencies: dict[RoPE, tuple[torch.Tensor, float]]
@@ -52,6 +53,10 @@ class StepTensors:
     ring_mask: torch.Tensor | None = None
     # the tensors of the layers with each sliding window, by window (the ring fields set)
     rings: dict[int, "StepTensors"] = field(default_factory=dict)
+    # [tokens] the new slots the per-token layers compute (`Step.computed`, only with `gather`: indices into the
+    # flattened [batch, new]); None: all of them. The runtime then holds the residual stream as [tokens, hidden]
+    # and spreads it to [batch, new, ·] (zeros elsewhere) only around `rope_and_cache` and `attention`.
+    computed: torch.Tensor | None = None
 
     @property
     def key_slots(self) -> int:

@@ -66,13 +66,17 @@ class TorchRuntime(Runtime):
         if self.ops.reads_bias:
             bias = self._put(attention_bias(self.ir.attention, step.positions, step.mask, past, self.dtype,
                                             heads=heads)).to(self.torch_dtype)
+        computed, gather = step.computed(past), step.gather
+        if computed is not None and gather is not None:  # the gathered slots' places among the computed ones
+            gather = np.searchsorted(computed, np.arange(len(gather)) * new + gather)
         tensors = StepTensors(
             input_ids=self._put(step.input_ids), positions=self._put(step.positions),
             new_positions=self._put(step.positions[:, past:]), mask=self._put(step.mask),
             slots=torch.arange(past, past + new, dtype=torch.int32, device=self.device),
-            gather=self._put(step.gather) if step.gather is not None else None,
+            gather=self._put(gather) if gather is not None else None,
             frequencies={rope: self.rope_frequencies(rope, step.positions[:, past:]) for rope in self.ropes},
-            alibi=self.alibi, past=past, dtype=self.torch_dtype, attention_bias=bias)
+            alibi=self.alibi, past=past, dtype=self.torch_dtype, attention_bias=bias,
+            computed=self._put(computed) if computed is not None else None)
         tensors.rings = {window: self._ring_tensors(tensors, part, ring, heads) for window, ring in part.rings.items()}
         return tensors
 
@@ -113,13 +117,17 @@ class TorchRuntime(Runtime):
                                     self.params.embed_norm)
         if self.params.positions is not None:  # learned positions (`polylm.ir.LearnedPositions`), replicated
             x = x + self.params.positions[step.new_positions]
+        if step.computed is not None:
+            x = x.flatten(0, 1)[step.computed]
         delta = None
         for index, (block, layer) in enumerate(zip(self.local.layers, self.params.layers)):
             window = cache.windows[index]
             x, delta = self._block(x, delta, block, layer, cache, index, step if window is None else step.rings[window],
                                    rotaries.get(block.attention.position))
         _, x = self.ops.add_norm(x, delta, self.params.final_norm)
-        if step.gather is not None:
+        if step.computed is not None:  # `computed` comes with a gather
+            x = x[step.gather]
+        elif step.gather is not None:
             x = self.ops.gather(x, step.gather)
         out = self.ops.linear(x, self.params.head, self.params.head_bias)
         if self.plan is not None and self.plan.head_rows is not None:
@@ -167,8 +175,13 @@ class TorchRuntime(Runtime):
         qkv = self.ops.linear(x, layer.qkv, layer.qkv_bias)
         if attn.qk_norm is not None:
             qkv = self._qk_norm(qkv, layer, attn)
+        if step.computed is not None:  # the attention ops take every new slot of every row
+            spread = qkv.new_zeros((step.input_ids.numel(), qkv.shape[-1]))
+            qkv = spread.index_copy_(0, step.computed, qkv).unflatten(0, step.input_ids.shape)
         q = self.ops.rope_and_cache(qkv, keys, values, rotary, step, attn)
         out = self.ops.attention(q, keys, values, step, attn, layer.sinks)
+        if step.computed is not None:
+            out = out.flatten(0, 1)[step.computed]
         return self.ops.reduce(self.ops.linear(out, layer.out, layer.out_bias))
 
     def _qk_norm(self, qkv: torch.Tensor, layer: LayerParams, attn: Attention) -> torch.Tensor:

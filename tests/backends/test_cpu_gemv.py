@@ -24,13 +24,13 @@ except ImportError:  # not installed (pip install -e .): import from the source 
 
 from polylm.ir import Quantization
 from polylm.numerics import quantization
-from polylm_torch.cpu_gemv import Int4Linear, Int8Linear, PackedLinear, _build, _layout
+from polylm_torch.cpu_gemv import MAX_KERNEL_ROWS, Int4Linear, Int8Linear, PackedLinear, _build, _layout
 
 FP32_RTOL = 1e-5
 BF16_RTOL = 2.0**-8
 # (out_features N, in_features K): odd N, K not a multiple of 16/32, a single row, a full block, 2 KB rows.
 SHAPES = [(1, 1), (7, 45), (37, 33), (16, 64), (129, 1000), (48, 1040)]
-ROWS = [1, 2, 3, 5, 17, 40]  # 5: two 4-row kernel groups; 17, 40 > max_kernel_rows (16): the large-M path
+ROWS = [1, 2, 3, 5, 17, 40]  # 5: two 4-row kernel groups; 17: five; 40 > MAX_KERNEL_ROWS (32): the large-M path
 
 
 def _assert_close(y: torch.Tensor, ref: torch.Tensor, rtol: float) -> None:
@@ -45,7 +45,7 @@ def _ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> to
     return F.linear(x.double(), weight.double(), None if bias is None else bias.double())
 
 
-def _rtol(x: torch.Tensor, rows: int, max_kernel_rows: int = 16) -> float:
+def _rtol(x: torch.Tensor, rows: int, max_kernel_rows: int = MAX_KERNEL_ROWS) -> float:
     if x.dtype == torch.bfloat16:
         # bf16 output rounding; the large-M path may also multiply in bf16 (weights rounded for int8/int4).
         return BF16_RTOL if rows <= max_kernel_rows else 4 * BF16_RTOL

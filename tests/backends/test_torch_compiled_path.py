@@ -1,7 +1,7 @@
 """The torch backend's compiled CPU path (packed kernels, the bf16 prefill GEMM, the fused norm, activation,
 RoPE + cache write and decode attention) against the reference — the shared runtime on plain weight tensors with
 the plain-torch `ReferenceOps` —, end to end, in fp32 and bf16: a batch of padded prompts, one of them longer than
-the kernels' 16 rows. The reference itself never enters the compiled extension, and `POLYLM_GEMV_ISA=none` makes
+the kernels' 32 rows. The reference itself never enters the compiled extension, and `POLYLM_GEMV_ISA=none` makes
 the torch backend compute exactly as it does."""
 
 import numpy as np
