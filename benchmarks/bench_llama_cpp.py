@@ -272,8 +272,9 @@ def measure(binaries: Path, model: Path, *, threads: int, repeat: int, prompts: 
         found, rss = run_bench(command)
         tests += found
         peak = max(peak, rss)
-    return Measured({t.prompt: t.tok_s for t in tests if t.gen == 0}, {t.depth: t.tok_s for t in tests if t.gen},
-                    peak, tests[0].model_bytes / tests[0].params)
+    return Measured({t.prompt: t.tok_s for t in tests if t.gen == 0 and t.depth == 0},
+                    {t.depth: t.tok_s for t in tests if t.gen and t.prompt == 0}, peak,
+                    tests[0].model_bytes / tests[0].params)
 
 
 def numbers(text: str) -> list[int]:

@@ -1,7 +1,6 @@
 """benchmarks/bench_llama_cpp.py and bench_cpu.py's tables, without building llama.cpp: cmake options from CPU
 flags, the build's cache key, llama-bench's JSON (a recorded sample, and a stand-in binary that prints it)."""
 
-import json
 import sys
 from pathlib import Path
 
@@ -86,3 +85,39 @@ def test_length_table_shows_ratios_to_transformers_and_the_llama_cpp_peer():
                      "| polylm int8 | 500 (0.50×, 1.25×) | 600 (0.30×, —) | 120% |",
                      "| llama.cpp Q8_0 | 400 (0.40×) | llama-bench failed |  |",
                      "| polylm fp32 compute | 250 (0.25×) | — |  |"]
+
+
+#: llama-bench -m GGUF -p 16 -n 4 -d 0,32 -t 2 -r 1 -o json, on gemma-bench's Q4_0 (a recorded run).
+SAMPLE = Path(__file__).parent / "data" / "llama_bench.json"
+Q4_0 = dict(model_bytes=126957568, params=210527232)
+
+
+def test_parse_reads_each_test_of_a_recorded_run():
+    assert llama_cpp.parse(SAMPLE.read_text()) == [
+        llama_cpp.Test(16, 0, 0, 51.082629, **Q4_0), llama_cpp.Test(0, 4, 0, 14.412032, **Q4_0),
+        llama_cpp.Test(16, 0, 32, 42.830924, **Q4_0), llama_cpp.Test(0, 4, 32, 15.700831, **Q4_0)]
+
+
+def stand_in(tmp_path: Path, body: str) -> Path:
+    """A directory with a `llama-bench` shell script that logs its arguments and runs `body`."""
+    script = tmp_path / "llama-bench"
+    script.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "calls"}\n{body}\n')
+    script.chmod(0o755)
+    return tmp_path
+
+
+def test_measure_runs_prefill_and_decode_apart_and_keeps_their_own_tests(tmp_path):
+    binaries = stand_in(tmp_path, f"cat {SAMPLE}")
+    found = llama_cpp.measure(binaries, Path("/m.gguf"), threads=2, repeat=1, prompts=[16], depths=[32],
+                              new_tokens=4)
+    assert (found.prefill, found.decode) == ({16: 51.082629}, {0: 14.412032, 32: 15.700831})
+    assert found.bytes_per_weight == 126957568 / 210527232
+    assert found.peak_rss_mb > 0
+    assert (tmp_path / "calls").read_text().splitlines() == [
+        "-m /m.gguf -p 16 -n 0 -d 0 -t 2 -r 1 -o json", "-m /m.gguf -p 0 -n 4 -d 32 -t 2 -r 1 -o json"]
+
+
+def test_a_failed_llama_bench_names_the_model_and_its_last_words(tmp_path):
+    binaries = stand_in(tmp_path, "echo 'loading' >&2; echo 'error: failed to load model' >&2; exit 3")
+    with pytest.raises(PolylmError, match=r"^llama-bench on /m.gguf failed \(exit 3\): error: failed to load model$"):
+        llama_cpp.measure(binaries, Path("/m.gguf"), threads=2, repeat=1, prompts=[16], depths=[], new_tokens=4)
