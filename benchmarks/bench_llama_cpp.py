@@ -1,9 +1,9 @@
 """llama.cpp as a benchmark peer: built from the source the `llama-cpp-python` sdist vendors, run through its own
 `llama-bench` on GGUF conversions (bf16, Q8_0, Q4_0) of the bench checkpoints.
 
-    python benchmarks/llama_cpp.py [--model gemma-bench] [--precision bf16,q8_0,q4_0] [--threads 2]
-                                   [--prompt-tokens 128,512,2048] [--depths 128,1024,2048] [--new-tokens 64]
-                                   [--repeat 3]
+    python benchmarks/bench_llama_cpp.py [--model gemma-bench] [--precision bf16,q8_0,q4_0] [--threads 2]
+                                         [--prompt-tokens 128,512,2048] [--depths 128,1024,2048] [--new-tokens 64]
+                                         [--repeat 3]
 
 The sdist comes from the package index (`pip download`, pinned to VERSION). cmake builds `llama-bench` and
 `llama-quantize` (Release, static, `nice`) with GGML_NATIVE=OFF and every ISA option named from this CPU's
@@ -210,7 +210,7 @@ def gguf(checkpoint: Path, precision: str, binaries: Path, version: str = VERSIO
     return quantized
 
 
-class Test(NamedTuple):
+class Result(NamedTuple):
     """One llama-bench test: prompt tokens (prefill), generated tokens (decode) after `depth` tokens of context."""
 
     prompt: int
@@ -221,9 +221,9 @@ class Test(NamedTuple):
     params: int
 
 
-def parse(output: str) -> list[Test]:
+def parse(output: str) -> list[Result]:
     """The tests of llama-bench's `-o json` output."""
-    return [Test(t["n_prompt"], t["n_gen"], t["n_depth"], t["avg_ts"], t["model_size"], t["model_n_params"])
+    return [Result(t["n_prompt"], t["n_gen"], t["n_depth"], t["avg_ts"], t["model_size"], t["model_n_params"])
             for t in json.loads(output)]
 
 
@@ -237,7 +237,7 @@ def bench_command(binaries: Path, model: Path, *, threads: int, repeat: int, pro
             joined(depths), "-t", str(threads), "-r", str(repeat), "-o", "json"]
 
 
-def run_bench(command: list[str]) -> tuple[list[Test], float]:
+def run_bench(command: list[str]) -> tuple[list[Result], float]:
     """Run a llama-bench command: its tests and its peak RSS in MB."""
     with tempfile.TemporaryFile() as errors, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors) as bench:
         output = bench.stdout.read()
@@ -263,7 +263,7 @@ class Measured(NamedTuple):
 def measure(binaries: Path, model: Path, *, threads: int, repeat: int, prompts: Sequence[int], depths: Sequence[int],
             new_tokens: int) -> Measured:
     """Prefill of each prompt length (from empty context), and decode of `new_tokens` at each depth."""
-    tests: list[Test] = []
+    tests: list[Result] = []
     peak = 0.0
     commands = ([bench_command(binaries, model, threads=threads, repeat=repeat, prompts=prompts)] if prompts else []) + \
                ([bench_command(binaries, model, threads=threads, repeat=repeat, gen=new_tokens, depths=depths)]

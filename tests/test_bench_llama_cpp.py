@@ -94,8 +94,8 @@ Q4_0 = dict(model_bytes=126957568, params=210527232)
 
 def test_parse_reads_each_test_of_a_recorded_run():
     assert llama_cpp.parse(SAMPLE.read_text()) == [
-        llama_cpp.Test(16, 0, 0, 51.082629, **Q4_0), llama_cpp.Test(0, 4, 0, 14.412032, **Q4_0),
-        llama_cpp.Test(16, 0, 32, 42.830924, **Q4_0), llama_cpp.Test(0, 4, 32, 15.700831, **Q4_0)]
+        llama_cpp.Result(16, 0, 0, 51.082629, **Q4_0), llama_cpp.Result(0, 4, 0, 14.412032, **Q4_0),
+        llama_cpp.Result(16, 0, 32, 42.830924, **Q4_0), llama_cpp.Result(0, 4, 32, 15.700831, **Q4_0)]
 
 
 def stand_in(tmp_path: Path, body: str) -> Path:
@@ -121,3 +121,15 @@ def test_a_failed_llama_bench_names_the_model_and_its_last_words(tmp_path):
     binaries = stand_in(tmp_path, "echo 'loading' >&2; echo 'error: failed to load model' >&2; exit 3")
     with pytest.raises(PolylmError, match=r"^llama-bench on /m.gguf failed \(exit 3\): error: failed to load model$"):
         llama_cpp.measure(binaries, Path("/m.gguf"), threads=2, repeat=1, prompts=[16], depths=[], new_tokens=4)
+
+
+def test_trained_tokenizer_has_exactly_the_embedding_rows_and_the_bench_specials(tmp_path):
+    sentencepiece = pytest.importorskip("sentencepiece")
+    llama_cpp.train_tokenizer(tmp_path / "tokenizer.model", 32000)
+    model = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    assert model.vocab_size() == 32000
+    assert [model.IdToPiece(i) for i in (0, 1, 2, 3, 4, 23995)] == ["<pad>", "<s>", "</s>", "<unk>", "<unused0>",
+                                                                    "<unused23991>"]
+    learned = [i for i in range(32000) if not model.IsControl(i) and not model.IsUnknown(i)
+               and not model.IdToPiece(i).startswith("<unused")]
+    assert len(learned) == llama_cpp.LEARNED_PIECES == 8000
