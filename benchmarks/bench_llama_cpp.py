@@ -94,7 +94,8 @@ def checked(command: list[str], what: str) -> None:
 
 
 def source(version: str = VERSION) -> Path:
-    """The vendored llama.cpp of the llama-cpp-python `version` sdist (downloaded and extracted once)."""
+    """The vendored llama.cpp of the llama-cpp-python `version` sdist (downloaded and extracted once; the sdist is
+    not kept)."""
     root = CACHE / f"{version}-src"
     tree = root / "llama.cpp"
     if (tree / "CMakeLists.txt").exists():
@@ -103,12 +104,14 @@ def source(version: str = VERSION) -> Path:
     checked([sys.executable, "-m", "pip", "download", f"llama-cpp-python=={version}", "--no-deps", "--no-binary",
              ":all:", "-d", str(root)], f"pip download llama-cpp-python=={version}")
     prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
-    with tarfile.open(root / f"llama_cpp_python-{version}.tar.gz") as archive:
+    sdist = root / f"llama_cpp_python-{version}.tar.gz"
+    with tarfile.open(sdist) as archive:
         # not its `.git` file: it points at the sdist's own repository, which git would look for
         members = [m for m in archive.getmembers() if m.name.startswith(prefix) and m.name != prefix + ".git"]
         for member in members:
             member.name = member.name[len(prefix):]
         archive.extractall(tree, members=members, filter="data")
+    sdist.unlink()
     return tree
 
 
