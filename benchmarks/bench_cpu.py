@@ -1,13 +1,15 @@
 """Side-by-side CPU benchmark: polylm (torch backend; bf16, fp32 compute, int8, int4) against transformers bf16,
-plus mlx-lm (bf16, when it imports) and llama.cpp through llama-cpp-python (when it imports and `--gguf` names
-a GGUF conversion of the same checkpoint) — same checkpoint, prompt, token counts and threads, one run.
+llama.cpp (bf16, Q8_0, Q4_0 through its own llama-bench, built by bench_llama_cpp.py) and mlx-lm (bf16, when it
+imports) — same checkpoint, token counts and threads, one run.
 
-    python benchmarks/bench_cpu.py [--model gemma-bench|bloom-bench] [--threads 2] [--prompt-tokens 128]
-                                   [--new-tokens 64] [--repeat 3] [--gguf FILE] [--write RESULTS.md]
+    python benchmarks/bench_cpu.py [--model gemma-bench|bloom-bench|mixtral-bench] [--threads 2]
+                                   [--prompt-tokens 128[,512,2048]] [--depths 128,1024,2048] [--new-tokens 64]
+                                   [--llama-cpp bf16,q8_0,q4_0|none] [--repeat 3] [--write RESULTS.md]
 
-Each engine runs in its own process (so peak RSS and thread pools don't mix); ratios are against
-transformers bf16 in the same run. A GGUF is made with llama.cpp's `convert_hf_to_gguf.py DIR --outtype bf16`
-(no converter ships with polylm).
+Each engine runs in its own process (so peak RSS and thread pools don't mix), once per token count: a run at N
+tokens measures the prefill of an N-token prompt and the decode right after it (at depth N). Ratios are against
+transformers bf16 and llama.cpp at the same precision in the same run. The first prompt length gives the main
+table; more prompt lengths add a prefill table, `--depths` a decode-at-depth table.
 """
 
 from __future__ import annotations
@@ -20,11 +22,14 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+import bench_llama_cpp as llama_cpp  # noqa: E402
 from models import CONFIGS, build  # noqa: E402
 
+from polylm.errors import PolylmError  # noqa: E402
 from polylm.progress import progress  # noqa: E402
 
 TRANSFORMERS_RUN = """
@@ -94,12 +99,6 @@ engine = mlx_lm_engine(Path(path), "bfloat16")
 vocab = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
 def generate(ids, count):
     return engine(ids, count)""")
-LLAMA_CPP_RUN = PEER_PRELUDE.format(imports="from llama_cpp import Llama", load="""
-llm = Llama(model_path=path, n_threads=threads, n_ctx=prompt_tokens + new_tokens + 16, verbose=False)
-vocab = llm.n_vocab()
-def generate(ids, count):
-    llm.reset()  # no reuse of the previous run's cache
-    return llm.generate(ids, temp=0.0, reset=True)""")
 
 
 def importable(module: str) -> bool:
@@ -116,10 +115,48 @@ def run(command: list[str], threads: int) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def polylm_run(path: Path, args, quantize: str | None = None, dtype: str = "bfloat16") -> dict:
+def polylm_run(path: Path, args, tokens: int, quantize: str | None = None, dtype: str = "bfloat16") -> dict:
     command = [sys.executable, "-m", "polylm", "bench", "--model", str(path), "--backend", "torch", "--dtype", dtype,
-               "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), "--json"]
+               "--prompt-tokens", str(tokens), "--new-tokens", str(args.new_tokens), "--json"]
     return run(command + (["--quantize", quantize] if quantize else []), args.threads)
+
+
+def llama_cpp_run(binaries: Path, model: Path, args, tokens: int) -> dict:
+    """llama.cpp in a row like the others' (llama-bench -r 1): the prefill of a `tokens` prompt when it is one of
+    the prompt lengths, the decode at depth `tokens` when it is one of the depths; its prompt time as TTFT; no
+    import, load or model memory of its own."""
+    try:
+        found = llama_cpp.measure(binaries, model, threads=args.threads, repeat=1,
+                                  prompts=[tokens] if tokens in args.prompt_tokens else [],
+                                  depths=[tokens] if tokens in decode_depths(args) else [], new_tokens=args.new_tokens)
+    except PolylmError as error:
+        return {"error": str(error)}
+    prefill = found.prefill.get(tokens)
+    return {"import_s": None, "load_s": None, "ttft_s": None if prefill is None else tokens / prefill,
+            "prefill_tok_s": prefill, "decode_tok_s": found.decode.get(tokens), "peak_rss_mb": found.peak_rss_mb,
+            "model_rss_mb": None, "bytes_per_weight": found.bytes_per_weight}
+
+
+def llama_cpp_engines(path: Path, args) -> dict[str, Callable[[int], dict]]:
+    """A llama.cpp engine per `--llama-cpp` precision (built and converted first, so no timed run pays for it);
+    none, with a note, where llama.cpp cannot be built here."""
+    precisions = [] if args.llama_cpp == "none" else args.llama_cpp.split(",")
+    if not precisions:
+        return {}
+    try:
+        binaries = llama_cpp.build()
+    except PolylmError as error:
+        print(f"no llama.cpp rows: {error}", file=sys.stderr)
+        return {}
+    engines = {}
+    for precision in precisions:
+        try:
+            model = llama_cpp.gguf(path, precision, binaries)
+            engines[llama_cpp.label(precision)] = lambda tokens, model=model: llama_cpp_run(binaries, model, args,
+                                                                                            tokens)
+        except PolylmError as error:
+            engines[llama_cpp.label(precision)] = lambda tokens, error=str(error): {"error": error}
+    return engines
 
 
 def median_row(results: list[dict]) -> dict:
@@ -135,6 +172,8 @@ def median_row(results: list[dict]) -> dict:
 #: Bytes a weight takes per precision: bf16; int8 codes (+ a float32 scale per row, negligible); int4 codes and a
 #: bfloat16 scale per 32.
 BYTES_PER_WEIGHT = {"polylm bf16": 2.0, "polylm int8": 1.0, "polylm int4": 0.5 + 2 / 32}
+#: The llama.cpp row each polylm precision is compared with.
+LLAMA_CPP_PEER = {"polylm bf16": "llama.cpp bf16", "polylm int8": "llama.cpp Q8_0", "polylm int4": "llama.cpp Q4_0"}
 
 
 def active_weights(path: Path) -> int:
@@ -170,75 +209,147 @@ def read_bandwidth(threads: int) -> float:
 
 
 def cpu_description() -> str:
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")), "?")
-    isa = "AVX-512 BF16" if "avx512_bf16" in flags else "AVX-512" if "avx512f" in flags else "AVX2"
+    """The CPU's model, cores and ISA extensions (AVX2 … AMX: yes/no), and a forced polylm kernel path."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
     forced = os.environ.get("POLYLM_GEMV_ISA", "auto")
-    return f"{model} ({isa}), {os.cpu_count()} cores" + ("" if forced == "auto" else f", POLYLM_GEMV_ISA={forced}")
+    return (f"{model}, {os.cpu_count()} cores ({llama_cpp.isa_summary(llama_cpp.cpu_flags(info))})"
+            + ("" if forced == "auto" else f", POLYLM_GEMV_ISA={forced}"))
+
+
+def decode_depths(args) -> list[int]:
+    """The depths decode is shown at: `--depths`, and the first prompt length (the main table's)."""
+    return sorted(set(args.depths) | {args.prompt_tokens[0]})
+
+
+def figure(value: float | None, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def ratio(row: dict, peer: dict | None, key: str) -> str:
+    """row[key] / peer[key] as "0.43", "" without a measured peer figure."""
+    if peer is None or "error" in peer or row.get(key) is None or peer.get(key) is None:
+        return ""
+    return f"{row[key] / peer[key]:.2f}"
+
+
+def main_table(rows: dict[str, dict], checkpoint_mb: float, active: int, bandwidth: float) -> list[str]:
+    """One row per engine at the first prompt length: import, load, TTFT, prefill and decode, their ratios to
+    transformers bf16 and to llama.cpp at the same precision, decode against the memory limit, memory."""
+    base = rows["transformers bf16"]
+    lines = [("| engine | import s | load s | TTFT ms | prefill tok/s | decode tok/s | prefill × transformers | "
+              "decode × transformers | prefill × llama.cpp | decode × llama.cpp | decode / memory limit | "
+              "peak RSS MB | model MB |"), "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, row in rows.items():
+        if "error" in row:
+            lines.append(f"| {name} | error: {row['error']} |" + " |" * 11)
+            continue
+        peer = rows.get(LLAMA_CPP_PEER.get(name, ""))
+        model = row["model_rss_mb"]
+        width = row.get("bytes_per_weight", BYTES_PER_WEIGHT.get(name))
+        limit = "" if width is None or row["decode_tok_s"] is None else \
+            f"{row['decode_tok_s'] / (bandwidth / (active * width)):.0%}"
+        ttft = None if row["ttft_s"] is None else row["ttft_s"] * 1000
+        lines.append(f"| {name} | {figure(row['import_s'], '.2f')} | {figure(row['load_s'], '.2f')} | "
+                     f"{figure(ttft, '.0f')} | {figure(row['prefill_tok_s'], '.0f')} | "
+                     f"{figure(row['decode_tok_s'], '.1f')} | {ratio(row, base, 'prefill_tok_s')} | "
+                     f"{ratio(row, base, 'decode_tok_s')} | {ratio(row, peer, 'prefill_tok_s')} | "
+                     f"{ratio(row, peer, 'decode_tok_s')} | {limit} | {row['peak_rss_mb']:.0f} | "
+                     f"{'?' if model is None else f'{model:.0f} ({model / checkpoint_mb:.2f}×)'} |")
+    return lines
+
+
+def length_table(rows: dict[tuple[str, int], dict], engines: list[str], lengths: list[int], key: str, title: str,
+                 spec: str) -> list[str]:
+    """`key` of each engine at each length, as "550 (0.43×, 1.13×)": its ratios to transformers bf16 and to
+    llama.cpp at the same precision; a last column: the last length's figure over the first's."""
+    lines = [f"| engine | {' | '.join(f'{title} {n}' for n in lengths)} | {lengths[-1]} / {lengths[0]} |",
+             "|---|" + "---|" * (len(lengths) + 1)]
+    for name in engines:
+        cells = []
+        for tokens in lengths:
+            row = rows[name, tokens]
+            if "error" in row or row.get(key) is None:
+                cells.append(row.get("error", "—"))
+                continue
+            peers = [p for p in ("transformers bf16", LLAMA_CPP_PEER.get(name)) if p and name != "transformers bf16"]
+            ratios = [ratio(row, rows.get((peer, tokens)), key) for peer in peers]
+            shown = ", ".join(f"{r}×" if r else "—" for r in ratios)
+            cells.append(format(row[key], spec) + (f" ({shown})" if shown else ""))
+        first, last = rows[name, lengths[0]].get(key), rows[name, lengths[-1]].get(key)
+        fall = f"{last / first:.0%}" if first and last else ""
+        lines.append(f"| {name} | {' | '.join(cells)} | {fall} |")
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="gemma-bench", choices=sorted(CONFIGS))
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--prompt-tokens", type=llama_cpp.numbers, default=[128], metavar="N[,N...]",
+                        help="prompt lengths for the prefill (the first: the main table's)")
+    parser.add_argument("--depths", type=llama_cpp.numbers, default=[], metavar="N,N,...",
+                        help="context lengths to decode at (a table of its own), e.g. 128,1024,2048")
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--llama-cpp", default=",".join(llama_cpp.PRECISIONS), metavar="PRECISIONS",
+                        help="llama.cpp precisions to run (comma-separated), or none; the first run builds llama.cpp "
+                             "(minutes) and converts the checkpoint, both cached")
     parser.add_argument("--repeat", type=int, default=3,
                         help="rounds over all engines (interleaved, so that a shared machine's slow spells hit "
-                             "every engine alike); the table shows each figure's median")
-    parser.add_argument("--gguf", default=None, metavar="FILE",
-                        help="a GGUF of the same checkpoint, for the llama.cpp row (needs llama-cpp-python)")
-    parser.add_argument("--write", default=None, metavar="FILE", help="append the table to this Markdown file")
+                             "every engine alike); the tables show each figure's median")
+    parser.add_argument("--write", default=None, metavar="FILE", help="append the tables to this Markdown file")
     args = parser.parse_args()
     path = build(args.model)
-    engines = {
-        "transformers bf16": lambda: run([sys.executable, "-c", TRANSFORMERS_RUN, str(path), str(args.prompt_tokens),
-                                          str(args.new_tokens)], args.threads),
-        "polylm bf16": lambda: polylm_run(path, args),
-        "polylm fp32 compute": lambda: polylm_run(path, args, dtype="float32"),
-        "polylm int8": lambda: polylm_run(path, args, "int8"),
-        "polylm int4": lambda: polylm_run(path, args, "int4"),
+    lengths = sorted(set(args.prompt_tokens) | set(args.depths))
+    engines: dict[str, Callable[[int], dict]] = {
+        "transformers bf16": lambda tokens: run([sys.executable, "-c", TRANSFORMERS_RUN, str(path), str(tokens),
+                                                 str(args.new_tokens)], args.threads),
+        "polylm bf16": lambda tokens: polylm_run(path, args, tokens),
+        "polylm fp32 compute": lambda tokens: polylm_run(path, args, tokens, dtype="float32"),
+        "polylm int8": lambda tokens: polylm_run(path, args, tokens, "int8"),
+        "polylm int4": lambda tokens: polylm_run(path, args, tokens, "int4"),
     }
-    peer_args = [str(args.prompt_tokens), str(args.new_tokens), str(args.threads)]
     if importable("mlx_lm"):
-        engines["mlx-lm bf16 (CPU)"] = lambda: run([sys.executable, "-c", MLX_LM_RUN, str(path), *peer_args],
-                                                   args.threads)
-    if args.gguf and importable("llama_cpp"):
-        engines["llama.cpp (GGUF)"] = lambda: run([sys.executable, "-c", LLAMA_CPP_RUN, args.gguf, *peer_args],
-                                                  args.threads)
-    elif args.gguf:
-        print("llama-cpp-python does not import: no llama.cpp row", file=sys.stderr)
-    rounds = [(name, measure) for _ in range(args.repeat) for name, measure in engines.items()]
-    runs: dict[str, list[dict]] = {name: [] for name in engines}
-    for name, measure in progress(rounds, total=len(rounds), desc="runs"):
-        runs[name].append(measure())
-    rows = {name: median_row(results) for name, results in runs.items()}
-    base = rows["transformers bf16"]
+        engines["mlx-lm bf16 (CPU)"] = lambda tokens: run(
+            [sys.executable, "-c", MLX_LM_RUN, str(path), str(tokens), str(args.new_tokens), str(args.threads)],
+            args.threads)
+    engines |= llama_cpp_engines(path, args)
+    rounds = [(name, tokens, measure) for _ in range(args.repeat) for tokens in lengths
+              for name, measure in engines.items()]
+    runs: dict[tuple[str, int], list[dict]] = {(name, tokens): [] for name in engines for tokens in lengths}
+    for name, tokens, measure in progress(rounds, total=len(rounds), desc="runs"):
+        runs[name, tokens].append(measure(tokens))
+    rows = {key: median_row(results) for key, results in runs.items()}
     bandwidth, active = read_bandwidth(args.threads), active_weights(path)
     checkpoint_mb = sum(f.stat().st_size for f in path.glob("*.safetensors")) / (1024 * 1024)
-    lines = [f"### {args.model}, {args.threads} threads, prompt {args.prompt_tokens}, {args.new_tokens} new tokens",
-             "", f"{cpu_description()}; {time.strftime('%Y-%m-%d')}; `python benchmarks/bench_cpu.py --model "
-             f"{args.model} --threads {args.threads} --repeat {args.repeat}`; medians of {args.repeat} interleaved "
-             f"runs; model MB: peak RSS above the RSS after the framework's import, × the checkpoint's "
-             f"{checkpoint_mb:.0f} MB", "",
-             f"; memory limit: {active / 1e6:.0f}M weights read per decoded token (the chosen experts only) at the "
-             f"same run's read bandwidth of {bandwidth / 1e9:.1f} GB/s", "",
-             "| engine | import s | load s | TTFT ms | prefill tok/s | decode tok/s | prefill × | decode × | "
-             "decode / memory limit | peak RSS MB | model MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, row in rows.items():
-        if "error" in row:
-            lines.append(f"| {name} | error: {row['error']} | | | | | | | | | |")
-            continue
-        ratio = (lambda key: f"{row[key] / base[key]:.2f}") if "error" not in base else (lambda key: "?")
-        model = row["model_rss_mb"]
-        model_cell = "?" if model is None else f"{model:.0f} ({model / checkpoint_mb:.2f}×)"
-        width = BYTES_PER_WEIGHT.get(name)
-        limit = "" if width is None else f"{row['decode_tok_s'] / (bandwidth / (active * width)):.0%}"
-        lines.append(f"| {name} | {row['import_s']:.2f} | {row['load_s']:.2f} | {row['ttft_s'] * 1000:.0f} | "
-                     f"{row['prefill_tok_s']:.0f} | {row['decode_tok_s']:.1f} | {ratio('prefill_tok_s')} | "
-                     f"{ratio('decode_tok_s')} | {limit} | {row['peak_rss_mb']:.0f} | {model_cell} |")
-    table = "\n".join(lines) + "\n"
+    first = args.prompt_tokens[0]
+    command = (f"python benchmarks/bench_cpu.py --model {args.model} --threads {args.threads} --prompt-tokens "
+               f"{','.join(map(str, args.prompt_tokens))}" + (f" --depths {','.join(map(str, args.depths))}"
+                                                              if args.depths else "")
+               + f" --new-tokens {args.new_tokens} --llama-cpp {args.llama_cpp} --repeat {args.repeat}")
+    caption = [(f"{cpu_description()}; {time.strftime('%Y-%m-%d')}; `{command}`; medians of {args.repeat} "
+                "interleaved runs.")]
+    if any(name.startswith("llama.cpp") for name in engines):
+        caption.append(f"llama.cpp: llama-cpp-python {llama_cpp.VERSION}'s vendored source built with "
+                       f"{llama_cpp.built_with(llama_cpp.cpu_flags())}, measured by its llama-bench (-r 1 a run); "
+                       "its TTFT is llama-bench's prompt time, and it has no import, load or model MB figures.")
+    tables = [f"### {args.model}, {args.threads} threads, prompt {first}, {args.new_tokens} new tokens", "",
+              *caption, "", (f"Model MB: the peak RSS above the RSS after the framework's import, × the checkpoint's "
+                             f"{checkpoint_mb:.0f} MB. Decode / memory limit: the decode rate over the rate at which "
+                             f"the same run's read bandwidth of {bandwidth / 1e9:.1f} GB/s streams the "
+                             f"{active / 1e6:.0f}M weights a decoded token reads (the chosen experts only) at the "
+                             "engine's bytes per weight (llama.cpp: its GGUF's mean)."), "",
+              *main_table({name: rows[name, first] for name in engines}, checkpoint_mb, active, bandwidth)]
+    explained = [*caption, ("Cells: tok/s (× transformers bf16, × llama.cpp at the same precision); the last "
+                            "column: the figure at the last length over the one at the first."), ""]
+    if len(args.prompt_tokens) > 1:
+        tables += ["", f"### {args.model}, prefill tok/s by prompt length, {args.threads} threads", "", *explained,
+                   *length_table(rows, list(engines), sorted(args.prompt_tokens), "prefill_tok_s", "prompt", ".0f")]
+    if args.depths:
+        tables += ["", (f"### {args.model}, decode tok/s by depth ({args.new_tokens} new tokens after that many), "
+                        f"{args.threads} threads"), "", *explained,
+                   *length_table(rows, list(engines), sorted(args.depths), "decode_tok_s", "depth", ".1f")]
+    table = "\n".join(tables) + "\n"
     print(table)
     if args.write:
         with open(args.write, "a", encoding="utf-8") as handle:
