@@ -40,10 +40,15 @@ def norm(x: mx.array, p: NormParams) -> mx.array:
 
 
 def linear(x: mx.array, weight: Matrix, bias: mx.array | None = None) -> mx.array:
-    """x @ weight (+ bias): weight dense [in, out] or a `QuantizedMatrix` (see `params`)."""
+    """x @ weight (+ bias) in x's dtype: weight dense [in, out] or a `QuantizedMatrix` (see `params`). A float32
+    weight (on the CPU) multiplies half-precision x in float32, the bias added before the one rounding to x's dtype
+    (as MLX's half-precision matmul computes)."""
     if isinstance(weight, QuantizedMatrix):
         y = weight.matmul(x)
         return y if bias is None else y + bias
+    if weight.dtype != x.dtype:
+        y = x.astype(weight.dtype) @ weight
+        return (y if bias is None else y + bias.astype(weight.dtype)).astype(x.dtype)
     if bias is None:
         return x @ weight
     return mx.addmm(bias, x, weight)
