@@ -77,10 +77,11 @@ def rope(x: mx.array, cos: mx.array, sin: mx.array, attn: Attention) -> mx.array
     return mx.concatenate((rotated, x[..., rot:]), axis=-1) if rot < attn.head_dim else rotated
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, bias: mx.array, attn: Attention,
+def attention(q: mx.array, k: mx.array, v: mx.array, bias: mx.array | str, attn: Attention,
               sinks: mx.array | None = None) -> mx.array:
     """q [batch, heads, new, d]; k/v [batch, kv_heads, keys, d] (GQA handled by the kernel);
-    bias [batch, 1|heads, new, keys] in the compute dtype. With a logit softcap or attention sinks (`sinks`
+    bias [batch, 1|heads, new, keys] in the compute dtype (or, without softcap and sinks, any mask
+    `mx.fast.scaled_dot_product_attention` takes: "causal", a boolean one). With a logit softcap or attention sinks (`sinks`
     [heads]: one more logit per head in the softmax, with no value), as transformers' eager attention: scores in
     the compute dtype, capped, biased, softmax in float32."""
     if attn.softcap is None and sinks is None:
