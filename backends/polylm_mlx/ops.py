@@ -81,9 +81,9 @@ def attention(q: mx.array, k: mx.array, v: mx.array, bias: mx.array | str, attn:
               sinks: mx.array | None = None) -> mx.array:
     """q [batch, heads, new, d]; k/v [batch, kv_heads, keys, d] (GQA handled by the kernel);
     bias [batch, 1|heads, new, keys] in the compute dtype (or, without softcap and sinks, any mask
-    `mx.fast.scaled_dot_product_attention` takes: "causal", a boolean one). With a logit softcap or attention sinks (`sinks`
-    [heads]: one more logit per head in the softmax, with no value), as transformers' eager attention: scores in
-    the compute dtype, capped, biased, softmax in float32."""
+    `mx.fast.scaled_dot_product_attention` takes: "causal", a boolean one). With a logit softcap or attention sinks
+    (`sinks` [heads]: one more logit per head in the softmax, with no value), as transformers' eager attention:
+    scores in the compute dtype, capped, biased, softmax in float32."""
     if attn.softcap is None and sinks is None:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=attn.softmax_scale, mask=bias)
     batch, heads, new, dim = q.shape
