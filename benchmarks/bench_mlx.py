@@ -1,6 +1,6 @@
 """Prefill and decode speed of polylm's MLX backend next to mlx-lm on the same checkpoint (not a test).
 
-Builds a Helium (or Gemma) checkpoint with random weights through transformers in a temporary directory, then
+Builds a Helium, Gemma or Mixtral checkpoint with random weights through transformers in a temporary directory, then
 runs one greedy generation per engine with the same prompt and token counts and prints tok/s side by side.
 polylm decodes through its backend-independent generation loop (`polylm.generate.scheduler.decode_batch`), which
 reads each step's logits on the host; mlx-lm through its own `generate_step`. mlx-lm is skipped when it does
@@ -9,6 +9,7 @@ machine `--clock cpu` (this process's CPU time) gives steadier ratios than wall-
 
     python benchmarks/bench_mlx.py                       # Helium, 125M parameters, float32
     python benchmarks/bench_mlx.py --dtype bfloat16 --clock cpu
+    python benchmarks/bench_mlx.py --family mixtral --clock cpu   # mixture-of-experts (mixtral-bench)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,12 +25,16 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from models import CONFIGS  # noqa: E402
+
 SIZES = {  # moderate checkpoints both engines support; head_dim = hidden / heads (mlx-lm's Helium assumes it)
     "helium": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                    num_key_value_heads=4, head_dim=64, vocab_size=32000, max_position_embeddings=4096,
                    tie_word_embeddings=False),
     "gemma": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=8,
                   num_key_value_heads=1, head_dim=96, vocab_size=32000, max_position_embeddings=4096),
+    "mixtral": CONFIGS["mixtral-bench"][1],  # 8 experts, top 2 (`models`)
 }
 
 

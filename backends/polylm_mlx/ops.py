@@ -40,10 +40,15 @@ def norm(x: mx.array, p: NormParams) -> mx.array:
 
 
 def linear(x: mx.array, weight: Matrix, bias: mx.array | None = None) -> mx.array:
-    """x @ weight (+ bias): weight dense [in, out] or a `QuantizedMatrix` (see `params`)."""
+    """x @ weight (+ bias) in x's dtype: weight dense [in, out] or a `QuantizedMatrix` (see `params`). A float32
+    weight (on the CPU) multiplies half-precision x in float32, the bias added before the one rounding to x's dtype
+    (as MLX's half-precision matmul computes)."""
     if isinstance(weight, QuantizedMatrix):
         y = weight.matmul(x)
         return y if bias is None else y + bias
+    if weight.dtype != x.dtype:
+        y = x.astype(weight.dtype) @ weight
+        return (y if bias is None else y + bias.astype(weight.dtype)).astype(x.dtype)
     if bias is None:
         return x @ weight
     return mx.addmm(bias, x, weight)
@@ -72,12 +77,13 @@ def rope(x: mx.array, cos: mx.array, sin: mx.array, attn: Attention) -> mx.array
     return mx.concatenate((rotated, x[..., rot:]), axis=-1) if rot < attn.head_dim else rotated
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, bias: mx.array, attn: Attention,
+def attention(q: mx.array, k: mx.array, v: mx.array, bias: mx.array | str, attn: Attention,
               sinks: mx.array | None = None) -> mx.array:
     """q [batch, heads, new, d]; k/v [batch, kv_heads, keys, d] (GQA handled by the kernel);
-    bias [batch, 1|heads, new, keys] in the compute dtype. With a logit softcap or attention sinks (`sinks`
-    [heads]: one more logit per head in the softmax, with no value), as transformers' eager attention: scores in
-    the compute dtype, capped, biased, softmax in float32."""
+    bias [batch, 1|heads, new, keys] in the compute dtype (or, without softcap and sinks, any mask
+    `mx.fast.scaled_dot_product_attention` takes: "causal", a boolean one). With a logit softcap or attention sinks
+    (`sinks` [heads]: one more logit per head in the softmax, with no value), as transformers' eager attention:
+    scores in the compute dtype, capped, biased, softmax in float32."""
     if attn.softcap is None and sinks is None:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=attn.softmax_scale, mask=bias)
     batch, heads, new, dim = q.shape

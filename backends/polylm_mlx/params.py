@@ -11,16 +11,19 @@ q/k/v (gate/up) fuse when they share bits and group size, else they are dequanti
 quantized embedding is dequantized for the row lookup (`mx.dequantize`), and a head tied to it multiplies with
 its stored arrays.
 
-Projection matrices are operands of `x @ w`, [in, out]. Usually that is a free transposed view of the stored
-[out, in] tensor, the layout MLX's Metal kernels and its CPU half-precision kernels are fastest with; float32 on
-the CPU goes through BLAS, which multiplies a contiguous [in, out] copy about 2× faster, so it gets one.
+Projection matrices are operands of `x @ w`, [in, out]. On the GPU that is a free transposed view of the stored
+[out, in] tensor, the layout MLX's Metal kernels are fastest with. On the CPU every dense projection (a tied head
+too) is a contiguous float32 [in, out] copy: MLX multiplies float32 through BLAS, about 2× faster in that layout
+than in the stored one, and its half-precision kernel (`simd_gemm`, float32 accumulation) reads half-precision
+weights about 2× slower per byte than BLAS reads float32 ones, so a bfloat16 or float16 model decodes ≈1.8×
+faster held in float32, at twice its weights' memory. `ops.linear` multiplies half-precision activations by it in
+float32 and rounds the product once, as `simd_gemm` does: the results are bit-identical (the products of half
+values are exact in float32 and both sum them in the same order).
 
 A mixture-of-experts layer (`ExpertParams`) holds its experts stacked, [gate; up] and down each one matrix of
 [experts, out, in] as stored, and multiplies through `mx.gather_mm` with the same [experts, in, out] operand as a
 dense projection (a view, or the float32 CPU copy), or `mx.gather_qmm` when quantized; their biases stacked
-[experts, out]. MLX's CPU `gather_mm` multiplies float32 only, so on the CPU a half-precision stack is held in
-float32 (twice its memory; `ops.gather_linear` rounds the product back). The router and the shared expert's gate
-are dense operands, never quantized (as on torch).
+[experts, out]. The router and the shared expert's gate are dense operands, never quantized (as on torch).
 """
 
 from __future__ import annotations
@@ -97,7 +100,7 @@ def build_params(ir: ModelIR, tensors: dict[str, Matrix]) -> ModelParams:
         mx.eval(list(_arrays(layers[-1])))
     final_norm = _norm(ir.final_norm, tensors, "final_norm")
     if ir.head.tied_to_embedding:
-        head = stored_embed or embed.T
+        head = stored_embed or _matrix(embed, None, "head")
     else:
         head = _matrix(tensors.pop("head.weight"), ir.quantization, "head")
     params = ModelParams(embed, embed_norm, layers, final_norm, head, tensors.pop("head.bias", None), positions)
@@ -134,8 +137,8 @@ def _matrix(stored: Matrix, quantization: Quantization | None, where: str) -> Ma
         return stored
     if quantization is not None:
         return quantize(stored, quantization, where)
-    if stored.dtype == mx.float32 and mx.default_device().type == mx.cpu:
-        return mx.contiguous(stored.swapaxes(-1, -2))
+    if mx.default_device().type == mx.cpu:
+        return mx.contiguous(stored.astype(mx.float32).swapaxes(-1, -2))
     return stored.swapaxes(-1, -2)
 
 
@@ -199,15 +202,8 @@ def _experts(moe: MoE, tensors: dict[str, mx.array], module: str, quantization: 
     shared = _dense(moe.shared, tensors, f"{module}.shared", quantization) if moe.shared is not None else (None,) * 4
     gate = tensors.pop(f"{module}.shared_gate.weight", None)
     return ExpertParams(_matrix(tensors.pop(f"{module}.router.weight"), None, f"{module}.router"),
-                        tensors.pop(f"{module}.router.bias", None), _stack(up, quantization, f"{experts}.up"), up_bias,
-                        _stack(tensors.pop(f"{experts}.down.weight"), quantization, f"{experts}.down"),
+                        tensors.pop(f"{module}.router.bias", None), _matrix(up, quantization, f"{experts}.up"),
+                        up_bias,
+                        _matrix(tensors.pop(f"{experts}.down.weight"), quantization, f"{experts}.down"),
                         tensors.pop(f"{experts}.down.bias", None), *shared,
                         shared_gate=None if gate is None else _matrix(gate, None, f"{module}.shared_gate"))
-
-
-def _stack(stored: mx.array, quantization: Quantization | None, where: str) -> Matrix:
-    """Stacked expert matrices [experts, out, in] as `_matrix` makes them; in float32 on the CPU when dense (see the
-    module docstring)."""
-    if quantization is None and mx.default_device().type == mx.cpu:
-        stored = stored.astype(mx.float32)
-    return _matrix(stored, quantization, where)

@@ -3,17 +3,23 @@
 The whole pass is one lazy graph, evaluated once when the head outputs are read: the only host sync per step.
 A decode step attends over a window of the cache rounded up to `DECODE_WINDOW` slots (the extra slots are
 masked), so its shapes repeat and the compiled graph is reused from token to token.
+
+Attention visibility comes from core as an additive float32 bias (`polylm.numerics.masks`). A plain pass needs
+none: when no slot of the step is masked, no layer keeps a ring, and no layer has ALiBi, a logit softcap or
+sinks, a query at slot s sees exactly the key slots ≤ s. Then a prefill passes `mask="causal"` to
+`mx.fast.scaled_dot_product_attention` and a decode step a boolean mask of its window built in the compiled graph
+from the cache offset, with no bias made on the host (`plain_pass`).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
 import numpy as np
 
 from polylm.backend import Cache, Pass, Runtime, Step
-from polylm.ir import Attention, Block, ModelIR, RoPE
+from polylm.ir import ALiBi, Attention, Block, ModelIR, RoPE
 from polylm.numerics.masks import attention_bias, ring_bias
 from polylm.parallel.plan import ShardPlan
 from polylm.numerics.positions import rope_frequencies_per_row
@@ -32,6 +38,20 @@ RingInputs = tuple[mx.array, mx.array]
 
 def _round_up(slots: int) -> int:
     return -(-slots // DECODE_WINDOW) * DECODE_WINDOW
+
+
+def plain_visibility(ir: ModelIR) -> bool:
+    """Whether `ir`'s attention is causal order alone once no slot is masked: no ALiBi, softcap or sinks."""
+    return all(not isinstance(block.attention.position, ALiBi) and block.attention.softcap is None
+               and not block.attention.sinks for block in ir.blocks)
+
+
+def plain_pass(part: Pass) -> bool:
+    """Whether a pass of a model with plain visibility attends by causal order alone: no ring, no masked slot, and
+    the gathered slot (if any) is the last one, so that a causal mask aligned to the last key holds for it."""
+    step = part.step
+    return (not part.rings and bool(step.mask.all())
+            and (step.gather is None or bool((step.gather == part.new - 1).all())))
 
 
 class MLXRuntime(Runtime):
@@ -53,6 +73,7 @@ class MLXRuntime(Runtime):
                       if isinstance(block.attention.position, RoPE)}
         self.rope_factors = {rope: rope_frequencies_per_row(attn, np.zeros((1, 1), np.int64))[1]
                              for rope, attn in self.ropes.items()}
+        self.plain = plain_visibility(ir)
         self._compiled_graph = mx.compile(self._graph)
 
     def read_tensors(self, weights: Weights) -> dict[str, mx.array]:
@@ -79,7 +100,11 @@ class MLXRuntime(Runtime):
         decode = part.new == 1
         heads = self.plan.heads if self.plan is not None else None
         window = min(cache.capacity, _round_up(end)) if decode else end
-        bias = attention_bias(self.ir.attention, step.positions, step.mask, past, self.dtype, window, heads)
+        if self.plain and plain_pass(part):
+            bias = window  # the keys attended; which are visible is the graph's to say (`_visibility`)
+        else:
+            bias = mx.array(attention_bias(self.ir.attention, step.positions, step.mask, past, self.dtype, window,
+                                           heads)).astype(self.mx_dtype)
         rings = {}
         for size, ring in part.rings.items():
             if decode:  # a repeating span too (the spare slot and the unfilled ones are never seen)
@@ -92,16 +117,17 @@ class MLXRuntime(Runtime):
         gather = mx.array(step.gather.astype(np.int32)) if step.gather is not None else None
         graph = self._compiled_graph if decode else self._graph
         positions = mx.array(query_positions.astype(np.int32))
-        out, cache.keys, cache.values = graph(mx.array(step.input_ids.astype(np.int32)), positions, inv_freqs,
-                                              mx.array(bias).astype(self.mx_dtype), rings,
-                                              mx.array([past], dtype=mx.int32), gather, cache.keys, cache.values)
+        out, cache.keys, cache.values = graph(mx.array(step.input_ids.astype(np.int32)), positions, inv_freqs, bias,
+                                              rings, mx.array([past], dtype=mx.int32), gather, cache.keys,
+                                              cache.values)
         mx.eval(out, cache.keys, cache.values)
         return np.array(out)
 
-    def _graph(self, ids: mx.array, positions: mx.array, inv_freqs: list[mx.array], bias: mx.array,
+    def _graph(self, ids: mx.array, positions: mx.array, inv_freqs: list[mx.array], bias: mx.array | int,
                rings: dict[int, RingInputs], offset: mx.array, gather: mx.array | None, keys: list[mx.array],
                values: list[mx.array]) -> tuple[mx.array, list[mx.array], list[mx.array]]:
-        """Head outputs (float32) and the updated caches; pure in its array arguments, so it compiles."""
+        """Head outputs (float32) and the updated caches; pure in its array arguments, so it compiles. `bias` is the
+        step's attention bias, or for a plain pass the number of key slots attended (a constant of the graph)."""
         params = self.params
         x = ops.embed_rows(ids, params.embed, self.plan, self.group)
         if self.ir.embedding.scale != 1.0:
@@ -112,6 +138,8 @@ class MLXRuntime(Runtime):
             x = ops.norm(x, params.embed_norm)
         rotaries = {rope: ops.rotary(positions, inv_freq, self.rope_factors[rope], self.mx_dtype)
                     for rope, inv_freq in zip(self.ropes, inv_freqs)}
+        if isinstance(bias, int):
+            bias = _visibility(ids.shape[1], bias, offset)
         new_keys, new_values = [], []
         last = len(params.layers) - 1
         for index, (block, layer, layer_keys, layer_values) in enumerate(zip(self.local.layers, params.layers, keys,
@@ -133,10 +161,11 @@ class MLXRuntime(Runtime):
         return out.astype(mx.float32), new_keys, new_values
 
     def _block(self, x: mx.array, block: Block, layer: LayerParams, keys: mx.array, values: mx.array,
-               offset: mx.array, visibility: mx.array | RingInputs, cos_sin: Rotary | None, only: mx.array | None
-               ) -> tuple[mx.array, mx.array, mx.array]:
+               offset: mx.array, visibility: mx.array | Plain | RingInputs, cos_sin: Rotary | None,
+               only: mx.array | None) -> tuple[mx.array, mx.array, mx.array]:
         """One block (see `polylm.ir.Block`); with `only` [batch] its output keeps just that slot per row
-        ([batch, 1, hidden]). `visibility` is the step's attention bias, or a sliding-window layer's ring inputs."""
+        ([batch, 1, hidden]). `visibility` is the step's attention bias, a plain pass's `Plain`, or a sliding-window
+        layer's ring inputs."""
         normed = x if layer.attn_norm is None else ops.norm(x, layer.attn_norm)
         attended, keys, values = self._attention(normed, block.attention, layer, keys, values, offset, visibility,
                                                  cos_sin, only)
@@ -165,7 +194,7 @@ class MLXRuntime(Runtime):
         return ops.reduce(ops.mlp(x, layer.up, layer.up_bias, layer.down, layer.down_bias, block.mlp), self.group)
 
     def _attention(self, x: mx.array, attn: Attention, layer: LayerParams, keys: mx.array, values: mx.array,
-                   offset: mx.array, visibility: mx.array | RingInputs, cos_sin: Rotary | None,
+                   offset: mx.array, visibility: mx.array | Plain | RingInputs, cos_sin: Rotary | None,
                    only: mx.array | None) -> tuple[mx.array, mx.array, mx.array]:
         """Attention of the new slots (or of slot `only` per row) over the cache, after writing k/v into it (at
         the step's slots, or a sliding-window layer's ring slots)."""
@@ -191,12 +220,33 @@ class MLXRuntime(Runtime):
             bias = visibility
             keys = mx.slice_update(keys, k, offset, axes=(2,))
             values = mx.slice_update(values, v, offset, axes=(2,))
-        if only is not None:
-            q, bias = _slots(q, only, axis=2), _slots(bias, only, axis=2)
-        window = bias.shape[-1]
+        if isinstance(bias, Plain):
+            window, bias = bias.keys, bias.mask
+            if only is not None:
+                q = _slots(q, only, axis=2)  # the last slot (`plain_pass`): the causal mask still holds for it
+        else:
+            if only is not None:
+                q, bias = _slots(q, only, axis=2), _slots(bias, only, axis=2)
+            window = bias.shape[-1]
         out = ops.attention(q, keys[:, :, :window], values[:, :, :window], bias, attn, layer.sinks)
         out = out.transpose(0, 2, 1, 3).reshape(batch, q.shape[2], q_size)
         return ops.reduce(ops.linear(out, layer.out, layer.out_bias), self.group), keys, values
+
+
+@dataclass(frozen=True)
+class Plain:
+    """A plain pass's visibility (`plain_pass`): the first `keys` cache slots, under `mask` as
+    `mx.fast.scaled_dot_product_attention` takes it."""
+
+    keys: int
+    mask: mx.array | str
+
+
+def _visibility(new: int, keys: int, offset: mx.array) -> Plain:
+    """A plain pass's visibility over `keys` slots: causal for a prefill (aligned to the last key, so the
+    queries at slots [keys − new, keys) each see the keys up to their own); for a decode step, over a window of
+    the cache, the slots up to the new one (`offset`, the filled slots before it)."""
+    return Plain(keys, "causal" if new > 1 else mx.arange(keys) <= offset)
 
 
 def _slots(t: mx.array, index: mx.array, axis: int) -> mx.array:
