@@ -62,6 +62,7 @@ class TritonBackend(Backend):
         self._check(ir, dtype)
         from polylm_torch_common.runtime import TorchRuntime
 
+        from .experts import stack_params
         from .graph import GraphedRuntime
         from .ops import TritonOps
 
@@ -75,6 +76,7 @@ class TritonBackend(Backend):
 
             quantize_params(runtime.params, ir)
             runtime.ir = ir
+        stack_params(runtime.params)  # the grouped expert matmul reads each projection's experts as one stack
         return runtime
 
     def join_group(self, world_size: int, timeout_s: float) -> Shard:
@@ -88,13 +90,16 @@ class TritonBackend(Backend):
         import torch
         from polylm_torch_common.parallel import TorchShardRuntime
 
+        from .experts import stack_params
         from .ops import TritonOps
 
         device = "cpu"
         if not interpreting():
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', plan.shard.rank)) % torch.cuda.device_count()}"
             torch.cuda.set_device(device)
-        return TorchShardRuntime(ir, weights, dtype, plan, device=device, ops=TritonOps())
+        runtime = TorchShardRuntime(ir, weights, dtype, plan, device=device, ops=TritonOps())
+        stack_params(runtime.params)
+        return runtime
 
     def _check(self, ir: ModelIR, dtype: str) -> None:
         state = self.availability()
