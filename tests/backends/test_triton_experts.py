@@ -26,7 +26,7 @@ CASES = {
     "gpt-oss": (4, 2, 7, "topk_softmax", False, True, MLP(24, "swiglu_oai", gated=True, bias=True, limit=1.5), None),
     "prefill-dot-tiles": (4, 2, 40, "softmax_topk", True, False, MLP(24, "silu", gated=True, bias=True), None),
 }
-#: measured largest |triton − reference| (float32, float weights): ≤ 1.5e-6
+#: measured largest |triton − reference| (float32, float and quantized stacks): 4.8e-6
 EXACT = 2e-5
 
 
