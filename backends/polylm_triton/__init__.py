@@ -1,6 +1,6 @@
 """The Triton backend: the shared torch runtime (`polylm_torch_common`) with every primitive but the matrix
 multiplies as a Triton kernel, and the matrix multiplies too when the weights are quantized (weight-only
-int8/int4, `quantized`).
+int8/int4, `quantized`) or are a mixture of experts' (a grouped matmul over stacked experts, `experts`).
 
 On a CUDA GPU it is available and preferred by `auto`; with `POLYLM_CUDA_GRAPH=1` its decode steps replay a
 CUDA graph (`graph`; off by default until verified on a GPU). With `TRITON_INTERPRET=1` it runs its kernels

@@ -1,9 +1,9 @@
 """`TritonOps`: the reference ops (`polylm_torch_common.ops`) replaced by the Triton kernels of this package.
 
-Matrix multiplies stay torch (cuBLAS), except those of weight-only quantized weights (`quantized`). Every op
-reads only tensors of the step — never `StepTensors.past` — launches with shapes fixed by the step's tensor
-sizes, and never synchronizes with the host, so a CUDA graph can capture a whole decode step (see
-`graph.DecodeGraph`).
+Matrix multiplies stay torch (cuBLAS), except those of weight-only quantized weights (`quantized`) and of
+routed experts (`experts`). Every op reads only tensors of the step — never `StepTensors.past` — launches with
+shapes fixed by the step's tensor sizes, and never synchronizes with the host, so a CUDA graph can capture a
+whole decode step (see `graph.DecodeGraph`).
 """
 
 from __future__ import annotations

@@ -109,6 +109,16 @@ def test_triton_runs_the_grouped_expert_kernel(ckpt_root, monkeypatch):
     assert np.abs(got - expected).max() <= 1e-4
 
 
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_triton_quantized_experts_match_torch(ckpt_root, quantize):
+    """Quantized expert stacks on Triton multiply with the torch backend's weights (the core numerics; only the
+    order of float32 operations differs)."""
+    directory = checkpoint(ckpt_root)[0]
+    ids = np.array([SEQUENCES[0]])
+    got = polylm.load(directory, backend="triton", quantize=quantize).forward(ids)
+    assert np.abs(got - polylm.load(directory, backend="torch", quantize=quantize).forward(ids)).max() <= 1e-4
+
+
 def test_two_ranks_match_one_process(ckpt_root, tmp_path):
     directory = checkpoint(ckpt_root)[0]
     port = str(free_port())
