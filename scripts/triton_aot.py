@@ -19,7 +19,7 @@ from pathlib import Path
 
 SHARED_LIMIT = 99 * 1024
 _FLOAT_ARGS = ("eps", "scale", "score_scale", "cap_log2")
-_POINTERS = {"ids_ptr": "*i64", "index_ptr": "*i64", "positions_ptr": "*i64", "slots_ptr": "*i32",
+_POINTERS = {"ids_ptr": "*i64", "experts_ptr": "*i64", "route_ptr": "*fp32", "index_ptr": "*i64", "positions_ptr": "*i64", "slots_ptr": "*i32",
              "query_positions_ptr": "*i64",
              "mask_ptr": "*i1", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "slopes_ptr": "*fp32",
              "max_ptr": "*fp32", "sum_ptr": "*fp32", "acc_ptr": "*fp32"}
@@ -28,7 +28,7 @@ _TRITON_TYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 def cases(dtype: str, quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
     """(label, kernel, pointer types, constexprs, options) for every kernel at representative shapes."""
-    from polylm_triton import activation, attention, gather, norm, quantized, rope
+    from polylm_triton import activation, attention, experts, gather, norm, quantized, rope
     from polylm_triton.config import row_tile, warps
 
     data = f"*{_TRITON_TYPES[dtype]}"
@@ -82,6 +82,16 @@ def cases(dtype: str, quick: bool = False) -> list[tuple[str, object, dict, dict
             found.append((f"quantized matmul: int{bits}, groups of {group_size or 'a row'}, {rows} rows",
                           quantized._quantized_matmul_kernel, {"w_ptr": "*i8" if bits == 8 else "*u8"},
                           dict(BITS=bits, HAS_BIAS=True, EXACT=exact, **tiles), options))
+    for bits, group_size in ((0, None), (8, None), (4, 32)):
+        for rows in (1, 512):  # an expert's rows: decode, prefill
+            tiles = quantized.matmul_tiles(rows, group_size, exact)
+            options = {"num_warps": tiles.pop("num_warps")}
+            if not bits:
+                tiles["SCALE_MODE"] = experts._FLOAT
+            weights = {0: data, 8: "*i8", 4: "*u8"}[bits]
+            found.append((f"grouped expert matmul: {f'int{bits}' if bits else 'float'}, {rows} rows an expert",
+                          experts._grouped_matmul_kernel, {"w_ptr": weights},
+                          dict(BITS=bits, HAS_BIAS=True, HAS_ROUTE=True, EXACT=exact, **tiles), options))
     return found
 
 

@@ -220,17 +220,25 @@ class ReferenceOps:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, chosen = route(self.linear(x, p.router, p.router_bias), moe)
-        out = torch.zeros_like(x)
-        for expert, rows, slots in _by_expert(chosen, moe.num_experts):  # a token names an expert once at most
-            y = self.mlp(x[rows], p.experts_up[expert], p.experts_up_bias[expert], p.experts_down[expert],
-                         p.experts_down_bias[expert], moe.expert)
-            out[rows] += (y * weights[rows, slots, None]).to(out.dtype)
+        out = self.routed_experts(x, weights, chosen, p, moe)
         if moe.shared is not None:
             shared = self.mlp(x, p.shared_up, p.shared_up_bias, p.shared_down, p.shared_down_bias, moe.shared)
             if p.shared_gate is not None:
                 shared = torch.sigmoid(F.linear(x, p.shared_gate)) * shared
             out = out + shared
         return out.reshape(shape)
+
+    def routed_experts(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor, p: ExpertParams,
+                       moe: MoE) -> torch.Tensor:
+        """x [tokens, hidden] through the experts `chosen` for each token [tokens, top_k] (`route`), their outputs
+        times `weights` [tokens, top_k] summed → [tokens, hidden]. Tokens are grouped by expert: one matmul per
+        chosen expert (picked on the host, with one sync), none for an expert no token chose."""
+        out = torch.zeros_like(x)
+        for expert, rows, slots in _by_expert(chosen, moe.num_experts):  # a token names an expert once at most
+            y = self.mlp(x[rows], p.experts_up[expert], p.experts_up_bias[expert], p.experts_down[expert],
+                         p.experts_down_bias[expert], moe.expert)
+            out[rows] += (y * weights[rows, slots, None]).to(out.dtype)
+        return out
 
     def gather(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """One row per batch entry: x [batch, new, hidden] at new-index `index` [batch] → [batch, hidden]."""

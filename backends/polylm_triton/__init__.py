@@ -1,6 +1,6 @@
 """The Triton backend: the shared torch runtime (`polylm_torch_common`) with every primitive but the matrix
 multiplies as a Triton kernel, and the matrix multiplies too when the weights are quantized (weight-only
-int8/int4, `quantized`).
+int8/int4, `quantized`) or are a mixture of experts' (a grouped matmul over stacked experts, `experts`).
 
 On a CUDA GPU it is available and preferred by `auto`; with `POLYLM_CUDA_GRAPH=1` its decode steps replay a
 CUDA graph (`graph`; off by default until verified on a GPU). With `TRITON_INTERPRET=1` it runs its kernels
@@ -62,6 +62,7 @@ class TritonBackend(Backend):
         self._check(ir, dtype)
         from polylm_torch_common.runtime import TorchRuntime
 
+        from .experts import stack_params
         from .graph import GraphedRuntime
         from .ops import TritonOps
 
@@ -75,6 +76,7 @@ class TritonBackend(Backend):
 
             quantize_params(runtime.params, ir)
             runtime.ir = ir
+        stack_params(runtime.params)  # the grouped expert matmul reads each projection's experts as one stack
         return runtime
 
     def join_group(self, world_size: int, timeout_s: float) -> Shard:
@@ -88,13 +90,16 @@ class TritonBackend(Backend):
         import torch
         from polylm_torch_common.parallel import TorchShardRuntime
 
+        from .experts import stack_params
         from .ops import TritonOps
 
         device = "cpu"
         if not interpreting():
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', plan.shard.rank)) % torch.cuda.device_count()}"
             torch.cuda.set_device(device)
-        return TorchShardRuntime(ir, weights, dtype, plan, device=device, ops=TritonOps())
+        runtime = TorchShardRuntime(ir, weights, dtype, plan, device=device, ops=TritonOps())
+        stack_params(runtime.params)
+        return runtime
 
     def _check(self, ir: ModelIR, dtype: str) -> None:
         state = self.availability()

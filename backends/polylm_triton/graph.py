@@ -15,7 +15,6 @@ import torch
 
 from polylm.backend import Cache, Step
 from polylm.errors import BackendError, InputError
-from polylm.ir import MoE
 from polylm.numerics.positions import rope_frequencies_per_row
 from polylm_torch_common.ops import StepTensors
 from polylm_torch_common.runtime import TorchRuntime
@@ -137,17 +136,13 @@ class GraphedRuntime(TorchRuntime):
 
     _graph: DecodeGraph | None = None
 
-    @property
-    def routed(self) -> bool:
-        return any(isinstance(block.mlp, MoE) for block in self.ir.blocks)
-
     def new_cache(self, batch: int, capacity: int) -> Cache:
         self._graph = None
         return super().new_cache(batch, capacity)
 
     def forward(self, step: Step, cache: Cache | None = None) -> np.ndarray:
-        if cache is None or step.input_ids.shape[1] != 1 or cache.rings or len(self.ropes) > 1 or self.routed:
-            # the graph holds one kind of RoPE, no sliding-window rings and no routing (it picks experts on the host)
+        if cache is None or step.input_ids.shape[1] != 1 or cache.rings or len(self.ropes) > 1:
+            # the graph holds one kind of RoPE and no sliding-window rings (experts it routes on the device)
             return super().forward(step, cache)
         if self._graph is None or self._graph.cache is not cache:
             self._graph = None  # the last graph's memory goes before the next one is captured

@@ -1,27 +1,29 @@
 """`TritonOps`: the reference ops (`polylm_torch_common.ops`) replaced by the Triton kernels of this package.
 
-Matrix multiplies stay torch (cuBLAS), except those of weight-only quantized weights (`quantized`). Every op
-reads only tensors of the step — never `StepTensors.past` — launches with shapes fixed by the step's tensor
-sizes, and never synchronizes with the host, so a CUDA graph can capture a whole decode step (see
-`graph.DecodeGraph`).
+Matrix multiplies stay torch (cuBLAS), except those of weight-only quantized weights (`quantized`) and of
+routed experts (`experts`). Every op reads only tensors of the step — never `StepTensors.past` — launches with
+shapes fixed by the step's tensor sizes, and never synchronizes with the host, so a CUDA graph can capture a
+whole decode step (see `graph.DecodeGraph`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from polylm.ir import Attention, MLP
+from polylm.backend import ExpertParams
+from polylm.ir import MLP, Attention, MoE
 from polylm_torch_common.ops import ReferenceOps, StepTensors
 from polylm_torch_common.params import NormParams
 
-from . import activation, attention, gather, quantized, rope
+from . import activation, attention, experts, gather, quantized, rope
 from . import norm as norms
 
 
 class TritonOps(ReferenceOps):
     """Fused Triton kernels for norms (with the residual add), the embedding, RoPE with the cache write, the
-    MLP activation with its gate, attention (prefill and split-KV decode), the head's row gather, and the
-    matmul of weight-only quantized weights."""
+    MLP activation with its gate, attention (prefill and split-KV decode), the head's row gather, the matmul of
+    weight-only quantized weights, and the routed experts' grouped matmul (over the stacks `experts.stack_params`
+    makes)."""
 
     graph_safe = True
     reads_bias = False  # the attention kernel applies the visibility rule itself (tested equal to core's)
@@ -61,6 +63,10 @@ class TritonOps(ReferenceOps):
         if mlp.activation == "swiglu_oai":  # no kernel for gpt-oss's clamped SwiGLU: the reference op
             return super().activation(h, mlp)
         return activation.activation(h, mlp)
+
+    def routed_experts(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor, p: ExpertParams,
+                       moe: MoE) -> torch.Tensor:
+        return experts.routed_experts(x, weights, chosen, p, moe, lambda h: self.activation(h, moe.expert))
 
     def gather(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         return gather.gather(x, index)

@@ -38,7 +38,8 @@ _PER_ROW, _PER_TILE, _PER_WEIGHT = 0, 1, 2
 
 @dataclass
 class QuantizedWeight:
-    """A [out, in] projection quantized symmetrically, as `TritonOps.linear` reads it."""
+    """A [out, in] projection quantized symmetrically, as `TritonOps.linear` reads it; or a stack of them
+    [experts, out, in] (`experts`), every array with the experts first."""
 
     data: torch.Tensor  # int8 [out, in]; int4: uint8 [out, ⌈in / 2⌉], codes q + 8, even feature in the low nibble
     scales: torch.Tensor  # [out, ⌈in / group_size⌉] (one column without a group size), in the scale dtype
@@ -47,17 +48,17 @@ class QuantizedWeight:
     in_features: int
 
     @property
-    def shape(self) -> tuple[int, int]:
-        return self.data.shape[0], self.in_features
+    def shape(self) -> tuple[int, ...]:
+        return (*self.data.shape[:-1], self.in_features)
 
     def dequantize(self) -> torch.Tensor:
-        """The [out, in] float32 weight the kernel multiplies with: scale · q."""
+        """The [(experts,) out, in] float32 weight the kernel multiplies with: scale · q."""
         if self.bits == 8:
             q = self.data.float()
         else:
-            q = torch.stack((self.data & 0xF, self.data >> 4), dim=-1).flatten(1)[:, :self.in_features].float() - 8
+            q = torch.stack((self.data & 0xF, self.data >> 4), dim=-1).flatten(-2)[..., :self.in_features].float() - 8
         group = self.group_size or self.in_features
-        return q * self.scales.float().repeat_interleave(group, dim=1)[:, :self.in_features]
+        return q * self.scales.float().repeat_interleave(group, dim=-1)[..., :self.in_features]
 
 
 def quantize(weight: torch.Tensor, spec: Quantization) -> QuantizedWeight:
@@ -73,13 +74,24 @@ def quantize(weight: torch.Tensor, spec: Quantization) -> QuantizedWeight:
 
 
 def quantize_params(params: ModelParams, ir: ModelIR) -> None:
-    """Replace the block matrices and an untied head of the torch runtime's dense `params` by `QuantizedWeight`s
-    as `ir.quantization` says, in place and one matrix at a time (each dense one is freed as it goes)."""
+    """Replace the block matrices (experts' included, a list over the experts as the torch runtime builds them)
+    and an untied head of the torch runtime's dense `params` by `QuantizedWeight`s as `ir.quantization` says, in
+    place and one matrix at a time (each dense one is freed as it goes)."""
     spec = ir.quantization
     assert spec is not None
     for layer in params.layers:
-        for name in ("qkv", "out", "up", "down"):
-            setattr(layer, name, quantize(getattr(layer, name), spec))
+        for name in ("qkv", "out", "up", "down"):  # a mixture-of-experts layer has no dense up and down
+            if getattr(layer, name) is not None:
+                setattr(layer, name, quantize(getattr(layer, name), spec))
+        moe = layer.moe
+        if moe is not None:  # every expert's matrices and the shared expert's; the router and gates stay
+            for name in ("experts_up", "experts_down"):
+                matrices = getattr(moe, name)
+                for e, matrix in enumerate(matrices):
+                    matrices[e] = quantize(matrix, spec)
+            for name in ("shared_up", "shared_down"):
+                if getattr(moe, name) is not None:
+                    setattr(moe, name, quantize(getattr(moe, name), spec))
     if not ir.head.tied_to_embedding:  # a tied head is the embedding, which stays as it is
         params.head = quantize(params.head, spec)
 
@@ -106,6 +118,45 @@ def matmul_tiles(rows: int, group_size: int | None, exact: bool = False) -> dict
 
 
 @triton.jit
+def weight_tile(w_rows, s_rows, k0, K, col_in, group_size, BITS: tl.constexpr, SCALE_MODE: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """The weights [BLOCK_N, BLOCK_K] of the rows at `w_rows` (their scales at `s_rows`) for input features
+    k0…: the integers q as float32, scaled already where each weight has its own scale (SCALE_MODE 2)."""
+    k = k0 + tl.arange(0, BLOCK_K)
+    k_in = k < K
+    if BITS == 8:
+        q = tl.load(w_rows + k[None, :], mask=col_in[:, None] & k_in[None, :], other=0).to(tl.float32)
+    else:
+        byte = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        packed = tl.load(w_rows + byte[None, :], mask=col_in[:, None] & (2 * byte < K)[None, :], other=0x88)
+        q = tl.interleave((packed & 0xF).to(tl.float32), (packed >> 4).to(tl.float32)) - 8.0
+    if SCALE_MODE == 2:
+        scale = tl.load(s_rows[:, None] + (k // group_size)[None, :], mask=col_in[:, None] & k_in[None, :],
+                        other=0.0)
+        q = q * scale.to(tl.float32)
+    return q
+
+
+@triton.jit
+def accumulate(acc, x, w, s_rows, k0, group_size, col_in, SCALE_MODE: tl.constexpr, USE_DOT: tl.constexpr,
+               EXACT: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] + x [BLOCK_M, BLOCK_K] @ wᵀ (w [BLOCK_N, BLOCK_K]), the tile's scale applied when
+    it lies inside one group (SCALE_MODE 1)."""
+    if USE_DOT:
+        if EXACT:
+            part = tl.dot(x, tl.trans(w), input_precision="ieee")
+        else:  # integers are exact in 16 bits; a weight scaled here is rounded to x's dtype
+            part = tl.dot(x, tl.trans(w.to(x.dtype)))
+    else:
+        part = tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    if SCALE_MODE == 1:  # the tile lies inside one group
+        acc += part * tl.load(s_rows + k0 // group_size, mask=col_in, other=0.0).to(tl.float32)[None, :]
+    else:
+        acc += part
+    return acc
+
+
+@triton.jit
 def _quantized_matmul_kernel(x_ptr, w_ptr, scales_ptr, bias_ptr, y_ptr, M, N, K, group_size,
                              stride_xm, stride_wn, stride_sn, stride_ym,
                              BITS: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -120,31 +171,9 @@ def _quantized_matmul_kernel(x_ptr, w_ptr, scales_ptr, bias_ptr, y_ptr, M, N, K,
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        k_in = k < K
-        x = tl.load(x_rows + k[None, :], mask=row_in[:, None] & k_in[None, :], other=0.0)
-        # the weights' integers q [BLOCK_N, BLOCK_K] as float32
-        if BITS == 8:
-            q = tl.load(w_rows + k[None, :], mask=col_in[:, None] & k_in[None, :], other=0).to(tl.float32)
-        else:
-            byte = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            packed = tl.load(w_rows + byte[None, :], mask=col_in[:, None] & (2 * byte < K)[None, :], other=0x88)
-            q = tl.interleave((packed & 0xF).to(tl.float32), (packed >> 4).to(tl.float32)) - 8.0
-        w = q
-        if SCALE_MODE == 2:
-            scale = tl.load(s_rows[:, None] + (k // group_size)[None, :], mask=col_in[:, None] & k_in[None, :],
-                            other=0.0)
-            w = q * scale.to(tl.float32)
-        if USE_DOT:
-            if EXACT:
-                part = tl.dot(x, tl.trans(w), input_precision="ieee")
-            else:  # integers are exact in 16 bits; a weight scaled here is rounded to x's dtype
-                part = tl.dot(x, tl.trans(w.to(x.dtype)))
-        else:
-            part = tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
-        if SCALE_MODE == 1:  # the tile lies inside one group
-            acc += part * tl.load(s_rows + k0 // group_size, mask=col_in, other=0.0).to(tl.float32)[None, :]
-        else:
-            acc += part
+        x = tl.load(x_rows + k[None, :], mask=row_in[:, None] & (k < K)[None, :], other=0.0)
+        w = weight_tile(w_rows, s_rows, k0, K, col_in, group_size, BITS, SCALE_MODE, BLOCK_K)
+        acc = accumulate(acc, x, w, s_rows, k0, group_size, col_in, SCALE_MODE, USE_DOT, EXACT)
     if SCALE_MODE == 0:
         acc = acc * tl.load(s_rows, mask=col_in, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:

@@ -14,6 +14,7 @@ import torch
 import checkpoints
 import polylm
 import polylm_triton
+from polylm import testing
 from polylm.testing import SEQUENCES, padded
 from polylm.backend import Step
 from polylm.errors import BackendError
@@ -130,11 +131,24 @@ def test_ir_features_match_the_torch_backend(make_ckpt, feature):
 
 # -- the decode step a CUDA graph captures ------------------------------------------------------------------
 
-@pytest.mark.parametrize("family", ["helium", "bloom"])  # RoPE (interleaved, GQA) and ALiBi (MHA)
-def test_fixed_shape_decode_step_matches_forward(make_ckpt, family):
+#: routed experts (renormalized top-2 of 4) with a gated shared expert, after a dense layer
+QWEN2_MOE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                 num_experts_per_tok=2, intermediate_size=96, moe_intermediate_size=32,
+                 shared_expert_intermediate_size=48, mlp_only_layers=[0], norm_topk_prob=True)
+
+
+def graph_checkpoint(make_ckpt, ckpt_root, family):
+    if family == "qwen2_moe":
+        return testing.tiny_checkpoint(ckpt_root, family, **QWEN2_MOE)
+    return make_ckpt(family)
+
+
+# RoPE (interleaved, GQA), ALiBi (MHA), mixture of experts (routed on the device)
+@pytest.mark.parametrize("family", ["helium", "bloom", "qwen2_moe"])
+def test_fixed_shape_decode_step_matches_forward(make_ckpt, ckpt_root, family):
     """DecodeGraph's step — slot buffers sized to the cache, the slot read from the device — run eagerly,
     gives the logits of the ordinary forward, step after step, for a left-padded batch."""
-    runtime = polylm.load(make_ckpt(family), backend="triton").runtime
+    runtime = polylm.load(graph_checkpoint(make_ckpt, ckpt_root, family), backend="triton").runtime
     prompts = [[1, 5, 9, 44, 21, 7], [1, 70, 71]]
     longest, steps = 6, 4
     total = longest + steps
@@ -175,10 +189,11 @@ def test_cuda_graphs_are_asked_for_and_only_on_cuda(gpu, monkeypatch):
     assert not cuda_graphs()
 
 
-def test_graphed_runtime_decodes_through_one_graph_per_cache(make_ckpt, monkeypatch):
+@pytest.mark.parametrize("family", ["helium", "qwen2_moe"])
+def test_graphed_runtime_decodes_through_one_graph_per_cache(make_ckpt, ckpt_root, monkeypatch, family):
     """With CUDA graphs on (forced here; on the CPU the graph's step runs eagerly), generation's one-token steps
     go through the cache's DecodeGraph and give the tokens of the plain runtime."""
-    directory = make_ckpt("helium")
+    directory = graph_checkpoint(make_ckpt, ckpt_root, family)
     prompts = [[1, 5, 9, 44, 21, 7], [1, 70, 71]]
     want = polylm.load(directory, backend="triton").generate(prompts, max_new_tokens=6)
     monkeypatch.setattr(polylm_triton, "cuda_graphs", lambda: True)

@@ -1,7 +1,7 @@
 """gpt-oss against transformers: every task head (QA through the base model and `qa_outputs`) on torch and Triton
 (fp32, padded on both sides, greedy ids), with attention sinks, sliding-window layers whose rings wrap, YaRN,
 clamped SwiGLU experts that bite, routing that differs per token; and the interleaved, transposed expert stack
-read whole, by tensor-parallel slices and by MLX."""
+read whole, by tensor-parallel slices and by MLX; and two tensor-parallel ranks (torch, MLX) equal to one process."""
 
 import json
 from pathlib import Path
@@ -20,10 +20,13 @@ from polylm import testing
 from polylm.checkpoint.weights import Checkpoint, resolve
 from polylm.loading import model_ir
 from polylm.parallel.plan import Shard, TensorSlice, plan_shards
+from polylm.parallel.ranks import free_port
 from polylm.testing import SEQUENCES
 from polylm_torch_common.params import TensorReader
 from test_heads import qa_reference, with_qa_head
 from test_parity import BACKENDS, assert_parity
+from test_tensor_parallel import WORKER, assert_matches_one_process, run_two_ranks
+from test_tensor_parallel_mlx import WORKER as MLX_WORKER
 
 CONFIG = dict(hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               head_dim=16, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
@@ -114,3 +117,24 @@ def test_interleaved_expert_stack_is_read_whole_by_slices_and_by_mlx(ckpt_root):
     for name in ("gate", "up"):
         got = np.array(weights[f"layers.1.mlp.experts.{name}.weight"].view_of(as_mx))
         assert np.array_equal(got, expected[f"layers.1.mlp.experts.{name}.weight"].numpy())
+
+
+def test_two_ranks_match_one_process(ckpt_root, tmp_path):
+    """`--tp 2` on torch end to end: each rank its heads with their sinks, its share of every expert's
+    intermediate (gate/up interleaved in the checkpoint, biases included), the router and its bias replicated,
+    sliding-window rings that wrap while it generates."""
+    directory = checkpoint(ckpt_root)[0]
+    port = str(free_port())
+    rank0, _ = run_two_ranks(WORKER, {"gpt_oss": str(directory)}, tmp_path, lambda r: dict(
+        RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+    assert_matches_one_process(rank0["gpt_oss"], polylm.load(directory, backend="torch"))
+
+
+def test_two_mlx_ranks_match_one_process(ckpt_root, tmp_path):
+    directory = checkpoint(ckpt_root)[0]
+    port = free_port()
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"]]))
+    rank0, _ = run_two_ranks(MLX_WORKER, {"gpt_oss": str(directory)}, tmp_path,
+                             lambda r: dict(MLX_RANK=str(r), MLX_HOSTFILE=str(hostfile)))
+    assert_matches_one_process(rank0["gpt_oss"], polylm.load(directory, backend="mlx", dtype="float32"))
