@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import sentencepiece
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 
@@ -124,7 +125,6 @@ def test_a_failed_llama_bench_names_the_model_and_its_last_words(tmp_path):
 
 
 def test_trained_tokenizer_has_exactly_the_embedding_rows_and_the_bench_specials(tmp_path):
-    sentencepiece = pytest.importorskip("sentencepiece")
     llama_cpp.train_tokenizer(tmp_path / "tokenizer.model", 32000)
     model = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
     assert model.vocab_size() == 32000

@@ -52,11 +52,15 @@ json.dump(results, open(f"{out}/rank{rank}.json", "w"))
 def job(make_ckpt, ckpt_root, tmp_path_factory):
     """Results of both ranks of one two-rank ring job over every case."""
     cases = {f"{f}/{t}": str(_case_dir(make_ckpt, ckpt_root, f, t)) for f, t in CASES}
-    out = tmp_path_factory.mktemp("tp")
+    return cases, run_two_mlx_ranks(cases, tmp_path_factory.mktemp("tp"))
+
+
+def run_two_mlx_ranks(cases: dict, out) -> list[dict]:
+    """`run_two_ranks` with the MLX worker as a two-rank ring job on 127.0.0.1 (its hostfile written in `out`)."""
     port = free_port()
     hostfile = out / "hosts.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"]]))
-    return cases, run_two_ranks(WORKER, cases, out, lambda r: dict(MLX_RANK=str(r), MLX_HOSTFILE=str(hostfile)))
+    return run_two_ranks(WORKER, cases, out, lambda r: dict(MLX_RANK=str(r), MLX_HOSTFILE=str(hostfile)))
 
 
 @pytest.mark.parametrize("family,task", CASES, ids=[f"{f}-{t}" for f, t in CASES])

@@ -3,7 +3,6 @@ router bias, expert biases, a shared expert with and without its gate; sorted an
 itself, Mixtral against transformers, int8/int4 experts against the torch backend's, and two tensor-parallel
 ranks against one process."""
 
-import json
 
 import mlx.core as mx
 import numpy as np
@@ -15,15 +14,14 @@ import polylm
 from polylm import testing
 from polylm.backend import ExpertParams
 from polylm.ir import MLP, MoE
-from polylm.parallel.ranks import free_port
 from polylm.testing import SEQUENCES, padded
 from polylm_mlx import ops
 from polylm_mlx.params import _experts
 from polylm_torch_common.ops import ReferenceOps, route
 from test_parity import assert_parity
 from test_quantized_backends import EXACT
-from test_tensor_parallel import assert_matches_one_process, run_two_ranks
-from test_tensor_parallel_mlx import WORKER
+from test_tensor_parallel import assert_matches_one_process
+from test_tensor_parallel_mlx import run_two_mlx_ranks
 
 HIDDEN, EXPERTS = 32, 8
 #: (routing, top_k, normalize, router bias, expert MLP, shared expert, shared gate)
@@ -150,11 +148,7 @@ def test_quantized_experts_match_torch(mixtral, bits):
 
 def test_two_mlx_ranks_match_one_process(mixtral, tmp_path):
     """Each rank computes every expert's share of the intermediate (`polylm.parallel.plan`), summed over ranks."""
-    port = free_port()
-    hostfile = tmp_path / "hosts.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"]]))
-    rank0, _ = run_two_ranks(WORKER, {"mixtral": str(mixtral)}, tmp_path,
-                             lambda r: dict(MLX_RANK=str(r), MLX_HOSTFILE=str(hostfile)))
+    rank0, _ = run_two_mlx_ranks({"mixtral": str(mixtral)}, tmp_path)
     assert_matches_one_process(rank0["mixtral"], polylm.load(mixtral, backend="mlx", dtype="float32"))
 
 

@@ -26,7 +26,7 @@ from polylm_torch_common.params import TensorReader
 from test_heads import qa_reference, with_qa_head
 from test_parity import BACKENDS, assert_parity
 from test_tensor_parallel import WORKER, assert_matches_one_process, run_two_ranks
-from test_tensor_parallel_mlx import WORKER as MLX_WORKER
+from test_tensor_parallel_mlx import run_two_mlx_ranks
 
 CONFIG = dict(hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               head_dim=16, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
@@ -132,9 +132,5 @@ def test_two_ranks_match_one_process(ckpt_root, tmp_path):
 
 def test_two_mlx_ranks_match_one_process(ckpt_root, tmp_path):
     directory = checkpoint(ckpt_root)[0]
-    port = free_port()
-    hostfile = tmp_path / "hosts.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"]]))
-    rank0, _ = run_two_ranks(MLX_WORKER, {"gpt_oss": str(directory)}, tmp_path,
-                             lambda r: dict(MLX_RANK=str(r), MLX_HOSTFILE=str(hostfile)))
+    rank0, _ = run_two_mlx_ranks({"gpt_oss": str(directory)}, tmp_path)
     assert_matches_one_process(rank0["gpt_oss"], polylm.load(directory, backend="mlx", dtype="float32"))
