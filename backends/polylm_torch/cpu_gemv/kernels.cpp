@@ -25,7 +25,7 @@ static bool prefetch_helps() {
 }
 
 // ----------------------------------------------------------------------------------------------------------
-// AVX-512 (F, BW, VL, DQ, VNNI). 2 streams per thread. Software prefetch is chosen per CPU vendor (kPrefetch):
+// AVX-512 (F, BW, VL, DQ, VNNI). 2 streams per thread. Software prefetch is chosen per CPU vendor (prefetch_helps):
 // on Zen 4 (2 threads, weights from DRAM) none read closest to the plain-read ceiling (a prefetch 1 KB ahead cost
 // 10-15%; 3-4 streams were equal or slightly worse); on an Intel Xeon without AVX512-BF16 (Cascade Lake class,
 // 2 threads) a prefetch 1 KB ahead per stream made the int4/int8/bf16 decode kernels 10-15% faster and 2-digit
