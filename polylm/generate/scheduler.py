@@ -26,9 +26,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..backend import Cache, Runtime, Step
+from ..backend import Cache, Reduce, Reduced, Runtime, Step
 from ..errors import InputError, PolylmError
-from ..numerics.logits import finish_head
 from .sampling import Sampler, Sampling, TokenChoice
 
 STOP, LENGTH, CANCELLED, ERROR = "stop", "length", "cancelled", "error"
@@ -143,6 +142,7 @@ class Scheduler:
         self._mask = np.zeros((0, 0), dtype=bool)
         self._positions = np.zeros((0, 0), dtype=np.int64)
         self._demand: deque[int] = deque(maxlen=DEMAND_WINDOW)
+        self._full = np.zeros(0, dtype=bool)  # the rows of the last step whose samplers read whole rows
 
     # -- the caller's side -----------------------------------------------------------------------------------
 
@@ -217,11 +217,17 @@ class Scheduler:
                 feeds[index] = ([row.pending], len(row.history))
         if not feeds:
             return self._take_ended()
-        logits = self._forward(feeds, joined)
+        reduced = self._forward(feeds, joined)
+        full = {index: n for n, index in enumerate(np.flatnonzero(self._full))}
         for index in feeds:
             request = self._rows[index].request
+            sampler = request.sampler
             try:
-                choice = request.sampler.pick(logits[index])
+                if index in full:
+                    choice = sampler.pick(reduced.rows[full[index]])
+                else:
+                    choice = sampler.pick_top(reduced.ids[index], reduced.values[index], reduced.norm[index],
+                                              bool(reduced.nan[index]))
             except PolylmError as exc:
                 self._free(request, ERROR)
                 outputs.append(Output(request, None, ERROR, exc))
@@ -371,9 +377,10 @@ class Scheduler:
 
     # -- the forward pass ------------------------------------------------------------------------------------
 
-    def _forward(self, feeds: dict[int, tuple[list[int], int]], joined: set[int]) -> np.ndarray:
+    def _forward(self, feeds: dict[int, tuple[list[int], int]], joined: set[int]) -> Reduced:
         """One pass over `feeds` (row → tokens, first position), right-aligned in the step's new slots; rows in
-        `joined` bring a prompt (or, when moved from a full cache, their tokens so far)."""
+        `joined` bring a prompt (or, when moved from a full cache, their tokens so far). Returns what the rows'
+        samplers read: the top logits, and whole rows only for those that need them (`Runtime.forward_top`)."""
         past = self._cache.length
         new = max(len(tokens) for tokens, _ in feeds.values())
         end = past + new
@@ -400,7 +407,11 @@ class Scheduler:
         self.stats.slots += batch * new
         step = Step(ids, self._positions[:, :end].copy(), self._mask[:, :end].copy(),
                     gather=np.full(batch, new - 1, dtype=np.int64))
-        return finish_head(self.runtime.ir.head, self.runtime.forward(step, self._cache))
+        samplers = [row.request.sampler if row.request is not None else None for row in self._rows]
+        self._full = np.array([s is not None and s.needs_full for s in samplers], dtype=bool)
+        top = max((s.top for s in samplers if s is not None), default=1)
+        norm = any(s is not None and s.sampling.logprobs is not None for s in samplers)
+        return self.runtime.forward_top(step, self._cache, Reduce(top, self._full, norm))
 
 
 def _common_prefix(history: list[int], prompt: list[int], limit: int) -> int:
