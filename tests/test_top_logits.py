@@ -10,10 +10,10 @@ import torch
 import polylm
 import polylm.backend
 from polylm.backend import Reduce, Reduced, Runtime, Step
-from polylm.ir import Head
-from polylm.numerics.logits import finish_head, top_rows
 from polylm.generate.sampling import Sampling, log_softmax
 from polylm.generate.scheduler import Scheduler
+from polylm.ir import Head
+from polylm.numerics.logits import finish_head, top_rows
 from polylm_torch_common import reduce as torch_reduce
 from test_parity import BACKENDS
 
@@ -77,7 +77,7 @@ def test_a_step_in_several_passes_joins_its_reduced_rows(make_ckpt, models, monk
 
 def test_reference_top_rows_ties_nan_and_infinities():
     out = np.array([[1, 3, 3, 2], [0, np.nan, 5, 1], [np.inf, 0, np.inf, -np.inf], [-np.inf] * 4], np.float32)
-    ids, values, norm, nan = top_rows(out, 2)
+    ids, _, norm, nan = top_rows(out, 2)
     assert ids.tolist() == [[1, 2], [2, 3], [0, 2], [0, 1]]
     assert ids[:, 0].tolist()[:1] == [int(np.argmax(out[0]))]
     assert nan.tolist() == [False, True, False, False]

@@ -27,8 +27,8 @@ from polylm.numerics.positions import rope_frequencies_per_row
 from polylm.checkpoint.weights import Weights
 
 from . import ops
-from .reduce import reduce_outputs
 from .params import MX_DTYPES, LayerParams, NormParams, build_params, read_tensors
+from .reduce import reduce_outputs
 
 #: Decode steps attend over the cache in multiples of this many slots (a new compiled shape per multiple).
 DECODE_WINDOW = 256

@@ -16,8 +16,8 @@ from polylm.numerics.positions import alibi_slopes, rope_frequencies_per_row
 from polylm.parallel.plan import ShardPlan
 
 from .ops import ReferenceOps, StepTensors
-from .reduce import reduce_outputs
 from .params import TORCH_DTYPES, LayerParams, NormParams, Prepare, TensorReader, build_params
+from .reduce import reduce_outputs
 
 
 def to_host(out: torch.Tensor) -> np.ndarray:
