@@ -142,7 +142,6 @@ class Scheduler:
         self._mask = np.zeros((0, 0), dtype=bool)
         self._positions = np.zeros((0, 0), dtype=np.int64)
         self._demand: deque[int] = deque(maxlen=DEMAND_WINDOW)
-        self._full = np.zeros(0, dtype=bool)  # the rows of the last step whose samplers read whole rows
 
     # -- the caller's side -----------------------------------------------------------------------------------
 
@@ -217,8 +216,9 @@ class Scheduler:
                 feeds[index] = ([row.pending], len(row.history))
         if not feeds:
             return self._take_ended()
-        reduced = self._forward(feeds, joined)
-        full = {index: n for n, index in enumerate(np.flatnonzero(self._full))}
+        reduce = self._reduce()
+        reduced = self._forward(feeds, joined, reduce)
+        full = {index: n for n, index in enumerate(np.flatnonzero(reduce.full))}
         for index in feeds:
             request = self._rows[index].request
             sampler = request.sampler
@@ -377,10 +377,18 @@ class Scheduler:
 
     # -- the forward pass ------------------------------------------------------------------------------------
 
-    def _forward(self, feeds: dict[int, tuple[list[int], int]], joined: set[int]) -> Reduced:
+    def _reduce(self) -> Reduce:
+        """What the running rows' samplers read of their logits: the top ones (and the log-normalizer for
+        logprobs), whole rows only for those that sample or penalise (`Runtime.forward_top`)."""
+        samplers = [row.request.sampler for row in self._rows if row.request is not None]
+        full = np.array([row.request is not None and row.request.sampler.needs_full for row in self._rows], bool)
+        return Reduce(max((s.top for s in samplers), default=1), full,
+                      norm=any(s.sampling.logprobs is not None for s in samplers))
+
+    def _forward(self, feeds: dict[int, tuple[list[int], int]], joined: set[int], reduce: Reduce) -> Reduced:
         """One pass over `feeds` (row → tokens, first position), right-aligned in the step's new slots; rows in
-        `joined` bring a prompt (or, when moved from a full cache, their tokens so far). Returns what the rows'
-        samplers read: the top logits, and whole rows only for those that need them (`Runtime.forward_top`)."""
+        `joined` bring a prompt (or, when moved from a full cache, their tokens so far). Returns what `reduce`
+        asks of the rows' logits."""
         past = self._cache.length
         new = max(len(tokens) for tokens, _ in feeds.values())
         end = past + new
@@ -407,11 +415,7 @@ class Scheduler:
         self.stats.slots += batch * new
         step = Step(ids, self._positions[:, :end].copy(), self._mask[:, :end].copy(),
                     gather=np.full(batch, new - 1, dtype=np.int64))
-        samplers = [row.request.sampler if row.request is not None else None for row in self._rows]
-        self._full = np.array([s is not None and s.needs_full for s in samplers], dtype=bool)
-        top = max((s.top for s in samplers if s is not None), default=1)
-        norm = any(s is not None and s.sampling.logprobs is not None for s in samplers)
-        return self.runtime.forward_top(step, self._cache, Reduce(top, self._full, norm))
+        return self.runtime.forward_top(step, self._cache, reduce)
 
 
 def _common_prefix(history: list[int], prompt: list[int], limit: int) -> int:
