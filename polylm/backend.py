@@ -234,8 +234,8 @@ class Reduce:
 class Reduced:
     """A `Reduce`'s answer (see `polylm.numerics.logits.top_rows`): per row the `top` largest finished outputs'
     `ids` [batch, top] (largest first, ties by lowest id) and `values` (float32, as `finish_head` makes them),
-    the log-normalizer `norm` [batch] (float64; zeros unless asked for) and `nan` [batch]; `rows` [full rows, out] the finished outputs
-    of the rows set in `Reduce.full`, in row order."""
+    the log-normalizer `norm` [batch] (float64; zeros unless asked for) and `nan` [batch]; `rows`
+    [full rows, out] the finished outputs of the rows set in `Reduce.full`, in row order."""
 
     ids: np.ndarray
     values: np.ndarray
