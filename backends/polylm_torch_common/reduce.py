@@ -33,5 +33,7 @@ def _norm(out: torch.Tensor) -> torch.Tensor:
     """log Σ exp(out − max) per row in float64 (over the +inf outputs alone where the max is +inf)."""
     wide = out.double()
     best = wide.max(dim=-1, keepdim=True).values
-    shifted = torch.where(best.isposinf(), torch.where(wide.isposinf(), 0.0, -torch.inf), wide - best)
+    shifted = wide - best
+    if best.isposinf().any():  # rare: only then the [batch, out] select
+        shifted = torch.where(best.isposinf(), torch.where(wide.isposinf(), 0.0, -torch.inf), shifted)
     return shifted.exp().sum(dim=-1).log()
