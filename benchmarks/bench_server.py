@@ -1,7 +1,7 @@
-"""Serving benchmark: `polylm serve` on gemma-bench under 1, 4 and 16 concurrent streaming clients — total
+"""Serving benchmark: `polylm serve` on gemma-bench under 1, 4, 16 and 32 concurrent streaming clients — total
 throughput (completion tok/s) and time to first token (p50/p95) — and what prompt-prefix reuse saves.
 
-    python benchmarks/bench_server.py [--backend torch] [--dtype float32] [--levels 1,4,16] [--json]
+    python benchmarks/bench_server.py [--backend torch] [--dtype float32] [--levels 1,4,16,32] [--json]
 
 The server is a real `polylm serve` subprocess on 127.0.0.1 (batch 16); each client is a thread streaming
 /v1/completions with httpx, `--rounds` requests one after another, greedy, with its own random token-id prompt.
@@ -122,7 +122,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="torch")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--levels", default="1,4,16", help="concurrent clients, comma-separated")
+    parser.add_argument("--levels", default="1,4,16,32", help="concurrent clients, comma-separated")
     parser.add_argument("--rounds", type=int, default=2, help="requests per client, one after another")
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=16)

@@ -12,6 +12,9 @@ caching by construction:
   its key), except at a gathered slot, whose head output is returned. `Step.computed` lists the new slots a
   gathering runtime needs to compute, so that padding (a row joining with its prompt while the others feed one
   token, an idle row) costs no matrix work.
+- `Runtime.forward_top` returns, for a gathering step, only what the caller needs of each row (`Reduce`): the
+  top outputs, the log-normalizer and the NaN check on the device, the whole row only for the rows asking for
+  it, so a greedy batch copies O(batch) values to the host, not [batch, vocab].
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import numpy as np
 
 from .checkpoint.weights import Weights
 from .errors import BackendError, InputError
-from .ir import ModelIR, Norm
+from .ir import Head, ModelIR, Norm
+from .numerics.logits import finish_head, top_rows
 
 if TYPE_CHECKING:
     from .parallel.plan import Shard, ShardPlan
@@ -186,14 +190,14 @@ class Cache:
         limits = [limit for limit in limits if limit is not None]
         return min(limits) if limits else None
 
-    def run(self, step: Step, forward_pass: Callable[[Pass], np.ndarray]) -> np.ndarray:
+    def run(self, step: Step, forward_pass: Callable[[Pass], Any], reduce: "Reduce | None" = None) -> Any:
         """`step` through `forward_pass` (a runtime's forward over one `Pass`, writing this cache): in passes of
         at most `PASS_LIMIT` new tokens. Returns the passes' outputs joined as `Runtime.forward` gives them (with a
         gather, one row per batch entry from the pass that holds its gathered slot); `length` advances after each
-        pass."""
+        pass. With `reduce` the passes give `Reduced` answers, joined the same way."""
         past, new = self.admit(step)
         outputs: list[np.ndarray] = []
-        gathered: np.ndarray | None = None  # with a gather: each row's output, from the pass of its slot
+        gathered: Any = None  # with a gather: each row's output, from the pass of its slot
         for start in range(0, new, PASS_LIMIT):
             stop = min(start + PASS_LIMIT, new)
             end = past + stop
@@ -204,11 +208,65 @@ class Cache:
             self.length = end
             if step.gather is None:
                 outputs.append(out)
+            elif gathered is None:
+                gathered = out
             else:  # a row whose slot is in this pass takes its output from it
-                gathered = out if gathered is None else np.where((step.gather >= start)[:, None], out, gathered)
+                take = step.gather >= start
+                gathered = (np.where(take[:, None], out, gathered) if reduce is None
+                            else out.where(take, gathered, reduce.full))
         if step.gather is not None:
             return gathered
         return outputs[0] if len(outputs) == 1 else np.concatenate(outputs, axis=1)
+
+
+@dataclass(frozen=True)
+class Reduce:
+    """What a gathering step's caller needs of each row's finished head outputs (`polylm.numerics.logits`): the
+    `top` largest (at least 1), the log-normalizer when `norm` is set, and the whole row only for the rows set in
+    `full` [batch] bool."""
+
+    top: int
+    full: np.ndarray
+    norm: bool = False
+
+
+@dataclass(frozen=True)
+class Reduced:
+    """A `Reduce`'s answer (see `polylm.numerics.logits.top_rows`): per row the `top` largest finished outputs'
+    `ids` [batch, top] (largest first, ties by lowest id) and `values` (float32, as `finish_head` makes them),
+    the log-normalizer `norm` [batch] (float64; zeros unless asked for) and `nan` [batch]; `rows`
+    [full rows, out] the finished outputs of the rows set in `Reduce.full`, in row order."""
+
+    ids: np.ndarray
+    values: np.ndarray
+    norm: np.ndarray
+    nan: np.ndarray
+    rows: np.ndarray
+
+    @classmethod
+    def of(cls, out: np.ndarray, reduce: Reduce) -> "Reduced":
+        """The reference answer, from the finished outputs [batch, out] on the host."""
+        return cls(*top_rows(out, reduce.top, reduce.norm), out[reduce.full])
+
+    @classmethod
+    def of_top(cls, head: Head, ids: np.ndarray, raw: np.ndarray, norm: np.ndarray | None, nan: np.ndarray,
+               rows: np.ndarray) -> "Reduced":
+        """From a device's answer: the ids [batch, top] of each row's top raw (unfinished) head outputs in any
+        order and those outputs, the finished rows' log-normalizer (None: not asked for), NaN flags and the raw
+        full rows. The head's scale and softcap keep the order, so finishing the top outputs here with
+        `finish_head` gives exactly the reference's values; they are ordered largest first, ties by lowest id."""
+        values = finish_head(head, raw.astype(np.float32))
+        order = np.lexsort((ids, -values), axis=-1)
+        return cls(np.take_along_axis(ids, order, -1).astype(np.int64), np.take_along_axis(values, order, -1),
+                   np.zeros(len(ids)) if norm is None else norm.astype(np.float64), nan.astype(bool),
+                   finish_head(head, rows.astype(np.float32)))
+
+    def where(self, take: np.ndarray, other: "Reduced", full: np.ndarray) -> "Reduced":
+        """These rows where `take` [batch] is set, else `other`'s (a step run in several passes)."""
+        rows = np.where(take[full][:, None], self.rows, other.rows)
+        pick = take[:, None]
+        return Reduced(np.where(pick, self.ids, other.ids), np.where(pick, self.values, other.values),
+                       np.where(take, self.norm, other.norm), np.where(take, self.nan, other.nan), rows)
 
 
 A = TypeVar("A")  # a backend's array type (torch.Tensor, mx.array, …)
@@ -297,6 +355,11 @@ class Runtime(ABC):
 
         With a cache, the new keys/values are appended at slot `cache.length` and `length` advances.
         """
+
+    def forward_top(self, step: Step, cache: Cache | None, reduce: Reduce) -> Reduced:
+        """What `reduce` asks of a gathering step's finished outputs, else as `forward`. This reference copies
+        every row to the host; a backend's own computes the top outputs on its device and copies those."""
+        return Reduced.of(finish_head(self.ir.head, self.forward(step, cache)), reduce)
 
 
 class ShardRuntime(Runtime):

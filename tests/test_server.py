@@ -27,6 +27,7 @@ import pytest
 import uvicorn
 
 import polylm
+from polylm.backend import Runtime
 from polylm.cli import main
 from polylm.generate.sampling import log_softmax
 from polylm.serve.app import bind, create_app
@@ -415,6 +416,14 @@ def test_tokenizing_and_rendering_do_not_block_the_loop(plain, body):
     assert answers >= 3, (answers, took)  # a blocked loop answers at most the poll in flight until it is done
 
 
+def replace_forward(monkeypatch, runtime, forward):
+    """Make `runtime`'s head outputs `forward`'s, for the scheduler's `forward_top` too (core's reference then
+    reduces them)."""
+    monkeypatch.setattr(runtime, "forward", forward)
+    monkeypatch.setattr(runtime, "forward_top", lambda step, cache, reduce: Runtime.forward_top(runtime, step, cache,
+                                                                                               reduce))
+
+
 def test_a_prompt_with_nan_logits_fails_alone(plain, model, monkeypatch):
     """A request whose logits are NaN gets a 500 naming them; the request running beside it is unharmed."""
     url, engine = plain
@@ -426,7 +435,7 @@ def test_a_prompt_with_nan_logits_fails_alone(plain, model, monkeypatch):
         logits = np.array(forward(step, cache))
         logits[(step.input_ids == 7).sum(axis=1) >= 3] = np.nan  # the row joining with [1, 7, 7, 7]
         return logits
-    monkeypatch.setattr(model.runtime, "forward", poisoned)
+    replace_forward(monkeypatch, model.runtime, poisoned)
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
     stream = iter(client.completions.create(model=NAME, prompt="Once upon", max_tokens=30, temperature=0,
                                             stream=True))
@@ -451,7 +460,7 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(plain, model, 
         if len(calls) == 3:
             raise RuntimeError("device lost")
         return forward(step, cache)
-    monkeypatch.setattr(model.runtime, "forward", failing)
+    replace_forward(monkeypatch, model.runtime, failing)
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
     with pytest.raises(openai.InternalServerError) as caught:  # both prompts run in the failing step
         client.completions.create(model=NAME, prompt=["Once upon", "The quick"], max_tokens=10, temperature=0)
@@ -584,7 +593,7 @@ def test_logprobs_of_ruled_out_tokens_are_standard_json(plain, model, monkeypatc
         logits[:, 13:] = -np.inf  # the model rules out all but 10 tokens
         logits[:, :3] = -np.inf  # and the special ones, so that no reply ends at once (with no logprobs to show)
         return logits
-    monkeypatch.setattr(model.runtime, "forward", masked)
+    replace_forward(monkeypatch, model.runtime, masked)
     response = httpx.post(plain[0] + "/v1/completions", timeout=30,
                           json={"model": NAME, "prompt": "Once", "max_tokens": 2, "logprobs": 20, "temperature": 1})
     assert response.status_code == 200

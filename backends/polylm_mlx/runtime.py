@@ -14,11 +14,12 @@ from the cache offset, with no bias made on the host (`plain_pass`).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any, Callable
 
 import mlx.core as mx
 import numpy as np
 
-from polylm.backend import Cache, Pass, Runtime, Step
+from polylm.backend import Cache, Pass, Reduce, Reduced, Runtime, Step
 from polylm.ir import ALiBi, Attention, Block, ModelIR, RoPE
 from polylm.numerics.masks import attention_bias, ring_bias
 from polylm.parallel.plan import ShardPlan
@@ -27,6 +28,7 @@ from polylm.checkpoint.weights import Weights
 
 from . import ops
 from .params import MX_DTYPES, LayerParams, NormParams, build_params, read_tensors
+from .reduce import reduce_outputs
 
 #: Decode steps attend over the cache in multiples of this many slots (a new compiled shape per multiple).
 DECODE_WINDOW = 256
@@ -91,10 +93,18 @@ class MLXRuntime(Runtime):
         return cache
 
     def forward(self, step: Step, cache: Cache | None = None) -> np.ndarray:
-        cache = cache if cache is not None else self.new_cache(step.input_ids.shape[0], step.mask.shape[1])
-        return cache.run(step, lambda part: self._forward_pass(part, cache))
+        return self._head_outputs(step, cache, np.array)
 
-    def _forward_pass(self, part: Pass, cache: Cache) -> np.ndarray:
+    def forward_top(self, step: Step, cache: Cache | None, reduce: Reduce) -> Reduced:
+        return self._head_outputs(step, cache, lambda out: reduce_outputs(out, self.ir.head, reduce), reduce)
+
+    def _head_outputs(self, step: Step, cache: Cache | None, take: Callable[[mx.array], Any],
+                      reduce: Reduce | None = None) -> Any:
+        """`step`'s head outputs (float32), each pass's through `take` (to numpy, or `reduce`d first)."""
+        cache = cache if cache is not None else self.new_cache(step.input_ids.shape[0], step.mask.shape[1])
+        return cache.run(step, lambda part: take(self._forward_pass(part, cache)), reduce)
+
+    def _forward_pass(self, part: Pass, cache: Cache) -> mx.array:
         step, past = part.step, part.past
         end = past + part.new
         decode = part.new == 1
@@ -121,7 +131,7 @@ class MLXRuntime(Runtime):
                                               rings, mx.array([past], dtype=mx.int32), gather, cache.keys,
                                               cache.values)
         mx.eval(out, cache.keys, cache.values)
-        return np.array(out)
+        return out
 
     def _graph(self, ids: mx.array, positions: mx.array, inv_freqs: list[mx.array], bias: mx.array | int,
                rings: dict[int, RingInputs], offset: mx.array, gather: mx.array | None, keys: list[mx.array],

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Any, Callable
+
 import numpy as np
 import torch
 
-from dataclasses import replace
-
-from polylm.backend import Cache, Pass, RingPass, Runtime, Step
+from polylm.backend import Cache, Pass, Reduce, Reduced, RingPass, Runtime, Step
 from polylm.checkpoint.weights import Weights
 from polylm.ir import ALiBi, Attention, Block, ModelIR, RoPE
 from polylm.numerics.masks import attention_bias, ring_bias, ring_keys
@@ -16,6 +17,12 @@ from polylm.parallel.plan import ShardPlan
 
 from .ops import ReferenceOps, StepTensors
 from .params import TORCH_DTYPES, LayerParams, NormParams, Prepare, TensorReader, build_params
+from .reduce import reduce_outputs
+
+
+def to_host(out: torch.Tensor) -> np.ndarray:
+    """Head outputs as `Runtime.forward` returns them: float32 on the host."""
+    return out.float().cpu().numpy()
 
 
 class TorchRuntime(Runtime):
@@ -52,10 +59,18 @@ class TorchRuntime(Runtime):
 
         return Cache.build(self.ir, batch, capacity, make)
 
-    @torch.inference_mode()
     def forward(self, step: Step, cache: Cache | None = None) -> np.ndarray:
+        return self.head_outputs(step, cache, to_host)
+
+    def forward_top(self, step: Step, cache: Cache | None, reduce: Reduce) -> Reduced:
+        return self.head_outputs(step, cache, lambda out: reduce_outputs(out, self.ir.head, reduce), reduce)
+
+    @torch.inference_mode()
+    def head_outputs(self, step: Step, cache: Cache | None, take: Callable[[torch.Tensor], Any],
+                     reduce: Reduce | None = None) -> Any:
+        """`step`'s head outputs on the device, each pass's through `take` (to the host, or `reduce`d there)."""
         cache = cache if cache is not None else self.new_cache(step.input_ids.shape[0], step.mask.shape[1])
-        return cache.run(step, lambda part: self.run(self.upload(part), cache).float().cpu().numpy())
+        return cache.run(step, lambda part: take(self.run(self.upload(part), cache)), reduce)
 
     def upload(self, part: Pass) -> StepTensors:
         """A pass's arrays on the device, with what the ops need besides (RoPE frequencies, ALiBi slopes, core's

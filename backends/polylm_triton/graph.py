@@ -10,14 +10,16 @@ graph-safe ops (`TritonOps`): they read the step's tensors, never its host value
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import numpy as np
 import torch
 
-from polylm.backend import Cache, Step
+from polylm.backend import Cache, Reduce, Step
 from polylm.errors import BackendError, InputError
 from polylm.numerics.positions import rope_frequencies_per_row
 from polylm_torch_common.ops import StepTensors
-from polylm_torch_common.runtime import TorchRuntime
+from polylm_torch_common.runtime import TorchRuntime, to_host
 
 _ID, _POSITION, _MASK, _GATHER, _SLOT = range(5)
 
@@ -88,8 +90,9 @@ class DecodeGraph:
         return self.runtime.run(step, self.cache)
 
     @torch.inference_mode()
-    def step(self, step: Step) -> np.ndarray:
-        """Head outputs [batch, out] as float32 (as `Runtime.forward` gives them) for one new token per row."""
+    def step(self, step: Step, take: Callable[[torch.Tensor], Any] = to_host) -> Any:
+        """The head outputs on the device, [batch, out] (with a gather, else [batch, 1, out]), through `take`
+        (`TorchRuntime.head_outputs`; by default to the host as float32), for one new token per row."""
         cache = self.cache
         batch, new = step.input_ids.shape
         past = cache.length
@@ -111,8 +114,7 @@ class DecodeGraph:
             self.logits = self._run()
         self.host_positions[:, past], self.host_mask[:, past] = step.positions[:, past], step.mask[:, past]
         cache.length = past + 1
-        out = self.logits.float().cpu().numpy()
-        return out if step.gather is not None else out[:, None]
+        return take(self.logits if step.gather is not None else self.logits[:, None])
 
     def _sync(self, step: Step, past: int) -> None:
         """Bring the earlier slots' positions and mask, and the RoPE frequencies, up to date (eagerly; after
@@ -140,11 +142,12 @@ class GraphedRuntime(TorchRuntime):
         self._graph = None
         return super().new_cache(batch, capacity)
 
-    def forward(self, step: Step, cache: Cache | None = None) -> np.ndarray:
+    def head_outputs(self, step: Step, cache: Cache | None, take: Callable[[torch.Tensor], Any],
+                     reduce: Reduce | None = None) -> Any:
         if cache is None or step.input_ids.shape[1] != 1 or cache.rings or len(self.ropes) > 1:
             # the graph holds one kind of RoPE and no sliding-window rings (experts it routes on the device)
-            return super().forward(step, cache)
+            return super().head_outputs(step, cache, take, reduce)
         if self._graph is None or self._graph.cache is not cache:
             self._graph = None  # the last graph's memory goes before the next one is captured
             self._graph = DecodeGraph(self, cache, capture=self.device.type == "cuda")
-        return self._graph.step(step)
+        return self._graph.step(step, take)

@@ -201,6 +201,29 @@ class Sampler:
             return TokenChoice(token)
         return scored_choice(log_softmax(logits), token, self.sampling.logprobs)
 
+    @property
+    def needs_full(self) -> bool:
+        """Whether picking needs the whole row of logits (sampling, the repetition penalty), not only the top."""
+        return not self._plain_greedy
+
+    @property
+    def top(self) -> int:
+        """How many of the largest logits `pick_top` reads."""
+        return max(1, self.sampling.logprobs or 0)
+
+    def pick_top(self, ids: np.ndarray, values: np.ndarray, norm: float, nan: bool) -> TokenChoice:
+        """As `pick` for a sequence that does not need the whole row: from its `top` largest logits (`ids`, largest
+        first, ties by lowest id; their `values`), the log-normalizer log Σ exp(logits − max) and whether the row
+        holds NaN (see `polylm.backend.Reduced`)."""
+        check_logits(math.nan if nan else float(values[0]))
+        token = int(ids[0])
+        if self.sampling.logprobs is None:
+            return TokenChoice(token)
+        logprobs = _shifted(values[None].astype(np.float64))[0] - norm
+        count = min(self.sampling.logprobs, len(ids))
+        return TokenChoice(token, float(logprobs[0]),
+                           tuple((int(t), float(p)) for t, p in zip(ids[:count], logprobs[:count])))
+
     def _seen_mask(self, vocab: int) -> np.ndarray | None:
         if self._seen is None:
             return None

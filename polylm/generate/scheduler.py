@@ -26,9 +26,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..backend import Cache, Runtime, Step
+from ..backend import Cache, Reduce, Reduced, Runtime, Step
 from ..errors import InputError, PolylmError
-from ..numerics.logits import finish_head
 from .sampling import Sampler, Sampling, TokenChoice
 
 STOP, LENGTH, CANCELLED, ERROR = "stop", "length", "cancelled", "error"
@@ -217,11 +216,18 @@ class Scheduler:
                 feeds[index] = ([row.pending], len(row.history))
         if not feeds:
             return self._take_ended()
-        logits = self._forward(feeds, joined)
+        reduce = self._reduce()
+        reduced = self._forward(feeds, joined, reduce)
+        full = {index: n for n, index in enumerate(np.flatnonzero(reduce.full))}
         for index in feeds:
             request = self._rows[index].request
+            sampler = request.sampler
             try:
-                choice = request.sampler.pick(logits[index])
+                if index in full:
+                    choice = sampler.pick(reduced.rows[full[index]])
+                else:
+                    choice = sampler.pick_top(reduced.ids[index], reduced.values[index], reduced.norm[index],
+                                              bool(reduced.nan[index]))
             except PolylmError as exc:
                 self._free(request, ERROR)
                 outputs.append(Output(request, None, ERROR, exc))
@@ -371,9 +377,18 @@ class Scheduler:
 
     # -- the forward pass ------------------------------------------------------------------------------------
 
-    def _forward(self, feeds: dict[int, tuple[list[int], int]], joined: set[int]) -> np.ndarray:
+    def _reduce(self) -> Reduce:
+        """What the running rows' samplers read of their logits: the top ones (and the log-normalizer for
+        logprobs), whole rows only for those that sample or penalise (`Runtime.forward_top`)."""
+        samplers = [row.request.sampler for row in self._rows if row.request is not None]
+        full = np.array([row.request is not None and row.request.sampler.needs_full for row in self._rows], bool)
+        return Reduce(max((s.top for s in samplers), default=1), full,
+                      norm=any(s.sampling.logprobs is not None for s in samplers))
+
+    def _forward(self, feeds: dict[int, tuple[list[int], int]], joined: set[int], reduce: Reduce) -> Reduced:
         """One pass over `feeds` (row → tokens, first position), right-aligned in the step's new slots; rows in
-        `joined` bring a prompt (or, when moved from a full cache, their tokens so far)."""
+        `joined` bring a prompt (or, when moved from a full cache, their tokens so far). Returns what `reduce`
+        asks of the rows' logits."""
         past = self._cache.length
         new = max(len(tokens) for tokens, _ in feeds.values())
         end = past + new
@@ -400,7 +415,7 @@ class Scheduler:
         self.stats.slots += batch * new
         step = Step(ids, self._positions[:, :end].copy(), self._mask[:, :end].copy(),
                     gather=np.full(batch, new - 1, dtype=np.int64))
-        return finish_head(self.runtime.ir.head, self.runtime.forward(step, self._cache))
+        return self.runtime.forward_top(step, self._cache, reduce)
 
 
 def _common_prefix(history: list[int], prompt: list[int], limit: int) -> int:

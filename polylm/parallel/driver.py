@@ -11,11 +11,11 @@ from __future__ import annotations
 import atexit
 import itertools
 import weakref
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
-from ..backend import Cache, Runtime, ShardRuntime, Step
+from ..backend import Cache, Reduce, Reduced, Runtime, ShardRuntime, Step
 from ..errors import ParallelError
 
 _NEW_CACHE, _FORWARD, _STOP = "new_cache", "forward", "stop"
@@ -43,9 +43,16 @@ class Driver(Runtime):
         return cache
 
     def forward(self, step: Step, cache: Cache | None = None) -> np.ndarray:
+        return self._run(step, cache, lambda: self.local.forward(step, cache))
+
+    def forward_top(self, step: Step, cache: Cache | None, reduce: Reduce) -> Reduced:
+        """As `forward` on every rank (the others compute the same pass); rank 0 reduces its gathered outputs."""
+        return self._run(step, cache, lambda: self.local.forward_top(step, cache, reduce))
+
+    def _run(self, step: Step, cache: Cache | None, local: Callable[[], Any]) -> Any:
         self._send((_FORWARD, step, getattr(cache, "parallel_key", None)))
         try:
-            return self.local.forward(step, cache)
+            return local()
         except RuntimeError as exc:  # the engine's own error when a rank is gone
             raise self.explain(ParallelError(f"tensor-parallel forward pass failed on rank 0 of "
                                              f"{self.local.plan.shard.world_size}: {exc}")) from None

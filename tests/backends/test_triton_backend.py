@@ -201,7 +201,8 @@ def test_graphed_runtime_decodes_through_one_graph_per_cache(make_ckpt, ckpt_roo
     assert isinstance(model.runtime, GraphedRuntime)
     graphs = []
     graph_step = DecodeGraph.step
-    monkeypatch.setattr(DecodeGraph, "step", lambda self, step: graphs.append(self) or graph_step(self, step))
+    monkeypatch.setattr(DecodeGraph, "step",
+                        lambda self, step, *take: graphs.append(self) or graph_step(self, step, *take))
     assert model.generate(prompts, max_new_tokens=6) == want
     assert len(graphs) == max(map(len, want)) - 1 and len(set(map(id, graphs))) == 1  # first token: the prefill
     model.runtime.new_cache(1, 4)  # a new cache lets the last graph, and the cache it holds, go

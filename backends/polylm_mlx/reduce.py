@@ -1,0 +1,44 @@
+"""`Runtime.forward_top` on MLX: each row's top head outputs, log-normalizer and NaN check computed with mx ops,
+so that only those (and the rows asking for all their outputs) are copied to numpy."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from polylm.backend import Reduce, Reduced
+from polylm.ir import Head
+
+
+def reduce_outputs(out: mx.array, head: Head, reduce: Reduce) -> Reduced:
+    """What `reduce` asks of raw head outputs [batch, out] (float32); see `Reduced.of_top`."""
+    top = min(reduce.top, out.shape[-1])
+    ids = (mx.argmax(out, axis=-1, keepdims=True) if top == 1
+           else mx.argpartition(-out, kth=top - 1, axis=-1)[:, :top])
+    ids = ids.astype(mx.int32)
+    norm = _norm(_finish(out, head)) if reduce.norm else None
+    full = np.flatnonzero(reduce.full)
+    rows = out[mx.array(full.astype(np.int32))] if full.size else mx.zeros((0, out.shape[-1]), dtype=out.dtype)
+    picked = [ids, mx.take_along_axis(out, ids, axis=-1), mx.any(mx.isnan(out), axis=-1), rows]
+    mx.eval(*picked, *([norm] if norm is not None else []))
+    ids, raw, nan, rows = (np.array(a) for a in picked)
+    return Reduced.of_top(head, ids, raw, None if norm is None else np.array(norm), nan, rows)
+
+
+def _finish(out: mx.array, head: Head) -> mx.array:
+    """`polylm.numerics.logits.finish_head` with mx ops."""
+    if head.logit_scale != 1.0:
+        out = out * head.logit_scale
+    if head.softcap is not None:
+        out = mx.tanh(out / head.softcap) * head.softcap
+    return out
+
+
+def _norm(out: mx.array) -> mx.array:
+    """log Σ exp(out − max) per row (float64 where the device has it) over the +inf outputs alone where the max
+    is +inf."""
+    wide = out.astype(mx.float64 if mx.default_device() == mx.cpu else mx.float32)
+    best = mx.max(wide, axis=-1, keepdims=True)
+    positive = mx.isposinf(best)
+    shifted = mx.where(positive, mx.where(mx.isposinf(wide), 0.0, -mx.inf), wide - mx.where(positive, 0.0, best))
+    return mx.log(mx.sum(mx.exp(shifted), axis=-1))

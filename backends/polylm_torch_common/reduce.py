@@ -1,0 +1,39 @@
+"""`Runtime.forward_top` on torch: each row's top head outputs, log-normalizer and NaN check computed on the
+device, so that only those (and the rows asking for all their outputs) are copied to the host."""
+
+from __future__ import annotations
+
+import torch
+
+from polylm.backend import Reduce, Reduced
+from polylm.ir import Head
+
+
+def reduce_outputs(out: torch.Tensor, head: Head, reduce: Reduce) -> Reduced:
+    """What `reduce` asks of raw head outputs [batch, out] (any float dtype, on any device); see `Reduced.of_top`."""
+    out = out.float()
+    top = min(reduce.top, out.shape[-1])
+    ids = out.argmax(dim=-1, keepdim=True) if top == 1 else out.topk(top, dim=-1).indices
+    norm = _norm(_finish(out, head)).cpu().numpy() if reduce.norm else None
+    full = torch.from_numpy(reduce.full).to(out.device)
+    return Reduced.of_top(head, ids.cpu().numpy(), out.gather(-1, ids).cpu().numpy(), norm,
+                          out.isnan().any(dim=-1).cpu().numpy(), out[full].cpu().numpy())
+
+
+def _finish(out: torch.Tensor, head: Head) -> torch.Tensor:
+    """`polylm.numerics.logits.finish_head` on the device."""
+    if head.logit_scale != 1.0:
+        out = out * head.logit_scale
+    if head.softcap is not None:
+        out = torch.tanh(out / head.softcap) * head.softcap
+    return out
+
+
+def _norm(out: torch.Tensor) -> torch.Tensor:
+    """log Σ exp(out − max) per row in float64 (over the +inf outputs alone where the max is +inf)."""
+    wide = out.double()
+    best = wide.max(dim=-1, keepdim=True).values
+    shifted = wide - best
+    if best.isposinf().any():  # rare: only then the [batch, out] select
+        shifted = torch.where(best.isposinf(), torch.where(wide.isposinf(), 0.0, -torch.inf), shifted)
+    return shifted.exp().sum(dim=-1).log()
