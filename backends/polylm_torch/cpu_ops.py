@@ -58,14 +58,14 @@ class CpuOps(ReferenceOps):
     def routed_experts(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor, p: ExpertParams,
                        moe: MoE) -> torch.Tensor:
         """The reference op's result with less host work for one token (decode): no zeroed output, no row
-        indexing; the first chosen expert's weighted output starts the sum (0 + y is y) and the rest are added
-        in place, in the experts' order, so every rounding is the reference op's."""
+        indexing, the weighting in place; the first chosen expert's weighted output starts the sum (0 + y is y)
+        and the rest are added in place, in the experts' order, so every rounding is the reference op's."""
         if x.shape[0] != 1:
             return super().routed_experts(x, weights, chosen, p, moe)
         out = None
         for expert, slot in sorted((expert, slot) for slot, expert in enumerate(chosen[0].tolist())):
             y = self.mlp(x, p.experts_up[expert], p.experts_up_bias[expert], p.experts_down[expert],
                          p.experts_down_bias[expert], moe.expert)
-            y = (y * weights[:, slot, None]).to(x.dtype)
+            y = y.mul_(weights[:, slot, None])  # fresh; computed in float32, rounded to x's dtype once, as `.to`
             out = y if out is None else out.add_(y)
         return out
