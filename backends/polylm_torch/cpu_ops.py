@@ -1,8 +1,8 @@
 """`CpuOps`: the reference ops with the compiled CPU kernels of `cpu_gemv` (fused residual add + RMSNorm, gated
 activation, RoPE + cache write, decode attention) where they apply, and routed experts with less host work for one
-token (decode; the reference op's roundings). The kernels' ISA is picked once, when the ops
-are made (`cpu_gemv.fused_kernels`); each kernel declines (returns None) where it does not apply — another device
-or dtype, no extension, `POLYLM_GEMV_ISA=none` — and the reference op runs instead."""
+token (decode; the reference op's roundings). The kernels' ISA is picked once, when the ops are made
+(`cpu_gemv.fused_kernels`); each kernel declines (returns None) where it does not apply — another device or dtype,
+no extension, `POLYLM_GEMV_ISA=none` — and the reference op runs instead."""
 
 from __future__ import annotations
 
