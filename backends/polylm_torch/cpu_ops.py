@@ -1,13 +1,15 @@
 """`CpuOps`: the reference ops with the compiled CPU kernels of `cpu_gemv` (fused residual add + RMSNorm, gated
-activation, RoPE + cache write, decode attention) where they apply. The kernels' ISA is picked once, when the ops
-are made (`cpu_gemv.fused_kernels`); each kernel declines (returns None) where it does not apply — another device
-or dtype, no extension, `POLYLM_GEMV_ISA=none` — and the reference op runs instead."""
+activation, RoPE + cache write, decode attention) where they apply, and routed experts with less host work for one
+token (decode; the reference op's roundings). The kernels' ISA is picked once, when the ops are made
+(`cpu_gemv.fused_kernels`); each kernel declines (returns None) where it does not apply — another device or dtype,
+no extension, `POLYLM_GEMV_ISA=none` — and the reference op runs instead."""
 
 from __future__ import annotations
 
 import torch
 
-from polylm.ir import MLP, Attention
+from polylm.backend import ExpertParams
+from polylm.ir import MLP, Attention, MoE
 from polylm_torch_common.ops import ReferenceOps, StepTensors
 from polylm_torch_common.params import NormParams
 
@@ -53,3 +55,18 @@ class CpuOps(ReferenceOps):
     def activation(self, h: torch.Tensor, mlp: MLP) -> torch.Tensor:
         fused = self._kernels.gated_activation(h, mlp.activation) if mlp.gated else None  # None for swiglu_oai
         return fused if fused is not None else super().activation(h, mlp)
+
+    def routed_experts(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor, p: ExpertParams,
+                       moe: MoE) -> torch.Tensor:
+        """The reference op's result with less host work for one token (decode): no zeroed output, no row
+        indexing, the weighting in place; the first chosen expert's weighted output starts the sum (0 + y is y)
+        and the rest are added in place, in the experts' order, so every rounding is the reference op's."""
+        if x.shape[0] != 1:
+            return super().routed_experts(x, weights, chosen, p, moe)
+        out = None
+        for expert, slot in sorted((expert, slot) for slot, expert in enumerate(chosen[0].tolist())):
+            y = self.mlp(x, p.experts_up[expert], p.experts_up_bias[expert], p.experts_down[expert],
+                         p.experts_down_bias[expert], moe.expert)
+            y = y.mul_(weights[:, slot, None])  # fresh; computed in float32, rounded to x's dtype once, as `.to`
+            out = y if out is None else out.add_(y)
+        return out
