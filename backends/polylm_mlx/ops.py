@@ -47,11 +47,32 @@ def linear(x: mx.array, weight: Matrix, bias: mx.array | None = None) -> mx.arra
         y = weight.matmul(x)
         return y if bias is None else y + bias
     if weight.dtype != x.dtype:
-        y = x.astype(weight.dtype) @ weight
+        y = _matmul(x.astype(weight.dtype), weight)
         return (y if bias is None else y + bias.astype(weight.dtype)).astype(x.dtype)
     if bias is None:
-        return x @ weight
-    return mx.addmm(bias, x, weight)
+        return _matmul(x, weight)
+    return _matmul(x, weight, bias)
+
+
+#: Two CPU streams, on the CPU only: MLX's CPU BLAS (the reference one its wheel bundles) multiplies on one core,
+#: so a prefill's matmul splits its rows over two streams, which MLX runs on two threads (each row's product is
+#: the same computation either way: bit-identical).
+_CPU_STREAMS = (mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)) if mx.default_device().type == mx.cpu else None
+#: Rows from which a matmul is split (a decode step's few rows are not).
+SPLIT_FROM = 32
+
+
+def _matmul(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
+    """x @ weight (+ bias through `mx.addmm`), x's rows split over `_CPU_STREAMS` when there are at least
+    `SPLIT_FROM` of them."""
+    product = (lambda a, stream=None: mx.matmul(a, weight, stream=stream)) if bias is None else (
+        lambda a, stream=None: mx.addmm(bias, a, weight, stream=stream))
+    rows = x.size // x.shape[-1]
+    if _CPU_STREAMS is None or rows < SPLIT_FROM:
+        return product(x)
+    flat, half = x.reshape(rows, x.shape[-1]), rows // 2
+    parts = [product(part, stream) for part, stream in zip((flat[:half], flat[half:]), _CPU_STREAMS)]
+    return mx.concatenate(parts, axis=0).reshape(*x.shape[:-1], weight.shape[-1])
 
 
 def rotary(positions: mx.array, inv_freq: mx.array, factor: float, dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
