@@ -58,13 +58,23 @@ class CpuOps(ReferenceOps):
 
     def routed_experts(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor, p: ExpertParams,
                        moe: MoE) -> torch.Tensor:
-        """The reference op's result with less host work for one token (decode): no zeroed output, no row
-        indexing, the weighting in place; the first chosen expert's weighted output starts the sum (0 + y is y)
-        and the rest are added in place, in the experts' order, so every rounding is the reference op's."""
+        """The reference op's result with less host work for one token (decode): the chosen experts in one
+        compiled call (`FusedKernels.expert_mlps`: kernel layers, SiLU/tanh-GELU gating), else without a zeroed
+        output or row indexing, the weighting in place; either way the first chosen expert's weighted output
+        starts the sum (0 + y is y) and the rest are added in place, in the experts' order, so every rounding is
+        the reference op's."""
         if x.shape[0] != 1:
             return super().routed_experts(x, weights, chosen, p, moe)
+        picked = sorted((expert, slot) for slot, expert in enumerate(chosen[0].tolist()))
+        if moe.expert.gated and all(p.experts_up_bias[e] is None and p.experts_down_bias[e] is None
+                                    for e, _ in picked):  # biases are held by the kernel layers
+            fused = self._kernels.expert_mlps(x, [p.experts_up[e] for e, _ in picked],
+                                              [p.experts_down[e] for e, _ in picked], weights[0],
+                                              [slot for _, slot in picked], moe.expert.activation)
+            if fused is not None:
+                return fused
         out = None
-        for expert, slot in sorted((expert, slot) for slot, expert in enumerate(chosen[0].tolist())):
+        for expert, slot in picked:
             y = self.mlp(x, p.experts_up[expert], p.experts_up_bias[expert], p.experts_down[expert],
                          p.experts_down_bias[expert], moe.expert)
             y = y.mul_(weights[:, slot, None])  # fresh; computed in float32, rounded to x's dtype once, as `.to`

@@ -1,6 +1,7 @@
 """`CpuOps.routed_experts` (the torch backend's decode path for routed experts) equals the reference op's
 grouping run with the same (compiled) expert kernels bit for bit, and `ReferenceOps.experts` within the compiled
-activation's rounding: float32/bfloat16 and int8/int4 expert layers, 1/3/32 tokens, top-k 1/2/4, shared experts,
+activation's rounding: float32/bfloat16 tensors, packed and int8/int4 expert layers (one token through the
+compiled `expert_mlps` call where the layers are kernel layers with SiLU/GELU gating), 1/3/32 tokens, top-k 1/2/4, shared experts,
 biases."""
 
 from __future__ import annotations
@@ -10,13 +11,13 @@ import torch
 
 from polylm.backend import ExpertParams
 from polylm.ir import MLP, MoE
-from polylm_torch.cpu_gemv import Int4Linear, Int8Linear
+from polylm_torch.cpu_gemv import Int4Linear, Int8Linear, PackedLinear
 from polylm_torch.cpu_ops import CpuOps
 from polylm_torch_common.ops import ReferenceOps, route
 
 HIDDEN, EXPERTS = 64, 6
 GATED = MLP(32, "silu", gated=True)
-LAYERS = {"float": None, "int8": Int8Linear.from_float, "int4": Int4Linear.from_float}
+LAYERS = {"float": None, "packed": PackedLinear, "int8": Int8Linear.from_float, "int4": Int4Linear.from_float}
 
 
 def params(moe: MoE, dtype: torch.dtype, layer: str) -> ExpertParams:
@@ -70,3 +71,19 @@ def test_cpu_experts_equal_the_reference_op(case, rows, dtype, layer):
     full, want = ops.experts(x, p, moe).float(), ReferenceOps().experts(x, p, moe).float()
     tolerance = 1e-6 if dtype == torch.float32 else 2 ** -7
     assert (full - want).abs().max().item() <= tolerance * want.abs().max().item()
+
+
+@pytest.mark.parametrize("layer", ["packed", "int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_token_takes_the_compiled_call(dtype, layer):
+    moe = MOES["top2-normalized"]
+    p = params(moe, dtype, layer)
+    x = torch.randn(1, HIDDEN, generator=torch.Generator().manual_seed(2)).to(dtype)
+    ops = CpuOps()
+    calls = []
+    compiled = ops._kernels.expert_mlps
+    ops._kernels.expert_mlps = lambda *args: calls.append(compiled(*args)) or calls[-1]
+    weights, chosen = route(ops.linear(x, p.router, p.router_bias), moe)
+    got = ops.routed_experts(x, weights, chosen, p, moe)
+    assert len(calls) == 1 and calls[0] is got
+    assert torch.equal(got, ReferenceOps.routed_experts(ops, x, weights, chosen, p, moe))

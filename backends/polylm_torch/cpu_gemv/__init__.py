@@ -16,9 +16,10 @@ at a time — at 430-460 GFLOP/s on 2 Zen 4 cores, 10-20% above ``F.linear`` (on
 tiled path unpacks about 2 MB of the weight at a time into a transposed fp32 tile and multiplies it with ``at::mm``.
 
 :class:`FusedKernels` (made once per runtime by :func:`fused_kernels`) fuses a gated MLP's ``act(gate) * up``
-(SiLU, tanh-GELU), a residual add with the RMSNorm after it, and the attention of a few query rows over the KV cache
-(decode): fp32 math, one rounding, one pass instead of 5-9 torch ops or SDPA's ~300 µs a decode call. They are
-written once (``fused.h``) and compiled for both ISAs. Its ``rope_and_cache`` (plain C++) splits the fused q/k/v
+(SiLU, tanh-GELU), a token's routed experts (their kernel layers, activation and weighted sum in one call), a
+residual add with the RMSNorm after it, and the attention of a few query rows over the KV cache (decode): fp32
+math, one rounding, one pass instead of 5-9 torch ops or SDPA's ~300 µs a decode call. They are written once
+(``fused.h``) and compiled for both ISAs. Its ``rope_and_cache`` (plain C++) splits the fused q/k/v
 projection, rotates q and k and writes the KV cache with the very roundings of the torch ops.
 
 Memory: the packed copy *replaces* the original weight. A :class:`PackedLinear` keeps no reference to the tensor it
@@ -94,6 +95,20 @@ class FusedKernels:
         if activation not in _GATED or not self._applies(h):
             return None
         return self._module.gated_activation(h.contiguous(), _GATED[activation], self._isa)
+
+    def expert_mlps(self, x: torch.Tensor, ups: list, downs: list, weights: torch.Tensor, slots: list[int],
+                    activation: str) -> torch.Tensor | None:
+        """A token's routed experts in one call: ``Σ weights[slots[i]] · downs[i](act(gate) * up)`` over the
+        chosen experts' kernel layers in the order given, ``ups[i](x)`` split into gate and up halves (SiLU,
+        tanh-GELU), `weights` [top_k] float32: each expert's output in x's dtype, weighted in fp32 and rounded to
+        x's dtype, summed in x's dtype (`ReferenceOps.routed_experts`' roundings)."""
+        layers = [*ups, *downs]
+        if activation not in _GATED or not self._applies(x) or not all(
+                isinstance(layer, _KernelLinear) and layer._impl is not None for layer in layers):
+            return None
+        return self._module.expert_mlps(x.contiguous(), [layer._impl for layer in ups],
+                                        [layer._impl for layer in downs], weights, slots, _GATED[activation],
+                                        self._isa)
 
     def attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, length: int,
                   scale: float, softcap: float | None = None) -> torch.Tensor | None:

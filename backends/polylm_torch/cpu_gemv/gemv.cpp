@@ -4,9 +4,11 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/add.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/mul.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -483,6 +485,25 @@ static at::Tensor gated_activation(const at::Tensor& h, int64_t act, int64_t isa
   return out;
 }
 
+// A mixture-of-experts layer's routed experts for the rows of x (decode: one token): x through each chosen
+// expert's up layer (gate and up rows), gated activation and down layer, times its routing weight, summed in the
+// order given (the experts' order; `slots`: each one's index into `weights`) — the roundings of the torch ops this replaces: each expert's output in x's
+// dtype, its product with the fp32 weight computed in fp32 and rounded to x's dtype, the sum in x's dtype.
+static at::Tensor expert_mlps(const at::Tensor& x, const std::vector<GemvBase*>& ups,
+                              const std::vector<GemvBase*>& downs, const at::Tensor& weights,
+                              const std::vector<int64_t>& slots, int64_t act, int64_t isa) {
+  TORCH_CHECK(!ups.empty() && ups.size() == downs.size() && ups.size() == slots.size() && weights.dim() == 1 &&
+                  weights.scalar_type() == at::kFloat,
+              "expert_mlps: need one up layer, down layer and slot of the fp32 weights per chosen expert");
+  at::Tensor out;
+  for (size_t i = 0; i < ups.size(); ++i) {
+    at::Tensor y = downs[i]->forward(gated_activation(ups[i]->forward(x), act, isa));
+    y.mul_(weights.narrow(0, slots[i], 1));  // a [1] fp32 tensor: the product in fp32
+    out = i == 0 ? y : out.add_(y);
+  }
+  return out;
+}
+
 // (x + delta, RMSNorm of it) for contiguous fp32/bf16 x and delta of one shape (delta None: (x, norm of x));
 // weight and bias fp32 [hidden].
 static std::pair<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& delta,
@@ -642,6 +663,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("kv_heads"), pybind11::arg("head_dim"), pybind11::arg("rotary_dim"),
         pybind11::arg("interleaved"), pybind11::call_guard<pybind11::gil_scoped_release>(),
         "Split qkv into heads, RoPE-rotate q and k, write k and v into the caches; returns q [B, H, T, d].");
+  m.def("expert_mlps", &g::expert_mlps, pybind11::arg("x"), pybind11::arg("ups"), pybind11::arg("downs"),
+        pybind11::arg("weights"), pybind11::arg("slots"), pybind11::arg("act"), pybind11::arg("isa"),
+        pybind11::call_guard<pybind11::gil_scoped_release>(),
+        "Routed experts for x: sum of weights[slot] * down(act(gate) * up) over the chosen experts' layers, in order.");
   m.def("cpu_has", &g::cpu_has, "Whether the CPU supports 'avx2', 'avx512' (F/BW/VL/DQ/VNNI) or 'avx512bf16'.");
   pybind11::class_<g::GemvBase>(m, "GemvBase")
       .def("__call__", &g::GemvBase::forward, pybind11::call_guard<pybind11::gil_scoped_release>())
