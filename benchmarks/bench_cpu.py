@@ -4,7 +4,8 @@ imports) — same checkpoint, token counts and threads, one run.
 
     python benchmarks/bench_cpu.py [--model gemma-bench|bloom-bench|mixtral-bench] [--threads 2]
                                    [--prompt-tokens 128[,512,2048]] [--depths 128,1024,2048] [--new-tokens 64]
-                                   [--llama-cpp bf16,q8_0,q4_0|none] [--repeat 3] [--write RESULTS.md]
+                                   [--llama-cpp bf16,q8_0,q4_0|none] [--repeat 3] [--skip mlx-lm,fp32]
+                                   [--write RESULTS.md]
 
 Each engine runs in its own process (so peak RSS and thread pools don't mix), once per token count: a run at N
 tokens measures the prefill of an N-token prompt and the decode right after it (at depth N). Ratios are against
@@ -297,6 +298,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3,
                         help="rounds over all engines (interleaved, so that a shared machine's slow spells hit "
                              "every engine alike); the tables show each figure's median")
+    parser.add_argument("--skip", type=lambda text: [part for part in text.split(",") if part], default=[],
+                        metavar="WORD[,WORD...]", help="leave out the engines whose name contains one of these words "
+                        "(e.g. mlx-lm,fp32: those whose long prompts take minutes)")
     parser.add_argument("--write", default=None, metavar="FILE", help="append the tables to this Markdown file")
     args = parser.parse_args()
     path = build(args.model)
@@ -314,6 +318,7 @@ def main() -> None:
             [sys.executable, "-c", MLX_LM_RUN, str(path), str(tokens), str(args.new_tokens), str(args.threads)],
             args.threads)
     engines |= llama_cpp_engines(path, args)
+    engines = {name: measure for name, measure in engines.items() if not any(word in name for word in args.skip)}
     rounds = [(name, tokens, measure) for _ in range(args.repeat) for tokens in lengths
               for name, measure in engines.items()]
     runs: dict[tuple[str, int], list[dict]] = {(name, tokens): [] for name in engines for tokens in lengths}
@@ -326,7 +331,8 @@ def main() -> None:
     command = (f"python benchmarks/bench_cpu.py --model {args.model} --threads {args.threads} --prompt-tokens "
                f"{','.join(map(str, args.prompt_tokens))}" + (f" --depths {','.join(map(str, args.depths))}"
                                                               if args.depths else "")
-               + f" --new-tokens {args.new_tokens} --llama-cpp {args.llama_cpp} --repeat {args.repeat}")
+               + f" --new-tokens {args.new_tokens} --llama-cpp {args.llama_cpp} --repeat {args.repeat}"
+               + (f" --skip {','.join(args.skip)}" if args.skip else ""))
     caption = [(f"{cpu_description()}; {time.strftime('%Y-%m-%d')}; `{command}`; medians of {args.repeat} "
                 "interleaved runs.")]
     if any(name.startswith("llama.cpp") for name in engines):
