@@ -2,6 +2,8 @@
 backend: a tied head multiplies with the table's codes and scales, and the lookup dequantizes the ids' rows
 exactly (`dequantize()[ids]` in the compute dtype)."""
 
+import warnings
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -65,3 +67,21 @@ def test_triton_tied_head_and_rows(make_ckpt, quantize):
     assert (ops.linear(x, params.head) - F.linear(x, dense)).abs().max() <= HEAD_EXACT
     ids = torch.tensor([[0, 7], [model.ir.embedding.vocab_size - 1, 7]])
     assert torch.equal(ops.embed(ids, params.embed, 1.0, None), dense[ids])
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_torch_quantized_rows_are_the_dequantized_rows(monkeypatch, compiled, bits):
+    """`rows` reads the packed layout (or, without the extension, the plain codes) exactly, any ids shape."""
+    from polylm_torch.cpu_gemv import Int4Linear, Int8Linear, _build
+
+    if not compiled:
+        monkeypatch.setattr(_build, "select_isa", lambda: (None, None, "forced by the test"))
+    weight = torch.randn(37, 72, generator=torch.Generator().manual_seed(0)).bfloat16()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layer = Int8Linear.from_float(weight) if bits == 8 else Int4Linear.from_float(weight, group_size=32)
+    assert (layer.isa == "torch") != compiled
+    ids = torch.tensor([[0, 5, 36], [17, 16, 15]])
+    rows = layer.rows(ids)
+    assert rows.dtype == torch.bfloat16 and torch.equal(rows, layer.dequantize()[ids].bfloat16())
