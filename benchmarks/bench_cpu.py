@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_llama_cpp as llama_cpp  # noqa: E402
@@ -94,6 +95,7 @@ print(json.dumps(dict(import_s=import_s, load_s=load_s, ttft_s=ttft, prefill_tok
 MLX_LM_RUN = PEER_PRELUDE.format(imports="""
 import mlx.core as mx
 from pathlib import Path
+from typing import NamedTuple
 from bench_mlx import mlx_lm_engine""", load="""
 mx.set_default_device(mx.cpu)
 engine = mlx_lm_engine(Path(path), "bfloat16")
@@ -170,16 +172,36 @@ def median_row(results: list[dict]) -> dict:
             for key, value in results[0].items()}
 
 
-#: Bytes a weight takes per precision: bf16; int8 codes (+ a float32 scale per row, negligible); int4 codes and a
-#: bfloat16 scale per 32.
+#: Bytes a block matrix's (or an untied head's) weight takes per precision: bf16; int8 codes (+ a float32 scale
+#: per row, negligible); int4 codes and a bfloat16 scale per 32.
 BYTES_PER_WEIGHT = {"polylm bf16": 2.0, "polylm int8": 1.0, "polylm int4": 0.5 + 2 / 32}
+#: Bytes a tied head's weight takes: the embedding table's scheme (`Quantization.embedding`: int8 for both presets).
+TIED_HEAD_BYTES_PER_WEIGHT = {"polylm bf16": 2.0, "polylm int8": 1.0, "polylm int4": 1.0}
 #: The llama.cpp row each polylm precision is compared with.
 LLAMA_CPP_PEER = {"polylm bf16": "llama.cpp bf16", "polylm int8": "llama.cpp Q8_0", "polylm int4": "llama.cpp Q4_0"}
 
 
-def active_weights(path: Path) -> int:
+class ActiveWeights(NamedTuple):
     """Weights a decoded token reads: every block matrix but the experts a token does not choose (top-k of each
-    mixture-of-experts layer), and the head (one embedding row is negligible)."""
+    mixture-of-experts layer), and the head (one embedding row is negligible), which may be tied."""
+
+    blocks: int
+    head: int
+    tied: bool
+
+    def bytes_read(self, name: str, row: dict) -> float | None:
+        """Bytes engine `name` reads per decoded token, each matrix at its stored precision (llama.cpp: its GGUF's
+        mean bytes per weight); None where unknown."""
+        if "bytes_per_weight" in row:
+            return (self.blocks + self.head) * row["bytes_per_weight"]
+        if name not in BYTES_PER_WEIGHT:
+            return None
+        head = (TIED_HEAD_BYTES_PER_WEIGHT if self.tied else BYTES_PER_WEIGHT)[name]
+        return self.blocks * BYTES_PER_WEIGHT[name] + self.head * head
+
+
+def active_weights(path: Path) -> ActiveWeights:
+    """The weights a decoded token of the model at `path` reads (see `ActiveWeights`)."""
     from polylm.ir import MoE
     from polylm.loading import model_ir
 
@@ -192,7 +214,7 @@ def active_weights(path: Path) -> int:
             if isinstance(block.mlp, MoE) and ".mlp.experts." in name:
                 size = size * block.mlp.top_k // block.mlp.num_experts
             total += size if len(shape) > 1 else 0
-    return total + ir.head.out_features * ir.hidden_size
+    return ActiveWeights(total, ir.head.out_features * ir.hidden_size, ir.head.tied_to_embedding)
 
 
 def read_bandwidth(threads: int) -> float:
@@ -234,7 +256,7 @@ def ratio(row: dict, peer: dict | None, key: str) -> str:
     return f"{row[key] / peer[key]:.2f}"
 
 
-def main_table(rows: dict[str, dict], checkpoint_mb: float, active: int, bandwidth: float) -> list[str]:
+def main_table(rows: dict[str, dict], checkpoint_mb: float, active: ActiveWeights, bandwidth: float) -> list[str]:
     """One row per engine at the first prompt length: import, load, TTFT, prefill and decode, their ratios to
     transformers bf16 and to llama.cpp at the same precision, decode against the memory limit, memory."""
     base = rows["transformers bf16"]
@@ -247,9 +269,8 @@ def main_table(rows: dict[str, dict], checkpoint_mb: float, active: int, bandwid
             continue
         peer = rows.get(LLAMA_CPP_PEER.get(name, ""))
         model = row["model_rss_mb"]
-        width = row.get("bytes_per_weight", BYTES_PER_WEIGHT.get(name))
-        limit = "" if width is None or row["decode_tok_s"] is None else \
-            f"{row['decode_tok_s'] / (bandwidth / (active * width)):.0%}"
+        read = active.bytes_read(name, row)
+        limit = "" if read is None or row["decode_tok_s"] is None else f"{row['decode_tok_s'] / (bandwidth / read):.0%}"
         ttft = None if row["ttft_s"] is None else row["ttft_s"] * 1000
         lines.append(f"| {name} | {figure(row['import_s'], '.2f')} | {figure(row['load_s'], '.2f')} | "
                      f"{figure(ttft, '.0f')} | {figure(row['prefill_tok_s'], '.0f')} | "
@@ -343,8 +364,11 @@ def main() -> None:
               *caption, "", (f"Model MB: the peak RSS above the RSS after the framework's import, × the checkpoint's "
                              f"{checkpoint_mb:.0f} MB. Decode / memory limit: the decode rate over the rate at which "
                              f"the same run's read bandwidth of {bandwidth / 1e9:.1f} GB/s streams the "
-                             f"{active / 1e6:.0f}M weights a decoded token reads (the chosen experts only) at the "
-                             "engine's bytes per weight (llama.cpp: its GGUF's mean)."), "",
+                             f"{(active.blocks + active.head) / 1e6:.0f}M weights a decoded token reads (the chosen "
+                             f"experts only; the {'tied ' if active.tied else ''}head's {active.head / 1e6:.0f}M "
+                             "included) at the bytes each engine stores them in: polylm's block matrices at its "
+                             "precision, its head at the stored one (a tied head: the embedding table's, int8 for "
+                             "int8 and int4; bf16 unquantized); llama.cpp at its GGUF's mean."), "",
               *main_table({name: rows[name, first] for name in engines}, checkpoint_mb, active, bandwidth)]
     explained = [*caption, ("Cells: tok/s (× transformers bf16, × llama.cpp at the same precision); the last "
                             "column: the figure at the last length over the one at the first."), ""]

@@ -417,21 +417,38 @@ class Head:
 
 @dataclass(frozen=True)
 class Quantization:
-    """Weight-only quantization of the block and head matrices (embeddings and norms stay as they are).
+    """Weight-only quantization of the block and head matrices, and of the embedding table when
+    `embedding_bits` is set (norms stay as they are).
 
     Symmetric per-group scales over `group_size` consecutive input features (None: one scale per output row),
     stored in `scale_dtype` whatever the compute dtype; `polylm.numerics.quantization` is the reference every
     backend stores exactly. Activations keep the compute dtype; each backend picks its own storage layout.
+
+    `embedding_bits` (None: the table stays unquantized) quantizes the embedding table by `embedding`'s scheme:
+    int8 with one scale per row, or int4 with this scheme's group size (32 without one). A tied head is that
+    table, so it multiplies with the same codes; an untied embedding is stored quantized too and looked up by
+    dequantizing the ids' rows; an untied head keeps `bits`. The presets quantize the table to int8 even for
+    int4, as llama.cpp keeps its output tensor at 6 bits: the head matters most for quality.
     """
 
     bits: Literal[8, 4]
     group_size: int | None = None
+    embedding_bits: Literal[8, 4] | None = None
 
     def __post_init__(self) -> None:
         _require(self.bits in (8, 4), f"quantization bits must be 8 or 4, got {self.bits!r}")
         _require(self.bits == 8 or self.group_size is not None, "int4 quantization needs a group size")
+        _require(self.embedding_bits in (None, 8, 4),
+                 f"embedding quantization bits must be 8, 4 or None, got {self.embedding_bits!r}")
         if self.group_size is not None:
             _positive_int(self.group_size, "quantization group size")
+
+    @property
+    def embedding(self) -> Quantization | None:
+        """The embedding table's (and a tied head's) scheme: None when it stays unquantized."""
+        if self.embedding_bits is None:
+            return None
+        return Quantization(8) if self.embedding_bits == 8 else Quantization(4, self.group_size or 32)
 
     @property
     def qmax(self) -> int:
@@ -445,7 +462,9 @@ class Quantization:
         return "float32" if self.bits == 8 else "bfloat16"
 
 
-QUANTIZATIONS: dict[str, Quantization] = {"int8": Quantization(8), "int4": Quantization(4, group_size=32)}
+#: The `--quantize` presets: the embedding table (a tied head) at int8 for both (see `Quantization`).
+QUANTIZATIONS: dict[str, Quantization] = {"int8": Quantization(8, embedding_bits=8),
+                                          "int4": Quantization(4, group_size=32, embedding_bits=8)}
 
 
 @dataclass(frozen=True)

@@ -223,11 +223,18 @@ def gather_columns(x: mx.array, sizes: tuple[int, ...], group: mx.distributed.Gr
     return mx.concatenate(trim_gathered(list(parts), sizes), axis=-1)
 
 
-def embed_rows(ids: mx.array, table: mx.array, plan: ShardPlan | None, group: mx.distributed.Group | None
-               ) -> mx.array:
-    """Rows of `table` for `ids`; with a vocab-parallel table (`plan.vocab_rows`), ids outside this rank's range
-    give zero rows here, so the sum over the ranks is every id's row."""
+def embed_rows(ids: mx.array, table: mx.array | QuantizedMatrix, dtype: mx.Dtype, plan: ShardPlan | None,
+               group: mx.distributed.Group | None) -> mx.array:
+    """Rows of `table` for `ids` in `dtype` (a quantized table's rows dequantized, scale · q); with a
+    vocab-parallel table (`plan.vocab_rows`), ids outside this rank's range give zero rows here, so the sum over
+    the ranks is every id's row."""
     if plan is None:
-        return table[ids]
+        return _rows(table, ids, dtype)
     rows, inside = plan.vocab_rows(ids)
-    return reduce(mx.where(inside[..., None], table[rows], mx.zeros((), table.dtype)), group)
+    return reduce(mx.where(inside[..., None], _rows(table, rows, dtype), mx.zeros((), dtype)), group)
+
+
+def _rows(table: mx.array | QuantizedMatrix, ids: mx.array, dtype: mx.Dtype) -> mx.array:
+    if isinstance(table, QuantizedMatrix):
+        return table.take_rows(ids).dequantize().astype(dtype)
+    return table[ids]

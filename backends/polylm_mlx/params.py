@@ -3,7 +3,10 @@
 Each layer gets one [q; k; v] and one [gate; up] matrix (see `polylm.numerics.layouts`); norm weights carry their
 offset already. `mx.load` reads safetensors itself, so bf16 weights never pass through numpy or torch. With
 `ir.quantization` the projection matrices and an untied head become `QuantizedMatrix` records (see `quantize`);
-embeddings, norms and biases keep the compute dtype, and a tied head stays the (unquantized) embedding.
+so does the embedding table when the scheme quantizes it (`Quantization.embedding`): the lookup dequantizes the
+ids' rows (`ops.embed_rows`) and a head tied to it multiplies with the same record through `mx.quantized_matmul`.
+Otherwise embeddings keep the compute dtype, and a tied head stays the (unquantized) embedding; norms and
+biases always do.
 
 A checkpoint stored MLX-quantized (`TensorRef.quantized`) keeps its arrays as they are: each such matrix is a
 `QuantizedMatrix` of the stored codes, scales and biases, multiplied by `mx.quantized_matmul` as mlx-lm does;
@@ -92,6 +95,8 @@ def build_params(ir: ModelIR, tensors: dict[str, Matrix]) -> ModelParams:
     stored_embed = embed if isinstance(embed, QuantizedMatrix) else None
     if stored_embed is not None:  # looked up by rows: dequantized
         embed = stored_embed.dequantize_stored().astype(dtype)
+    elif ir.quantization is not None and ir.quantization.embedding is not None:  # its rows dequantized per lookup
+        embed = stored_embed = quantize(embed, ir.quantization.embedding, "embed")
     embed_norm = _norm(ir.embedding.norm, tensors, "embed.norm")
     positions = tensors.pop("embed.positions.weight", None)
     layers = []

@@ -139,7 +139,7 @@ class MLXRuntime(Runtime):
         """Head outputs (float32) and the updated caches; pure in its array arguments, so it compiles. `bias` is the
         step's attention bias, or for a plain pass the number of key slots attended (a constant of the graph)."""
         params = self.params
-        x = ops.embed_rows(ids, params.embed, self.plan, self.group)
+        x = ops.embed_rows(ids, params.embed, self.mx_dtype, self.plan, self.group)
         if self.ir.embedding.scale != 1.0:
             x = x * self.embed_scale
         if params.positions is not None:  # learned positions (`polylm.ir.LearnedPositions`), replicated

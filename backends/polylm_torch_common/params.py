@@ -49,7 +49,7 @@ class RowTable(Protocol):
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """`weight[ids]`, exactly."""
+        """`weight[ids]` exactly (a quantized layer: its dequantized weight's rows, in the compute dtype)."""
 
 
 class TensorReader:
@@ -105,19 +105,23 @@ class TensorReader:
 def build_params(ir: ModelIR, read: TensorReader, prepare: Prepare | None = None) -> ModelParams:
     """The runtime's params, read tensor by tensor. With `prepare`, each matrix becomes its layer as soon as it
     is built, so the peak memory is the prepared weights plus one matrix's transients; the embedding and head,
-    the largest, come first, while nothing else is held. A tied head is prepared unquantized and is then the
-    embedding table too; an untied embedding stays a tensor."""
+    the largest, come first, while nothing else is held. A tied head is prepared as the embedding table's scheme
+    says (`Quantization.embedding`; unquantized without one) and is then the embedding table too; an untied
+    embedding stays a tensor, or is prepared by that scheme when there is one (its `rows` serve the lookup)."""
 
     def matrix(weight: torch.Tensor, bias: torch.Tensor | None,
                quantization: Quantization | None = ir.quantization) -> tuple[Matrix, torch.Tensor | None]:
         return (weight, bias) if prepare is None else (prepare(weight, bias, quantization), None)
 
+    table = None if ir.quantization is None else ir.quantization.embedding  # the embedding table's scheme
     if ir.head.tied_to_embedding:
-        head, head_bias = matrix(read.tensor("embed.weight"), read.optional("head.bias"), None)
+        head, head_bias = matrix(read.tensor("embed.weight"), read.optional("head.bias"), table)
         embed = head
     else:
         head, head_bias = matrix(read.tensor("head.weight"), read.optional("head.bias"))
         embed = read.tensor("embed.weight")
+        if table is not None and prepare is not None:
+            embed = prepare(embed, None, table)
     embed_norm = _norm(ir.embedding.norm, read, "embed.norm")
     positions = read.optional("embed.positions.weight")
     layers = []

@@ -42,7 +42,11 @@ class TritonOps(ReferenceOps):
     def add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, p: NormParams) -> tuple[torch.Tensor, torch.Tensor]:
         return norms.add_norm(x, delta, p)
 
-    def embed(self, ids: torch.Tensor, table: torch.Tensor, scale: float, norm: NormParams | None) -> torch.Tensor:
+    def embed(self, ids: torch.Tensor, table: torch.Tensor | quantized.QuantizedWeight, scale: float,
+              norm: NormParams | None) -> torch.Tensor:
+        if isinstance(table, quantized.QuantizedWeight):  # its rows dequantized, then scaled and normed as a table
+            rows = table.rows(ids.reshape(-1))
+            return norms.embed(torch.arange(len(rows), device=rows.device).reshape(ids.shape), rows, scale, norm)
         return norms.embed(ids, table, scale, norm)
 
     def rope_and_cache(self, qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

@@ -46,6 +46,7 @@ class QuantizedWeight:
     bits: int
     group_size: int | None
     in_features: int
+    dtype: torch.dtype = torch.float32  # the dense weight's: what `rows` returns
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -60,6 +61,11 @@ class QuantizedWeight:
         group = self.group_size or self.in_features
         return q * self.scales.float().repeat_interleave(group, dim=-1)[..., :self.in_features]
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """`dequantize()[ids]` in `dtype`, dequantizing only those rows (an embedding table's lookup)."""
+        picked = QuantizedWeight(self.data[ids], self.scales[ids], self.bits, self.group_size, self.in_features)
+        return picked.dequantize().to(self.dtype)
+
 
 def quantize(weight: torch.Tensor, spec: Quantization) -> QuantizedWeight:
     """`weight` [out, in] quantized by the core reference and packed for the kernel, on its device."""
@@ -70,13 +76,14 @@ def quantize(weight: torch.Tensor, spec: Quantization) -> QuantizedWeight:
         codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
     scales = torch.from_numpy(reference.scales).to(getattr(torch, spec.scale_dtype))
     return QuantizedWeight(codes.contiguous().to(weight.device), scales.to(weight.device), spec.bits,
-                           spec.group_size, weight.shape[1])
+                           spec.group_size, weight.shape[1], weight.dtype)
 
 
 def quantize_params(params: ModelParams, ir: ModelIR) -> None:
-    """Replace the block matrices (experts' included, a list over the experts as the torch runtime builds them)
-    and an untied head of the torch runtime's dense `params` by `QuantizedWeight`s as `ir.quantization` says, in
-    place and one matrix at a time (each dense one is freed as it goes)."""
+    """Replace the block matrices (experts' included, a list over the experts as the torch runtime builds them),
+    an untied head and, when the scheme quantizes it, the embedding table (a tied head with it) of the torch
+    runtime's dense `params` by `QuantizedWeight`s as `ir.quantization` says, in place and one matrix at a time
+    (each dense one is freed as it goes)."""
     spec = ir.quantization
     assert spec is not None
     for layer in params.layers:
@@ -92,8 +99,12 @@ def quantize_params(params: ModelParams, ir: ModelIR) -> None:
             for name in ("shared_up", "shared_down"):
                 if getattr(moe, name) is not None:
                     setattr(moe, name, quantize(getattr(moe, name), spec))
-    if not ir.head.tied_to_embedding:  # a tied head is the embedding, which stays as it is
+    if not ir.head.tied_to_embedding:
         params.head = quantize(params.head, spec)
+    if spec.embedding is not None:  # the table by its own scheme (a tied head is the same record)
+        params.embed = quantize(params.embed, spec.embedding)
+        if ir.head.tied_to_embedding:
+            params.head = params.embed
 
 
 def matmul_tiles(rows: int, group_size: int | None, exact: bool = False) -> dict:

@@ -38,7 +38,8 @@ def load(path: str | Path, *, backend: str = "auto", task: str | None = None, dt
 
     `task` defaults to what the checkpoint's `architectures` entry says (causal LM when it says nothing);
     `dtype=None` keeps the checkpoint's dtype. `quantize` ("int8" or "int4") stores the block and head
-    matrices as weight-only integers with per-group scales. Nothing in the directory is written.
+    matrices as weight-only integers with per-group scales, and the embedding table (a tied head) as int8 with a
+    scale per row (`polylm.ir.QUANTIZATIONS`). Nothing in the directory is written.
 
     `tensor_parallel=N` loads this rank's 1/N of the model in a group of N ranks of the backend's engine
     (torch.distributed: already initialized, or described by torchrun's environment); every rank calls `load`,

@@ -50,8 +50,9 @@ def fake_quantize(weight: np.ndarray, spec: Quantization) -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def fake_quantized(make_ckpt, tmp_path_factory):
-    """fake_quantized(family, bits) → a copy of the family's checkpoint with every 2-D tensor but the embedding
-    (the block matrices and, when untied, the head) replaced by its dequantized values."""
+    """fake_quantized(family, bits) → a copy of the family's checkpoint with every 2-D tensor replaced by its
+    dequantized values: the embedding table (and a tied head stored with it) by the preset's embedding scheme, the
+    block matrices and an untied head by the preset's own."""
     made = {}
 
     def make(family, bits):
@@ -59,10 +60,15 @@ def fake_quantized(make_ckpt, tmp_path_factory):
             source = make_ckpt(family)
             target = tmp_path_factory.mktemp(f"{family}-fake-{bits}")
             shutil.copytree(source, target, dirs_exist_ok=True)
-            tied = json.loads((source / "config.json").read_text()).get("tie_word_embeddings", True)
+            config = json.loads((source / "config.json").read_text())
+            tied = config.get("tie_word_embeddings", True)
             tensors = load_file(source / "model.safetensors")
             for name, tensor in tensors.items():
-                if tensor.ndim == 2 and "embed" not in name and not (tied and name.startswith("lm_head")):
+                if tensor.ndim != 2:
+                    continue
+                if tensor.shape[0] == config["vocab_size"] and (tied or not name.startswith("lm_head")):
+                    tensors[name] = fake_quantize(tensor, QUANTIZATIONS[bits].embedding)
+                elif "embed" not in name:  # not learned positions
                     tensors[name] = fake_quantize(tensor, QUANTIZATIONS[bits])
             save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
             made[family, bits] = target

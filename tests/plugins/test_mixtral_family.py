@@ -80,14 +80,16 @@ def test_routing_differs_from_token_to_token(ckpt_root):
 
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
 def test_quantized_experts_are_the_core_numerics(ckpt_root, tmp_path, quantize):
-    """Quantized experts (and attention, head) give the logits of the checkpoint whose matrices are replaced by
-    their dequantized values (`polylm.numerics.quantization`): every expert is quantized, the router is not."""
+    """Quantized experts (and attention, head, embedding) give the logits of the checkpoint whose matrices are
+    replaced by their dequantized values (`polylm.numerics.quantization`): every expert is quantized, the router is
+    not."""
     directory = checkpoint(ckpt_root)[0]
     shutil.copytree(directory, tmp_path, dirs_exist_ok=True)
     tensors = load_file(directory / "model.safetensors")
     for name, tensor in tensors.items():
-        if tensor.ndim == 2 and "embed" not in name and not name.endswith("block_sparse_moe.gate.weight"):
-            tensors[name] = quantization.quantize(tensor, QUANTIZATIONS[quantize]).dequantize()
+        if tensor.ndim == 2 and not name.endswith("block_sparse_moe.gate.weight"):
+            spec = QUANTIZATIONS[quantize]  # the embedding table by its own scheme (int8 for both presets)
+            tensors[name] = quantization.quantize(tensor, spec.embedding if "embed" in name else spec).dequantize()
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     ids = np.array([SEQUENCES[0]])
     quantized = polylm.load(directory, backend="torch", quantize=quantize).forward(ids)

@@ -54,8 +54,10 @@ TASKS = {"qwen2_moe": ["causal-lm", "sequence-classification", "token-classifica
 #: int8 against the unquantized model: the largest and mean |logit diff| and the share of real positions whose
 #: top-1 agrees — tests/backends/test_quantized_torch.py's bounds for the dense families (0.15, 0.02, 0.95) but
 #: the largest: measured 0.206 (qwen2_moe), 0.034 (qwen3_moe), 0.266 (olmoe), each at exactly the positions
-#: whose expert choice flips in some layer (a near-tie among router scores); means 0.006–0.010.
-INT8_TOLERANCE = (0.3, 0.02, 0.95)
+#: whose expert choice flips in some layer (a near-tie among router scores); means 0.006–0.011. The top-1 share
+#: is 0.9, not 0.95: with the embedding table int8 too (the presets' `Quantization.embedding`) qwen2_moe's agrees
+#: at 20 of 22 positions (21 with it unquantized), the two others' top-1 margins 0.020 and 0.026 (near-ties).
+INT8_TOLERANCE = (0.3, 0.02, 0.9)
 
 
 def checkpoint(root, family, task="causal-lm", **overrides):

@@ -276,9 +276,10 @@ class _QuantLinear(_KernelLinear):
     _scale_dtype: torch.dtype
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-                 group_size: int | None, max_kernel_rows: int) -> None:
+                 group_size: int | None, max_kernel_rows: int, dtype: torch.dtype) -> None:
         _check_weight(qweight, (torch.int8,))
         self.out_features, self.in_features = qweight.shape
+        self.dtype = dtype  # of the rows `rows` returns
         qmin, qmax = -2 ** (self.bits - 1), 2 ** (self.bits - 1) - 1
         if self.bits == 4 and qweight.numel() and not qmin <= int(qweight.min()) <= int(qweight.max()) <= qmax:
             raise ValueError(f"int4 qweight values must be in {qmin}..{qmax}, found "
@@ -313,7 +314,7 @@ class _QuantLinear(_KernelLinear):
         _layout.check_group(_layout.int8_group_size(weight.shape[1], group_size))
         quantized = quantization.quantize(weight.detach().float().numpy(), Quantization(cls.bits, group_size))
         return cls(torch.from_numpy(quantized.codes), torch.from_numpy(quantized.scales), bias, group_size,
-                   max_kernel_rows=max_kernel_rows)
+                   max_kernel_rows=max_kernel_rows, dtype=weight.dtype)
 
     def dequantize(self) -> torch.Tensor:
         """The dequantized [out_features, in_features] weight in fp32 (the exact values the layer computes with)."""
@@ -322,6 +323,17 @@ class _QuantLinear(_KernelLinear):
         q, scales = self._plain
         return torch.from_numpy(quantization.QuantizedArrays(q.numpy(), scales.float().numpy(),
                                                               self.group_size).dequantize())
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """``dequantize()[ids]`` in the layer's `dtype`, dequantizing only those rows of its own storage, so that
+        an embedding tied to this layer is stored once (quantized)."""
+        if self._impl is None:
+            q, scales = self._plain
+            flat = ids.reshape(-1)
+            picked = quantization.QuantizedArrays(q[flat].numpy(), scales[flat].float().numpy(), self.group_size)
+            return torch.from_numpy(picked.dequantize()).reshape(*ids.shape, self.in_features).to(self.dtype)
+        return _layout.gather_quant_rows(*self._packed, self.bits, self.group_size, self.in_features,
+                                         ids).to(self.dtype)
 
     def _fallback(self, x: torch.Tensor) -> torch.Tensor:
         return _linear_fp32(x, self.dequantize(), self._bias)
@@ -336,14 +348,16 @@ class Int8Linear(_QuantLinear):
         bias: optional [out_features].
         group_size: inputs per group (a multiple of 16), or None for per-channel scales.
         max_kernel_rows: as for :class:`PackedLinear`.
+        dtype: the dtype `rows` returns (the compute dtype; `from_float` keeps the weight's).
     """
 
     bits = 8
     _scale_dtype = torch.float32
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
-                 group_size: int | None = None, *, max_kernel_rows: int = MAX_KERNEL_ROWS) -> None:
-        super().__init__(qweight, scales, bias, group_size, max_kernel_rows)
+                 group_size: int | None = None, *, max_kernel_rows: int = MAX_KERNEL_ROWS,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(qweight, scales, bias, group_size, max_kernel_rows, dtype)
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, group_size: int | None = None,
@@ -362,14 +376,16 @@ class Int4Linear(_QuantLinear):
         bias: optional [out_features].
         group_size: inputs per group, a multiple of 16 (32..128 usual).
         max_kernel_rows: as for :class:`PackedLinear`.
+        dtype: the dtype `rows` returns (the compute dtype; `from_float` keeps the weight's).
     """
 
     bits = 4
     _scale_dtype = torch.bfloat16
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
-                 group_size: int = 32, *, max_kernel_rows: int = MAX_KERNEL_ROWS) -> None:
-        super().__init__(qweight, scales, bias, group_size, max_kernel_rows)
+                 group_size: int = 32, *, max_kernel_rows: int = MAX_KERNEL_ROWS,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(qweight, scales, bias, group_size, max_kernel_rows, dtype)
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, group_size: int = 32,

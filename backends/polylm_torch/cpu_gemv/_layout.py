@@ -113,6 +113,23 @@ def pack_int4(q: torch.Tensor, group_size: int) -> torch.Tensor:
     return _block_words((u[:, :, 0] | (u[:, :, 1] << 4)).reshape(u.shape[0], -1))
 
 
+def gather_quant_rows(codes: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, k: int,
+                      rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` (an integer tensor of any shape) of a :func:`pack_int8` / :func:`pack_int4` weight with its
+    :func:`pack_group_params` scales, dequantized to fp32 ``q * scale``: [*rows.shape, k], read from the packed
+    copy alone."""
+    flat = rows.reshape(-1)
+    block, lane = flat // ROWS_PER_BLOCK, flat % ROWS_PER_BLOCK
+    picked = codes.view(codes.shape[0], codes.shape[1], ROWS_PER_BLOCK, 4)[block, :, lane]  # [n, words, 4]
+    if bits == 8:
+        q = picked.to(torch.int16) - 128
+    else:  # byte i of a word: k = i in its low nibble, k = 4 + i in its high one
+        q = torch.stack((picked & 15, picked >> 4), dim=2).to(torch.int16) - 8
+    q = q.reshape(len(flat), -1)
+    scale = scales[block, :, lane].float().repeat_interleave(group_size, dim=1)  # [n, K_pad]
+    return (q.float() * scale)[:, :k].reshape(*rows.shape, k)
+
+
 def pack_group_params(params: torch.Tensor) -> torch.Tensor:
     """[N, groups] -> [N_pad/16, groups, 16] (padded rows get zeros)."""
     p = _pad(params, round_up(params.shape[0], ROWS_PER_BLOCK), params.shape[1])
