@@ -15,21 +15,8 @@ from polylm.generate.scheduler import Scheduler
 from polylm.ir import Head
 from polylm.numerics.logits import finish_head, top_rows
 from polylm_torch_common import reduce as torch_reduce
+from test_batching import PROMPTS, loaded  # noqa: F401 - `loaded` is a fixture
 from test_parity import BACKENDS
-
-PROMPTS = [[1, 5, 9, 44, 21], [1, 70], [1, 33, 2, 8, 9, 10, 11, 12]]
-
-
-@pytest.fixture(scope="module")
-def models():
-    cache = {}
-
-    def load(directory, backend):
-        key = (str(directory), backend)
-        if key not in cache:
-            cache[key] = polylm.load(directory, backend=backend)
-        return cache[key]
-    return load
 
 
 def prefill(prompts):
@@ -53,8 +40,8 @@ def check_equal(reduced: Reduced, reference: Reduced) -> None:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("family", ["helium", "bloom"])
-def test_forward_top_equals_the_reference(make_ckpt, models, family, backend):
-    runtime = models(make_ckpt(family), backend).runtime
+def test_forward_top_equals_the_reference(make_ckpt, loaded, family, backend):
+    runtime = loaded(make_ckpt(family), backend).runtime
     step = prefill(PROMPTS)
     full = finish_head(runtime.ir.head, runtime.forward(step, runtime.new_cache(3, 12)))
     for reduce in (Reduce(1, np.zeros(3, bool)), Reduce(5, np.array([False, True, False]), norm=True)):
@@ -66,8 +53,8 @@ def test_forward_top_equals_the_reference(make_ckpt, models, family, backend):
                                np.take_along_axis(log_softmax(full), reduced.ids, -1), rtol=0, atol=1e-6)
 
 
-def test_a_step_in_several_passes_joins_its_reduced_rows(make_ckpt, models, monkeypatch):
-    runtime = models(make_ckpt("helium"), "torch").runtime
+def test_a_step_in_several_passes_joins_its_reduced_rows(make_ckpt, loaded, monkeypatch):
+    runtime = loaded(make_ckpt("helium"), "torch").runtime
     step = prefill(PROMPTS)
     full = finish_head(runtime.ir.head, runtime.forward(step, runtime.new_cache(3, 12)))
     monkeypatch.setattr(polylm.backend, "PASS_LIMIT", 3)  # rows gather from the second and third passes
@@ -117,8 +104,8 @@ class FullRows(Runtime):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_generation_from_reduced_rows_equals_full_rows(make_ckpt, models, backend):
-    runtime = models(make_ckpt("helium"), backend).runtime
+def test_generation_from_reduced_rows_equals_full_rows(make_ckpt, loaded, backend):
+    runtime = loaded(make_ckpt("helium"), backend).runtime
     samplings = [Sampling(6, logprobs=3), Sampling(6), Sampling(6, temperature=0.9, top_k=5, seed=3, logprobs=2)]
     fast, reference = generate(runtime, samplings), generate(FullRows(runtime), samplings)
     for ours, theirs in zip(fast, reference):
@@ -132,8 +119,8 @@ def test_generation_from_reduced_rows_equals_full_rows(make_ckpt, models, backen
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_greedy_batch_copies_one_value_per_row(make_ckpt, models, backend, monkeypatch):
-    runtime = models(make_ckpt("helium"), backend).runtime
+def test_a_greedy_batch_copies_one_value_per_row(make_ckpt, loaded, backend, monkeypatch):
+    runtime = loaded(make_ckpt("helium"), backend).runtime
     copied = []
     of_top = Reduced.of_top.__func__
 
