@@ -8,6 +8,7 @@ import numpy as np
 
 from polylm.backend import Reduce, Reduced
 from polylm.ir import Head
+from polylm.numerics.logits import finish_head
 
 
 def reduce_outputs(out: mx.array, head: Head, reduce: Reduce) -> Reduced:
@@ -16,22 +17,13 @@ def reduce_outputs(out: mx.array, head: Head, reduce: Reduce) -> Reduced:
     ids = (mx.argmax(out, axis=-1, keepdims=True) if top == 1
            else mx.argpartition(-out, kth=top - 1, axis=-1)[:, :top])
     ids = ids.astype(mx.int32)
-    norm = _norm(_finish(out, head)) if reduce.norm else None
+    norm = _norm(finish_head(head, out, mx.tanh)) if reduce.norm else None
     full = np.flatnonzero(reduce.full)
     rows = out[mx.array(full.astype(np.int32))] if full.size else mx.zeros((0, out.shape[-1]), dtype=out.dtype)
     picked = [ids, mx.take_along_axis(out, ids, axis=-1), mx.any(mx.isnan(out), axis=-1), rows]
     mx.eval(*picked, *([norm] if norm is not None else []))
     ids, raw, nan, rows = (np.array(a) for a in picked)
     return Reduced.of_top(head, ids, raw, None if norm is None else np.array(norm), nan, rows)
-
-
-def _finish(out: mx.array, head: Head) -> mx.array:
-    """`polylm.numerics.logits.finish_head` with mx ops."""
-    if head.logit_scale != 1.0:
-        out = out * head.logit_scale
-    if head.softcap is not None:
-        out = mx.tanh(out / head.softcap) * head.softcap
-    return out
 
 
 def _norm(out: mx.array) -> mx.array:

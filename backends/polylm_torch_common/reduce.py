@@ -7,6 +7,7 @@ import torch
 
 from polylm.backend import Reduce, Reduced
 from polylm.ir import Head
+from polylm.numerics.logits import finish_head
 
 
 def reduce_outputs(out: torch.Tensor, head: Head, reduce: Reduce) -> Reduced:
@@ -14,19 +15,10 @@ def reduce_outputs(out: torch.Tensor, head: Head, reduce: Reduce) -> Reduced:
     out = out.float()
     top = min(reduce.top, out.shape[-1])
     ids = out.argmax(dim=-1, keepdim=True) if top == 1 else out.topk(top, dim=-1).indices
-    norm = _norm(_finish(out, head)).cpu().numpy() if reduce.norm else None
+    norm = _norm(finish_head(head, out, torch.tanh)).cpu().numpy() if reduce.norm else None
     full = torch.from_numpy(reduce.full).to(out.device)
     return Reduced.of_top(head, ids.cpu().numpy(), out.gather(-1, ids).cpu().numpy(), norm,
                           out.isnan().any(dim=-1).cpu().numpy(), out[full].cpu().numpy())
-
-
-def _finish(out: torch.Tensor, head: Head) -> torch.Tensor:
-    """`polylm.numerics.logits.finish_head` on the device."""
-    if head.logit_scale != 1.0:
-        out = out * head.logit_scale
-    if head.softcap is not None:
-        out = torch.tanh(out / head.softcap) * head.softcap
-    return out
 
 
 def _norm(out: torch.Tensor) -> torch.Tensor:

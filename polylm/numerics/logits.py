@@ -4,18 +4,21 @@ when it needs less than the whole row (`top_rows`, the reference of `polylm.back
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from ..ir import Head
 
 
-def finish_head(head: Head, out: np.ndarray) -> np.ndarray:
-    """`out` (a runtime's float32 head outputs) times `head.logit_scale`, then capped as softcap·tanh(out / softcap)."""
+def finish_head(head: Head, out: np.ndarray, tanh: Callable = np.tanh) -> np.ndarray:
+    """`out` (a runtime's float32 head outputs) times `head.logit_scale`, then capped as softcap·tanh(out / softcap).
+    Any array type works with its own `tanh` (torch.tanh, mx.tanh), so a backend finishes on its device exactly
+    as here: the Python-number factors are taken in float32 (weak scalars) by numpy, torch and MLX alike."""
     if head.logit_scale != 1.0:
-        out = out * np.float32(head.logit_scale)
+        out = out * head.logit_scale
     if head.softcap is not None:
-        cap = np.float32(head.softcap)
-        out = np.tanh(out / cap) * cap
+        out = tanh(out / head.softcap) * head.softcap
     return out
 
 
