@@ -5,11 +5,13 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from safetensors.numpy import load_file, save_file
 
 import polylm
 from polylm.errors import GenerationError
-from polylm.generate.sampling import Sampler, Sampling, adjust_scores, log_softmax
+from polylm.generate.sampling import Sampler, Sampling, adjust_scores, log_softmax, penalise
+from polylm.numerics.logits import top_rows
 
 
 def picks(sampling: Sampling, logits, draws: int = 400, seen=()) -> np.ndarray:
@@ -27,12 +29,12 @@ def test_a_vanishing_temperature_picks_the_best_tokens():
 
 
 def test_extreme_penalties_and_infinite_logits_give_no_nan():
-    logits = np.array([[1.0, -2.0, 5.0, 0.5]])
-    seen = np.array([[True, True, False, False]])
-    tiny = adjust_scores(logits, Sampling(temperature=1.0, repetition_penalty=1e-320), seen)
-    assert tiny[0, 0] == np.finfo(np.float64).max and tiny[0, 1] == pytest.approx(-2e-320, abs=1e-322)
-    huge = adjust_scores(logits, Sampling(temperature=1.0, repetition_penalty=1e308), seen)
-    assert huge[0, 1] == -np.finfo(np.float64).max and tiny[0, 2] == huge[0, 2] == 5.0
+    logits = np.array([1.0, -2.0, 5.0, 0.5])
+    seen = np.array([0, 1])
+    tiny = penalise(logits, seen, 1e-320)
+    assert tiny[0] == np.finfo(np.float64).max and tiny[1] == pytest.approx(-2e-320, abs=1e-322)
+    huge = penalise(logits, seen, 1e308)
+    assert huge[1] == -np.finfo(np.float64).max and tiny[2] == huge[2] == 5.0
     assert picks(Sampling(temperature=1.0, repetition_penalty=1e-320, seed=1), [1.0, -2.0, 5.0], seen=[0])[0] == 400
     with_inf = [np.inf, 1.0, np.inf, -np.inf]
     counts = picks(Sampling(temperature=0.7, top_p=0.9, min_p=0.1, seed=2), with_inf)
@@ -70,3 +72,46 @@ def test_generate_with_extreme_settings_and_with_nan_weights(make_ckpt, tmp_path
     for options in ({}, {"temperature": 1.0, "seed": 0}):
         with pytest.raises(GenerationError, match="logits hold NaN"):
             nan_model.generate("Once upon", max_new_tokens=3, **options)
+
+
+def nucleus_by_full_sort(scores: np.ndarray, top_p: float) -> set[int]:
+    """transformers' top-p rule spelled out over the whole sorted vocabulary (equal scores by lowest id)."""
+    weights = np.exp(scores - scores.max())
+    order = np.lexsort((np.arange(len(scores)), -weights))
+    before = np.concatenate([[0.0], np.cumsum(weights[order])[:-1]]) / weights.sum()
+    return set(order[before < top_p].tolist())
+
+
+@pytest.mark.parametrize("vocab", [5, 300, 50_000])
+@pytest.mark.parametrize("spread", [0.3, 3.0, 30.0])
+def test_top_p_without_a_full_sort_keeps_the_same_nucleus(vocab, spread):
+    rng = np.random.default_rng(vocab)
+    for top_p in (1e-9, 0.3, 0.9, 0.999999):
+        logits = (rng.standard_normal(vocab) * spread).astype(np.float32)
+        logits[: vocab // 3] = np.round(logits[: vocab // 3])  # equal scores, some at the nucleus' edge
+        kept = np.isfinite(adjust_scores(logits[None], Sampling(temperature=1.0, top_p=top_p))[0])
+        assert set(np.flatnonzero(kept).tolist()) == nucleus_by_full_sort(logits.astype(np.float64), top_p)
+
+
+@pytest.mark.parametrize("sampling", [
+    Sampling(temperature=0.8, top_k=40, seed=5),
+    Sampling(temperature=1.3, top_k=7, top_p=0.6, seed=6, logprobs=3),
+    Sampling(temperature=0.5, top_k=100, min_p=0.05, seed=7),
+    Sampling(temperature=1.0, top_k=3, seed=8, logprobs=20),
+], ids=["top-k", "top-p", "min-p", "logprobs"])
+def test_top_k_sampling_from_the_top_logits_picks_as_from_the_whole_row(sampling):
+    """A top-k sampler reads only the runtime's top outputs (`pick_top`) and still draws exactly what it draws
+    from the whole row, with bf16 logits full of equal values at the k-th."""
+    rng = np.random.default_rng(0)
+    logits = torch.tensor(rng.standard_normal((30, 4000)) * 4).to(torch.bfloat16).float().numpy()
+    whole, top = Sampler(sampling), Sampler(sampling)
+    assert not top.needs_full and top.top == max(sampling.top_k, sampling.logprobs or 0)
+    picked = set()
+    for row in logits:
+        ids, values, norm, nan = (a[0] for a in top_rows(row[None], top.top))
+        a, b = whole.pick(row), top.pick_top(ids, values, norm, nan)
+        assert a.token == b.token and [t for t, _ in a.top] == [t for t, _ in b.top]
+        np.testing.assert_allclose([p for _, p in a.top], [p for _, p in b.top], rtol=0, atol=1e-6)
+        assert (a.logprob is None and b.logprob is None) or abs(a.logprob - b.logprob) <= 1e-6
+        picked.add(a.token)
+    assert len(picked) > 10

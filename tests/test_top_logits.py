@@ -80,6 +80,27 @@ def test_torch_reduction_finishes_like_core_with_ties_to_the_lowest_id():
     assert reduced.ids.tolist() == [[1, 2, 5], [4, 2, 3]]
 
 
+@pytest.mark.parametrize("library", ["torch", "mlx"])
+def test_device_reductions_cut_ties_at_the_lowest_ids(library):
+    """torch.topk / mx.argpartition promise no order among equal values: where the cut falls among them, the
+    reductions still keep the lowest ids; and they rank finished outputs (a softcap saturates distinct ones)."""
+    rng = np.random.default_rng(0)
+    out = np.round(rng.standard_normal((4, 300)) * 2).astype(np.float32)  # many equal values at every cut
+    out[2, 40:] = -np.inf  # more -inf than the top leaves room for
+    out[3, ::7] = 1e4  # distinct raw values the softcap makes equal
+    out[3, ::7] += np.arange(len(out[3, ::7]), dtype=np.float32)
+    for head in (Head("causal-lm", 300), Head("causal-lm", 300, softcap=2.0)):
+        for top in (1, 7, 60, 299, 300):
+            reduce = Reduce(top, np.array([False, True, False, False]), norm=True)
+            if library == "torch":
+                reduced = torch_reduce.reduce_outputs(torch.from_numpy(out), head, reduce)
+            else:
+                import mlx.core as mx
+                from polylm_mlx import reduce as mlx_reduce
+                reduced = mlx_reduce.reduce_outputs(mx.array(out), head, reduce)
+            check_equal(reduced, Reduced.of(finish_head(head, out), reduce))
+
+
 def generate(runtime, samplings):
     scheduler = Scheduler(runtime, max_batch=len(samplings), eos_ids=[])
     requests = [scheduler.submit(p, s) for p, s in zip(PROMPTS, samplings)]
