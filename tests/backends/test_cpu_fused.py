@@ -79,9 +79,10 @@ def test_add_rms_norm_bad_input(extension, isa):
 
 
 # (batch, heads, kv_heads, new, head_dim, length, capacity, bias_heads): MQA decode, GQA with ALiBi-style
-# per-head bias and several query rows, MHA with a head_dim that is not a multiple of 16, a single key.
+# per-head bias and several query rows, MHA with a head_dim that is not a multiple of 16, a single key; a group
+# of 3 heads split into chunks of 2 and 1 (with 2 threads), head_dim 128 over a length that ends mid-block.
 ATTENTION_CASES = [(1, 16, 1, 1, 64, 192, 256, 1), (2, 4, 2, 3, 48, 37, 40, 4), (1, 2, 2, 5, 80, 5, 5, 1),
-                   (1, 2, 1, 1, 8, 1, 4, 1)]
+                   (1, 2, 1, 1, 8, 1, 4, 1), (1, 3, 1, 1, 32, 70, 80, 3), (1, 6, 2, 1, 128, 300, 320, 1)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -48,58 +48,111 @@ static void add_rms_norm(const void* x, const void* delta, void* res, const floa
   }
 }
 
-static inline float dot(const void* a, const void* b, int64_t len, bool bf16) {
-  V::F acc = V::zero();
-  for (int64_t i = 0; i < len; i += V::kLanes) {
-    const int n = active(len - i);
-    acc = V::fmadd(V::load(a, i, n, bf16), V::load(b, i, n, bf16), acc);
-  }
-  return V::sum(acc);
-}
-
-// One query row at a time: scores (softcapped if asked), a max-subtracted softmax, and the weighted sum of values
-// (d <= 256).
-static void attention(const AttentionArgs& a, int64_t u0, int64_t u1, float* scores) {
-  constexpr int kMaxVectors = 256 / V::kLanes;
-  const int64_t es = a.bf16 ? 2 : 4, group = a.heads / a.kv_heads, nv = (a.d + V::kLanes - 1) / V::kLanes;
+// Attention of the query rows of one (batch, position, key/value head) for a chunk of the heads sharing that
+// key/value head (a unit): the keys and values are read and converted once per kLanes slots for the whole chunk
+// (into fp32 rows of dp = nv * kLanes floats), a head's kLanes scores come from kLanes dot products summed across
+// lanes at once (V::sums), then the bias (softcap first), a max-subtracted softmax and the weighted sum of values.
+// NV = nv, the vectors of a head (d <= 256); scratch: scores [chunk][L], then q, acc [chunk][dp], block [kLanes][dp].
+template <int NV>
+static void attention_units(const AttentionArgs& a, int64_t u0, int64_t u1, float* scratch) {
+  constexpr int kL = V::kLanes, dp = NV * kL;
+  const int64_t es = a.bf16 ? 2 : 4, group = a.heads / a.kv_heads, chunks = (group + a.chunk - 1) / a.chunk;
+  float* scores = scratch;
+  float* qs = scores + a.chunk * a.L;
+  float* acc = qs + a.chunk * dp;
+  float* block = acc + a.chunk * dp;
+  const int tail = static_cast<int>(a.d - (NV - 1) * kL);  // lanes of a head's last vector
+  // slots j0.. as fp32 rows of dp floats (zeros past L and past d): the cache itself where it holds them so
+  // (fp32, d = dp, a whole block), else converted into `block`
+  const auto load_rows = [&](const uint8_t* rows, int64_t j0) -> const float* {
+    const int count = active(a.L - j0);
+    if (!a.bf16 && tail == kL && count == kL) return reinterpret_cast<const float*>(rows) + j0 * dp;
+    for (int r = 0; r < kL; ++r) {
+      const uint8_t* row = rows + (j0 + r) * a.d * es;
+      for (int v = 0; v < NV; ++v)
+        V::storef(block + r * dp + v * kL, kL, V::load(row, v * kL, r < count ? (v == NV - 1 ? tail : kL) : 0, a.bf16));
+    }
+    return block;
+  };
   for (int64_t u = u0; u < u1; ++u) {
-    const int64_t t = u % a.T, h = u / a.T % a.heads, b = u / (a.T * a.heads);
-    const uint8_t* q = static_cast<const uint8_t*>(a.q) + u * a.d * es;
-    const int64_t kv_off = (b * a.kv_heads + h / group) * a.cap * a.d * es;
+    const int64_t c = u % chunks, kvh = u / chunks % a.kv_heads, t = u / (chunks * a.kv_heads) % a.T;
+    const int64_t b = u / (chunks * a.kv_heads * a.T);
+    const int64_t h0 = kvh * group + c * a.chunk, hn = std::min<int64_t>(a.chunk, group - c * a.chunk);
+    const int64_t kv_off = (b * a.kv_heads + kvh) * a.cap * a.d * es;
     const uint8_t* keys = static_cast<const uint8_t*>(a.keys) + kv_off;
     const uint8_t* values = static_cast<const uint8_t*>(a.values) + kv_off;
-    const int64_t bias_row = ((b * a.bias_heads + (a.bias_heads == 1 ? 0 : h)) * a.T + t) * a.L;
-    for (int64_t j = 0; j < a.L; ++j) scores[j] = a.scale * dot(q, keys + j * a.d * es, a.d, a.bf16);
-    if (a.softcap > 0.0f)
-      for (int64_t j = 0; j < a.L; ++j) scores[j] = a.softcap * std::tanh(scores[j] / a.softcap);
-    V::F vmax = V::set1(-INFINITY);
-    for (int64_t j = 0; j < a.L; j += V::kLanes) {
-      const int n = active(a.L - j);
-      const V::F s = V::add(V::loadf(scores + j, n), V::load(a.bias, bias_row + j, n, a.bias_bf16));
-      V::storef(scores + j, n, s);
-      vmax = V::max_active(vmax, s, n);
+    for (int64_t i = 0; i < hn; ++i) {
+      const uint8_t* q = static_cast<const uint8_t*>(a.q) + ((b * a.heads + h0 + i) * a.T + t) * a.d * es;
+      for (int v = 0; v < NV; ++v) {
+        V::storef(qs + i * dp + v * kL, kL, V::mul(V::set1(a.scale), V::load(q, v * kL, active(a.d - v * kL), a.bf16)));
+        V::storef(acc + i * dp + v * kL, kL, V::zero());
+      }
     }
-    const V::F top = V::set1(V::top(vmax));
-    V::F vsum = V::zero();
-    for (int64_t j = 0; j < a.L; j += V::kLanes) {
-      const int n = active(a.L - j);
-      const V::F e = V::keep_active(exp_v(V::sub(V::loadf(scores + j, n), top)), n);
-      V::storef(scores + j, n, e);
-      vsum = V::add(vsum, e);
+    for (int64_t j0 = 0; j0 < a.L; j0 += kL) {  // scores
+      const float* rows = load_rows(keys, j0);
+      for (int64_t i = 0; i < hn; ++i) {
+        V::F dots[kL];
+        for (int r = 0; r < kL; ++r) dots[r] = V::zero();
+        for (int v = 0; v < NV; ++v) {
+          const V::F qv = V::loadf(qs + i * dp + v * kL, kL);
+          for (int r = 0; r < kL; ++r) dots[r] = V::fmadd(qv, V::loadf(rows + r * dp + v * kL, kL), dots[r]);
+        }
+        V::storef(scores + i * a.L + j0, active(a.L - j0), V::sums(dots));
+      }
     }
-    const V::F inv = V::set1(1.0f / V::sum(vsum));
-    V::F acc[kMaxVectors];
-    for (int64_t v = 0; v < nv; ++v) acc[v] = V::zero();
-    for (int64_t j = 0; j < a.L; ++j) {
-      const V::F p = V::set1(scores[j]);
-      const uint8_t* row = values + j * a.d * es;
-      for (int64_t v = 0; v < nv; ++v)
-        acc[v] = V::fmadd(p, V::load(row, v * V::kLanes, active(a.d - v * V::kLanes), a.bf16), acc[v]);
+    for (int64_t i = 0; i < hn; ++i) {  // softmax weights, unnormalized
+      float* s = scores + i * a.L;
+      const int64_t h = h0 + i, bias_row = ((b * a.bias_heads + (a.bias_heads == 1 ? 0 : h)) * a.T + t) * a.L;
+      if (a.softcap > 0.0f)
+        for (int64_t j = 0; j < a.L; ++j) s[j] = a.softcap * std::tanh(s[j] / a.softcap);
+      V::F vmax = V::set1(-INFINITY);
+      for (int64_t j = 0; j < a.L; j += kL) {
+        const int n = active(a.L - j);
+        const V::F x = V::add(V::loadf(s + j, n), V::load(a.bias, bias_row + j, n, a.bias_bf16));
+        V::storef(s + j, n, x);
+        vmax = V::max_active(vmax, x, n);
+      }
+      const V::F top = V::set1(V::top(vmax));
+      for (int64_t j = 0; j < a.L; j += kL) {
+        const int n = active(a.L - j);
+        V::storef(s + j, n, V::keep_active(exp_v(V::sub(V::loadf(s + j, n), top)), n));
+      }
     }
-    uint8_t* out = static_cast<uint8_t*>(a.out) + ((b * a.T + t) * a.heads + h) * a.d * es;
-    for (int64_t v = 0; v < nv; ++v)
-      V::store(out, v * V::kLanes, active(a.d - v * V::kLanes), V::mul(acc[v], inv), a.bf16);
+    for (int64_t j0 = 0; j0 < a.L; j0 += kL) {  // the weighted sum of values
+      const float* rows = load_rows(values, j0);
+      const int count = active(a.L - j0);
+      for (int64_t i = 0; i < hn; ++i) {
+        V::F sum[NV];
+        for (int v = 0; v < NV; ++v) sum[v] = V::loadf(acc + i * dp + v * kL, kL);
+        for (int r = 0; r < count; ++r) {
+          const V::F p = V::set1(scores[i * a.L + j0 + r]);
+          for (int v = 0; v < NV; ++v) sum[v] = V::fmadd(p, V::loadf(rows + r * dp + v * kL, kL), sum[v]);
+        }
+        for (int v = 0; v < NV; ++v) V::storef(acc + i * dp + v * kL, kL, sum[v]);
+      }
+    }
+    for (int64_t i = 0; i < hn; ++i) {
+      V::F total = V::zero();
+      for (int64_t j = 0; j < a.L; j += kL) total = V::add(total, V::loadf(scores + i * a.L + j, active(a.L - j)));
+      const V::F inv = V::set1(1.0f / V::sum(total));
+      uint8_t* out = static_cast<uint8_t*>(a.out) + ((b * a.T + t) * a.heads + h0 + i) * a.d * es;
+      for (int v = 0; v < NV; ++v)
+        V::store(out, v * kL, active(a.d - v * kL), V::mul(V::loadf(acc + i * dp + v * kL, kL), inv), a.bf16);
+    }
   }
+}
+
+template <int... NV>
+static AttentionFn attention_table_entry(int nv, std::integer_sequence<int, NV...>) {
+  AttentionFn fn = nullptr;
+  ((fn = nv == NV + 1 ? &attention_units<NV + 1> : fn), ...);
+  return fn;
+}
+
+// attention_units for nv = ceil(d / kLanes) vectors a head.
+static void attention(const AttentionArgs& a, int64_t u0, int64_t u1, float* scratch) {
+  const int nv = static_cast<int>((a.d + V::kLanes - 1) / V::kLanes);
+  attention_table_entry(nv, std::make_integer_sequence<int, 256 / V::kLanes>{})(a, u0, u1, scratch);
 }
 
 // act(g) * u with act(g) = g * sigmoid(z): z = g for SiLU, z = 2 sqrt(2/pi) (g + 0.044715 g^3) for tanh-GELU

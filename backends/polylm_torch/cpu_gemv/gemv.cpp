@@ -558,11 +558,17 @@ static at::Tensor attention(const at::Tensor& q, const at::Tensor& keys, const a
                   (bias.size(1) == 1 || bias.size(1) == H) && bias.size(2) == T && bias.size(3) == length,
               "attention: bias must be fp32/bf16 [B, 1|H, T, length]");
   at::Tensor out = at::empty({B, T, H * d}, q.options());
+  // the heads sharing a key/value head go together (their keys and values read once), split into as many
+  // chunks as it takes to give every thread work
+  const int64_t group = H / KVH, base = B * T * KVH;
+  const int64_t splits = std::clamp<int64_t>((at::get_num_threads() + base - 1) / base, 1, group);
+  const int64_t chunk = (group + splits - 1) / splits, units = base * ((group + chunk - 1) / chunk);
   AttentionArgs a{q.const_data_ptr(), keys.const_data_ptr(), values.const_data_ptr(), bias.const_data_ptr(),
-                  out.data_ptr(), H, KVH, T, d, cap, length, bias.size(1), static_cast<float>(scale),
+                  out.data_ptr(), H, KVH, T, d, cap, length, bias.size(1), chunk, static_cast<float>(scale),
                   static_cast<float>(softcap), dt == at::kBFloat16, bias.scalar_type() == at::kBFloat16};
-  at::parallel_for(0, B * H * T, 1, [&](int64_t u0, int64_t u1) {
-    fn(a, u0, u1, reinterpret_cast<float*>(scratch(static_cast<size_t>(length) * sizeof(float))));
+  const size_t floats = static_cast<size_t>(attention_scratch(chunk, length, d));
+  at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
+    fn(a, u0, u1, reinterpret_cast<float*>(scratch(floats * sizeof(float))));
   });
   return out;
 }

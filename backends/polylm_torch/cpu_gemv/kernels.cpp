@@ -368,6 +368,19 @@ struct V {
   }
   static float sum(F v) { return _mm512_reduce_add_ps(v); }
   static float top(F v) { return _mm512_reduce_max_ps(v); }
+  // Lane i: the sum of s[i]'s lanes (a transpose-and-add tree: pairs within 128-bit lanes, then across them).
+  static F sums(const F* s) {
+    F t[8], u[4], w[2];
+    for (int i = 0; i < 8; ++i)
+      t[i] = _mm512_add_ps(_mm512_unpacklo_ps(s[2 * i], s[2 * i + 1]), _mm512_unpackhi_ps(s[2 * i], s[2 * i + 1]));
+    for (int i = 0; i < 4; ++i) {
+      const __m512d x = _mm512_castps_pd(t[2 * i]), y = _mm512_castps_pd(t[2 * i + 1]);
+      u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    for (int i = 0; i < 2; ++i)
+      w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x88), _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
+  }
   static F loadf(const float* p, int n) { return _mm512_maskz_loadu_ps(mask(n), p); }
   static void storef(float* p, int n, F v) { _mm512_mask_storeu_ps(p, mask(n), v); }
   // Element i.. of an fp32 or bf16 array, n lanes active (the rest zero).
@@ -813,6 +826,12 @@ struct V {
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     h = _mm_add_ps(h, _mm_movehl_ps(h, h));
     return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+  }
+  // Lane i: the sum of s[i]'s lanes (horizontal adds within 128-bit lanes, then the two halves added).
+  static F sums(const F* s) {
+    const F lo = _mm256_hadd_ps(_mm256_hadd_ps(s[0], s[1]), _mm256_hadd_ps(s[2], s[3]));
+    const F hi = _mm256_hadd_ps(_mm256_hadd_ps(s[4], s[5]), _mm256_hadd_ps(s[6], s[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
   }
   static float top(F v) {
     __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

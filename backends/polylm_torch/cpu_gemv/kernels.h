@@ -112,12 +112,17 @@ struct AttentionArgs {
   const void* bias;    // [B][bias_heads][T][L] additive (bias_heads 1 or H)
   void* out;           // [B][T][H * d]
   int64_t heads, kv_heads, T, d, cap, L, bias_heads;
+  int64_t chunk;   // heads of a group (sharing one key/value head) per unit of work
   float scale;
   float softcap;   // > 0: scores capped to softcap * tanh(score / softcap) before the bias; 0: not capped
   bool bf16;       // q, keys, values and out are bf16 (else fp32)
   bool bias_bf16;  // bias is bf16 (else fp32)
 };
-using AttentionFn = void (*)(const AttentionArgs&, int64_t u0, int64_t u1, float* scores /* [L] */);
+// Units u0..u1 of B x T x KVH x ceil(group / chunk); scratch: attention_scratch floats.
+using AttentionFn = void (*)(const AttentionArgs&, int64_t u0, int64_t u1, float* scratch);
+constexpr int64_t attention_scratch(int64_t chunk, int64_t L, int64_t d) {
+  return chunk * L + (2 * chunk + 16) * ((d + 15) / 16 * 16);
+}
 // Computes output blocks [b, b_end) for all M rows; `w` points at block b, the next blocks follow it.
 using GemmFn = void (*)(const GemmArgs&, const uint8_t* w, int64_t b, int64_t b_end);
 // Turns one zero-padded fp32 activation row into digits and corrections (AVX-512 quant path).
