@@ -122,13 +122,20 @@ static void attention_units(const AttentionArgs& a, int64_t u0, int64_t u1, floa
       const float* rows = load_rows(values, j0);
       const int count = active(a.L - j0);
       for (int64_t i = 0; i < hn; ++i) {
-        V::F sum[NV];
-        for (int v = 0; v < NV; ++v) sum[v] = V::loadf(acc + i * dp + v * kL, kL);
-        for (int r = 0; r < count; ++r) {
-          const V::F p = V::set1(scores[i * a.L + j0 + r]);
-          for (int v = 0; v < NV; ++v) sum[v] = V::fmadd(p, V::loadf(rows + r * dp + v * kL, kL), sum[v]);
+        const float* p = scores + i * a.L + j0;
+        V::F even[NV], odd[NV];  // two sums, so that 2 NV products are in flight
+        for (int v = 0; v < NV; ++v) even[v] = V::loadf(acc + i * dp + v * kL, kL), odd[v] = V::zero();
+        int r = 0;
+        for (; r + 1 < count; r += 2) {
+          const V::F p0 = V::set1(p[r]), p1 = V::set1(p[r + 1]);
+          for (int v = 0; v < NV; ++v) {
+            even[v] = V::fmadd(p0, V::loadf(rows + r * dp + v * kL, kL), even[v]);
+            odd[v] = V::fmadd(p1, V::loadf(rows + (r + 1) * dp + v * kL, kL), odd[v]);
+          }
         }
-        for (int v = 0; v < NV; ++v) V::storef(acc + i * dp + v * kL, kL, sum[v]);
+        if (r < count)
+          for (int v = 0; v < NV; ++v) even[v] = V::fmadd(V::set1(p[r]), V::loadf(rows + r * dp + v * kL, kL), even[v]);
+        for (int v = 0; v < NV; ++v) V::storef(acc + i * dp + v * kL, kL, V::add(even[v], odd[v]));
       }
     }
     for (int64_t i = 0; i < hn; ++i) {
