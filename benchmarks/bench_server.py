@@ -4,7 +4,8 @@ throughput (completion tok/s) and time to first token (p50/p95) — and what pro
     python benchmarks/bench_server.py [--backend torch] [--dtype float32] [--levels 1,4,16,32] [--json]
 
 The server is a real `polylm serve` subprocess on 127.0.0.1 (batch 16); each client is a thread streaming
-/v1/completions with httpx, `--rounds` requests one after another, greedy, with its own random token-id prompt.
+/v1/completions with httpx, `--rounds` requests one after another, greedy (or as `--sampling` says, e.g.
+`--sampling '{"temperature": 0.8, "top_k": 40, "seed": 1}'`), with its own random token-id prompt.
 gemma-bench's tokenizer knows only the byte alphabet, so most of its random tokens have no text: the requests ask
 for `logprobs: 0`, which gives every token its own chunk, and time to first token is the first chunk's arrival.
 
@@ -59,10 +60,11 @@ class Server:
         self.process.terminate()
         self.process.wait(timeout=30)
 
-    def stream(self, prompt: list[int], max_tokens: int) -> tuple[float, float, int]:
-        """One streamed completion: (time to first token, total time, completion tokens)."""
+    def stream(self, prompt: list[int], max_tokens: int, sampling: dict | None = None) -> tuple[float, float, int]:
+        """One streamed completion (greedy unless `sampling` gives other body fields): (time to first token, total
+        time, completion tokens)."""
         body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                "logprobs": 0, "stream_options": {"include_usage": True}}
+                "logprobs": 0, "stream_options": {"include_usage": True}, **(sampling or {})}
         start, first, tokens = time.perf_counter(), None, 0
         with httpx.stream("POST", self.url + "/v1/completions", json=body, timeout=600) as response:
             response.raise_for_status()
@@ -77,12 +79,13 @@ class Server:
         return first or 0.0, time.perf_counter() - start, tokens
 
 
-def load_level(server: Server, clients: int, rounds: int, prompt_tokens: int, max_tokens: int, seed: int) -> dict:
+def load_level(server: Server, clients: int, rounds: int, prompt_tokens: int, max_tokens: int, seed: int,
+               sampling: dict | None = None) -> dict:
     rng = np.random.default_rng(seed)
     prompts = [[rng.integers(3, 32000, prompt_tokens).tolist() for _ in range(rounds)] for _ in range(clients)]
 
     def client(index: int) -> list[tuple[float, float, int]]:
-        return [server.stream(prompt, max_tokens) for prompt in prompts[index]]
+        return [server.stream(prompt, max_tokens, sampling) for prompt in prompts[index]]
 
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
@@ -126,18 +129,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="requests per client, one after another")
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--sampling", type=json.loads, default=None,
+                        help='request fields for the load levels instead of greedy, e.g. \'{"temperature": 0.8, '
+                             '"top_k": 40, "seed": 1}\'')
     parser.add_argument("--skip-reuse", action="store_true")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     directory = build(NAME)
     report: dict = {"model": NAME, "backend": args.backend, "dtype": args.dtype, "cpus": os.cpu_count(),
-                    "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "levels": []}
+                    "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
+                    "sampling": args.sampling or "greedy", "levels": []}
     server = Server(directory, args.backend, args.dtype)
     try:
         server.stream([5] * 8, 2)  # warm up
         for level, clients in enumerate(int(c) for c in args.levels.split(",")):
             report["levels"].append(load_level(server, clients, args.rounds, args.prompt_tokens, args.max_tokens,
-                                               seed=level))
+                                               seed=level, sampling=args.sampling))
             if not args.json:
                 row = report["levels"][-1]
                 print(f"{clients:3d} clients: {row['requests']:3d} requests, {row['tokens']:4d} tokens in "
