@@ -13,7 +13,6 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-import checkpoints
 import polylm
 from polylm.errors import GenerationError
 from polylm.generate.sampling import Sampler, Sampling
