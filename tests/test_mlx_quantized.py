@@ -19,6 +19,7 @@ import polylm
 from polylm.cli import main
 from polylm.errors import BackendError, WeightsError
 from polylm.loading.inspect import inspect
+from polylm_mlx.params import Halves
 from polylm.numerics.quantization import AffineQuantization, affine_dequantize, affine_quantize
 from polylm.testing import tiny_checkpoint
 
@@ -92,7 +93,7 @@ def test_mlx_keeps_the_stored_arrays(source, tmp_path):
     np.testing.assert_array_equal(np.array(params.head.weight), stored["model.embed_tokens.weight"])
     np.testing.assert_array_equal(np.array(params.layers[0].out.scales),
                                   stored["model.layers.0.self_attn.o_proj.scales"])
-    assert params.layers[1].up.bits == 4 and isinstance(params.layers[0].down, mx.array)  # 96 inputs: dense
+    assert params.layers[1].up.bits == 4 and isinstance(params.layers[0].down, Halves)  # 96 inputs: dense
 
 
 def test_numerics_equal_mlx():

@@ -18,7 +18,7 @@ from polylm.backend import ExpertParams
 from polylm.ir import MLP, Attention, MoE
 from polylm.parallel.plan import ShardPlan, gather_padding, trim_gathered
 
-from .params import Matrix, NormParams
+from .params import Halves, Matrix, NormParams
 from .quantize import QuantizedMatrix
 
 
@@ -55,24 +55,22 @@ def linear(x: mx.array, weight: Matrix, bias: mx.array | None = None) -> mx.arra
 
 
 #: Two CPU streams, on the CPU only: MLX's CPU BLAS (the reference one its wheel bundles) multiplies on one core,
-#: so a prefill's matmul splits its rows over two streams, which MLX runs on two threads (each row's product is
-#: the same computation either way: bit-identical).
+#: so the column halves of a `Halves` operand multiply at once, one on each.
 _CPU_STREAMS = (mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)) if mx.default_device().type == mx.cpu else None
-#: Rows from which a matmul is split (a decode step's few rows are not).
-SPLIT_FROM = 32
 
 
-def _matmul(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
-    """x @ weight (+ bias through `mx.addmm`), x's rows split over `_CPU_STREAMS` when there are at least
-    `SPLIT_FROM` of them."""
-    product = (lambda a, stream=None: mx.matmul(a, weight, stream=stream)) if bias is None else (
-        lambda a, stream=None: mx.addmm(bias, a, weight, stream=stream))
-    rows = x.size // x.shape[-1]
-    if _CPU_STREAMS is None or rows < SPLIT_FROM:
-        return product(x)
-    flat, half = x.reshape(rows, x.shape[-1]), rows // 2
-    parts = [product(part, stream) for part, stream in zip((flat[:half], flat[half:]), _CPU_STREAMS)]
-    return mx.concatenate(parts, axis=0).reshape(*x.shape[:-1], weight.shape[-1])
+def _matmul(x: mx.array, weight: mx.array | Halves, bias: mx.array | None = None) -> mx.array:
+    """x @ weight (+ bias through `mx.addmm`); a `Halves` operand's halves on the two `_CPU_STREAMS`."""
+    if isinstance(weight, Halves):
+        half = weight.left.shape[-1]
+        biases = (None, None) if bias is None else (bias[:half], bias[half:])
+        return mx.concatenate([_matmul_on(x, w, b, stream) for w, b, stream in
+                               zip((weight.left, weight.right), biases, _CPU_STREAMS)], axis=-1)
+    return _matmul_on(x, weight, bias)
+
+
+def _matmul_on(x: mx.array, weight: mx.array, bias: mx.array | None, stream: mx.Stream | None = None) -> mx.array:
+    return mx.matmul(x, weight, stream=stream) if bias is None else mx.addmm(bias, x, weight, stream=stream)
 
 
 def rotary(positions: mx.array, inv_freq: mx.array, factor: float, dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
@@ -165,6 +163,10 @@ def gather_linear(x: mx.array, weight: Matrix, bias: mx.array | None, indices: m
     added. A float32 stack (on the CPU, see `params`) multiplies x in float32."""
     if isinstance(weight, QuantizedMatrix):
         y = weight.gather_matmul(x, indices, sorted_indices)
+    elif isinstance(weight, Halves):
+        y = mx.concatenate([mx.gather_mm(x.astype(w.dtype), w, rhs_indices=indices, sorted_indices=sorted_indices,
+                                         stream=stream) for w, stream in zip((weight.left, weight.right), _CPU_STREAMS)],
+                           axis=-1).astype(x.dtype)
     else:
         y = mx.gather_mm(x.astype(weight.dtype), weight, rhs_indices=indices, sorted_indices=sorted_indices)
         y = y.astype(x.dtype)

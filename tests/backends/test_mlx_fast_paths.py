@@ -13,7 +13,7 @@ import polylm_mlx.runtime
 from polylm import testing
 from polylm.backend import Step
 from polylm.ir import ALiBi
-from polylm_mlx import ops
+from polylm_mlx import ops, params
 
 PROMPT = np.random.default_rng(0).integers(3, 90, (2, 9))
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -97,21 +97,27 @@ def test_alibi_softcap_and_sinks_are_never_plain(make_ckpt):
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
 @pytest.mark.parametrize("rows", [1, 7, 40])
 def test_float32_projection_equals_half_precision_matmul(dtype, rows):
-    """The CPU layout (`params`): a float32 [in, out] copy gives what MLX's half-precision matmul gives, bit for
-    bit, with and without a bias."""
+    """The CPU layout (`params`): a float32 [in, out] copy — whole, or in column halves on two streams — gives
+    what MLX's half-precision matmul gives, bit for bit, with and without a bias."""
     mx.random.seed(rows)
     x = mx.random.normal((rows, 96)).astype(dtype)
     stored = (mx.random.normal((80, 96)) * 0.1).astype(dtype)  # [out, in]
     bias = mx.random.normal((80,)).astype(dtype)
-    copy = mx.contiguous(stored.astype(mx.float32).T)
-    assert ops.linear(x, copy).dtype == dtype
-    assert mx.array_equal(ops.linear(x, copy), x @ stored.T).item()
-    assert mx.array_equal(ops.linear(x, copy, bias), mx.addmm(bias, x, stored.T)).item()
+    halves = params._matrix(stored, None, "w")
+    assert isinstance(halves, params.Halves) and halves.left.shape == halves.right.shape == (96, 40)
+    for copy in (mx.contiguous(stored.astype(mx.float32).T), halves):
+        assert ops.linear(x, copy).dtype == dtype
+        assert mx.array_equal(ops.linear(x, copy), x @ stored.T).item()
+        assert mx.array_equal(ops.linear(x, copy, bias), mx.addmm(bias, x, stored.T)).item()
 
 
-def test_cpu_projections_are_contiguous_float32(make_ckpt):
-    params = polylm.load(make_ckpt("gemma"), backend="mlx", dtype="bfloat16").runtime.params  # tied head
-    assert params.embed.dtype == mx.bfloat16
-    for matrix in (params.head, params.layers[0].qkv, params.layers[0].down):
-        assert matrix.dtype == mx.float32
-        assert np.array(matrix).flags["C_CONTIGUOUS"]
+def test_cpu_projections_are_contiguous_float32_halves(make_ckpt):
+    model = polylm.load(make_ckpt("gemma"), backend="mlx", dtype="bfloat16")  # tied head
+    found = model.runtime.params
+    assert found.embed.dtype == mx.bfloat16
+    for matrix in (found.head, found.layers[0].qkv, found.layers[0].down):
+        assert isinstance(matrix, params.Halves)
+        for half in (matrix.left, matrix.right):
+            assert half.dtype == mx.float32 and np.array(half).flags["C_CONTIGUOUS"]
+    whole = np.concatenate([np.array(found.head.left), np.array(found.head.right)], axis=-1)
+    np.testing.assert_array_equal(whole, np.array(found.embed.astype(mx.float32)).T)
