@@ -14,11 +14,13 @@ def reduce_outputs(out: torch.Tensor, head: Head, reduce: Reduce) -> Reduced:
     """What `reduce` asks of raw head outputs [batch, out] (any float dtype, on any device); see `Reduced.of_top`."""
     out = out.float()
     top = min(reduce.top, out.shape[-1])
-    ids = out.argmax(dim=-1, keepdim=True) if top == 1 else out.topk(top, dim=-1).indices
+    # max and topk rank NaN above everything (max: the first NaN), so one pass gives the top values, their ids
+    # and the NaN check: a row holds NaN exactly when its top value is NaN.
+    values, ids = out.max(dim=-1, keepdim=True) if top == 1 else out.topk(top, dim=-1)
     norm = _norm(finish_head(head, out, torch.tanh)).cpu().numpy() if reduce.norm else None
     full = torch.from_numpy(reduce.full).to(out.device)
-    return Reduced.of_top(head, ids.cpu().numpy(), out.gather(-1, ids).cpu().numpy(), norm,
-                          out.isnan().any(dim=-1).cpu().numpy(), out[full].cpu().numpy())
+    return Reduced.of_top(head, ids.cpu().numpy(), values.cpu().numpy(), norm, values[:, 0].isnan().cpu().numpy(),
+                          out[full].cpu().numpy())
 
 
 def _norm(out: torch.Tensor) -> torch.Tensor:
