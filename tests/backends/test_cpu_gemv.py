@@ -30,7 +30,8 @@ FP32_RTOL = 1e-5
 BF16_RTOL = 2.0**-8
 # (out_features N, in_features K): odd N, K not a multiple of 16/32, a single row, a full block, 2 KB rows.
 SHAPES = [(1, 1), (7, 45), (37, 33), (16, 64), (129, 1000), (48, 1040)]
-ROWS = [1, 2, 3, 5, 17, 40]  # 5: two 4-row kernel groups; 17: five; 40 > MAX_KERNEL_ROWS (32): the large-M path
+ROWS = [1, 2, 3, 5, 17, 40]  # 5: padded to 8 rows (one 8-row pass, or two of 4 on AVX2); 17: padded to 20 (16 + 4 or
+# five 4-row passes); 40 > MAX_KERNEL_ROWS (32): the large-M path
 
 
 def _assert_close(y: torch.Tensor, ref: torch.Tensor, rtol: float) -> None:
@@ -107,12 +108,24 @@ def test_packed_linear_3d_input_and_multi_pass(isa):
     weight = torch.randn(50, 77, generator=gen).to(torch.bfloat16)
     bias = torch.randn(50, generator=gen)
     x = torch.randn(2, 3, 77, generator=gen)  # M = 6
-    for max_rows in (4, 8):  # the tiled path, then two kernel groups (4 + 2 rows, padded to 4 + 4)
+    for max_rows in (4, 8):  # the tiled path, then the kernel (6 rows padded to 8: one 8-row pass or two of 4)
         y = PackedLinear(weight, bias, max_kernel_rows=max_rows)(x)
         assert y.shape == (2, 3, 50)
         _assert_close(y, _ref(x, weight, bias), FP32_RTOL)
     y = PackedLinear(weight, bias)(x[:1, :2])  # [1, 2, K]: the kernel
     _assert_close(y, _ref(x[:1, :2], weight, bias), FP32_RTOL)
+
+
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_kernel_rows_do_not_depend_on_batch(isa, wdtype):
+    # Each row's sum runs in the same k order whatever the pass sizes (16, 8, 4, 2, 1 rows): bit-identical rows.
+    gen = torch.Generator().manual_seed(3)
+    layer = PackedLinear(torch.randn(100, 70, generator=gen).to(wdtype), torch.randn(100, generator=gen))
+    for xdtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(MAX_KERNEL_ROWS, 70, generator=gen).to(xdtype)
+        single = torch.cat([layer(x[m:m + 1]) for m in range(MAX_KERNEL_ROWS)])
+        for rows in range(2, MAX_KERNEL_ROWS + 1):
+            assert torch.equal(layer(x[:rows]), single[:rows]), (xdtype, rows)
 
 
 def test_packed_linear_empty_and_bad_input(isa):

@@ -5,8 +5,8 @@ Decode at batch 1 is bound by the bytes of weight read per token. These layers r
 at load, into blocks of 16 output rows that each form one contiguous stream (layout in ``_layout.py``), and run a
 hand-written AVX-512 or AVX2 kernel that keeps several such streams in flight per thread on torch's own OpenMP pool.
 ``x`` with at most ``max_kernel_rows`` rows (default 32: a batched decode step) goes through the kernel with fp32
-accumulation, 4 rows of x per call on each cache-resident set of weight blocks, so the weights are read once for all
-rows (measured on the AVX-512 machine: faster than ``F.linear`` and than the tiled path up to 32 rows; on an AVX-512
+accumulation, passes of 16, 8 or 4 rows of x (AVX-512; AVX2: 4) on each cache-resident set of weight blocks, so the
+weights are read once for all rows (measured on the AVX-512 machine: faster than ``F.linear`` and than the tiled path up to 32 rows; on an AVX-512
 machine without BF16, 24 matrices of gemma-bench's shapes at 32 rows took 250 ms in bf16 and 300 ms in fp32 through
 the kernel against 2600 ms and 460 ms through the tiled path). Larger ``x`` (prefill): with bf16 ``x`` on a CPU with
 AVX512-BF16 and a bf16 or quantized weight, a register-tiled GEMM (6 rows of x by 64 output columns per tile,
@@ -228,7 +228,7 @@ class PackedLinear(_KernelLinear):
     Args:
         weight: [out_features, in_features] bf16, fp16 or fp32 CPU tensor.
         bias: optional [out_features] tensor (kept in fp32).
-        max_kernel_rows: inputs with at most this many rows use the kernel (4 rows of x per kernel call);
+        max_kernel_rows: inputs with at most this many rows use the kernel (passes of 16, 8 or 4 rows of x);
             larger ones use the tiled unpack + matmul path.
     """
 

@@ -38,40 +38,62 @@ static uint8_t* scratch(size_t bytes) {
 
 static inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
-// Runs the kernel over all blocks: each thread takes a contiguous range of blocks and walks S sub-ranges of it
-// in lockstep (S long sequential streams); the few leftover blocks go S at a time, the last repeated. With
-// several 4-row groups of x (one Args each), every group runs on a set of blocks before the next set is
-// loaded, so the weights come from memory once and from L1/L2 for the other groups.
+// One kernel pass: a group of x rows (its Args) and the kernel for that many rows, which computes S blocks per
+// call.
 template <class Args>
-static void run_blocks(void (*kernel)(const Args&, const int64_t*), int streams, const std::vector<Args>& groups,
-                       int64_t nblocks, int64_t block_bytes) {
+struct Pass {
+  Args args;
+  void (*kernel)(const Args&, const int64_t*);
+  int S;
+};
+
+// Runs the passes over all blocks: each thread takes a contiguous range of blocks and walks `streams` (the
+// largest S) sub-ranges of it in lockstep (long sequential streams); the few leftover blocks go `streams` at a
+// time, the last repeated. Every pass runs on a set of blocks before the next set is loaded, so the weights come
+// from memory once and from L1/L2 for the other passes; a pass with a smaller S covers the set in several calls.
+template <class Args>
+static void run_blocks(const std::vector<Pass<Args>>& passes, int64_t nblocks, int64_t block_bytes) {
+  int streams = 1;
+  for (const Pass<Args>& p : passes) streams = std::max(streams, p.S);
   // At least 256 KB per thread: splitting a small matrix costs more in wake-ups than it saves, and on a
   // busy machine a second thread may not get a core at all.
   const int64_t grain = std::max<int64_t>(1, (int64_t{256} << 10) / std::max<int64_t>(block_bytes, 1));
   at::parallel_for(0, nblocks, grain, [&](int64_t begin, int64_t end) {
     const int64_t per = (end - begin) / streams;
     int64_t blk[kMaxStreams];
+    const auto run = [&] {
+      for (const Pass<Args>& p : passes)
+        for (int s = 0; s < streams; s += p.S) p.kernel(p.args, blk + s);
+    };
     for (int64_t i = 0; i < per; ++i) {
       for (int s = 0; s < streams; ++s) blk[s] = begin + s * per + i;
-      for (const Args& a : groups) kernel(a, blk);
+      run();
     }
     for (int64_t b = begin + streams * per; b < end; b += streams) {
       for (int s = 0; s < streams; ++s) blk[s] = std::min(b + s, end - 1);
-      for (const Args& a : groups) kernel(a, blk);
+      run();
     }
   });
 }
 
-// Rows of x a kernel call handles, and the total (x padded with zero rows to a whole number of calls).
-static std::pair<int, int64_t> kernel_rows(int64_t M) {
-  if (M <= kMaxM) return {kernel_m(M), kernel_m(M)};
-  return {kMaxM, round_up(M, kMaxM)};
+// The x rows of each kernel pass over M rows (at most 4 rows: one pass, 3 rows padded to 4; more: M rounded up
+// to a multiple of 4 and split into the largest passes that `kernels` has, e.g. 28 = 16 + 8 + 4), and their sum
+// (x is padded with zero rows to it). kernels[slot] is null where the ISA has no kernel for that many rows.
+template <class Fn>
+static std::pair<std::vector<int>, int64_t> pass_rows(int64_t M, const Fn* kernels) {
+  if (M <= 4) return {{kernel_m(M)}, kernel_m(M)};
+  std::vector<int> rows;
+  int64_t left = round_up(M, 4);
+  for (int gm = kMaxM; gm >= 4; gm /= 2)
+    if (kernels[m_slot(gm)] != nullptr)
+      for (; left >= gm; left -= gm) rows.push_back(gm);
+  return {rows, round_up(M, 4)};
 }
 
-// Converts the rows of x2 [rows, K] to fp32 (zero padded to kpad) in dst.
-static void x_to_fp32(const at::Tensor& x2, int64_t rows, int64_t K, int64_t kpad, float* dst) {
+// Converts the rows of x2 [rows, K] to fp32 (zero padded to kpad) in dst, rows ld floats apart.
+static void x_to_fp32(const at::Tensor& x2, int64_t rows, int64_t K, int64_t kpad, int64_t ld, float* dst) {
   for (int64_t m = 0; m < rows; ++m) {
-    float* d = dst + m * kpad;
+    float* d = dst + m * ld;
     switch (x2.scalar_type()) {
       case at::kFloat: std::memcpy(d, x2.const_data_ptr<float>() + m * K, K * sizeof(float)); break;
       case at::kBFloat16: {
@@ -296,31 +318,36 @@ class FloatGemv : public GemvBase {
  protected:
   void small_m(const at::Tensor& x2, at::Tensor& out) override {
     const int64_t M = x2.size(0);
-    const auto [gm, mk] = kernel_rows(M);
-    const int slot = m_slot(gm);
     // bf16 x bf16 uses vdpbf16ps on bf16 pairs; everything else multiplies in fp32.
     const bool dot = use_dot_ && x2.scalar_type() == at::kBFloat16;
-    const int64_t esize = dot ? 2 : 4;
-    const PassBuffers pb = pass_buffers(static_cast<size_t>(mk * kpad_ * esize), M, mk, out, N_, n_pad_);
+    const FloatFn* fns = dot ? kernels_->bf16_dot_blocks : kernels_->float_blocks[kind_];
+    const int* streams = dot ? kernels_->dot_streams : kernels_->float_streams;
+    const auto [rows, mk] = pass_rows(M, fns);
+    // x rows are a cache line more than a multiple of 64 bytes apart: with rows a multiple of 4 KB apart, the
+    // 8-16 rows a kernel broadcasts from would share one L1 set and evict each other.
+    const int64_t xstride = round_up(kpad_ * (dot ? 2 : 4), 64) + 64;  // bytes
+    const PassBuffers pb = pass_buffers(static_cast<size_t>(mk * xstride), M, mk, out, N_, n_pad_);
     if (dot) {
       for (int64_t m = 0; m < M; ++m)
-        std::memcpy(pb.x + m * kpad_ * 2, x2.const_data_ptr<c10::BFloat16>() + m * K_, K_ * 2);
+        std::memcpy(pb.x + m * xstride, x2.const_data_ptr<c10::BFloat16>() + m * K_, K_ * 2);
     } else {
-      x_to_fp32(x2, M, K_, kpad_, reinterpret_cast<float*>(pb.x));
+      x_to_fp32(x2, M, K_, kpad_, xstride / 4, reinterpret_cast<float*>(pb.x));
     }
-    std::vector<FloatArgs> groups(mk / gm);
-    for (size_t g = 0; g < groups.size(); ++g) {
-      FloatArgs& a = groups[g];
+    std::vector<Pass<FloatArgs>> passes;
+    int64_t m0 = 0;
+    for (const int gm : rows) {
+      FloatArgs a{};
       a.w = static_cast<const uint8_t*>(packed_.const_data_ptr());
       a.nchunks = nchunks_;
       a.bias = bias_.const_data_ptr<float>();
-      a.ldx = dot ? kpad_ / 2 : kpad_;
-      a.x = pb.x + g * gm * kpad_ * esize;
-      a.y = pb.y + g * gm * pb.ldy;
+      a.ldx = xstride / 4;  // floats, or words of bf16 pairs
+      a.x = pb.x + m0 * xstride;
+      a.y = pb.y + m0 * pb.ldy;
       a.ldy = pb.ldy;
+      passes.push_back({a, fns[m_slot(gm)], streams[m_slot(gm)]});
+      m0 += gm;
     }
-    if (dot) run_blocks(kernels_->bf16_dot_blocks[slot], kernels_->dot_streams[slot], groups, nblocks_, block_bytes());
-    else run_blocks(kernels_->float_blocks[kind_][slot], kernels_->float_streams[slot], groups, nblocks_, block_bytes());
+    run_blocks(passes, nblocks_, block_bytes());
     if (!pb.direct) store_output(pb.y, pb.ldy, M, out, N_);
   }
 
@@ -371,8 +398,7 @@ class QuantGemv : public GemvBase {
  protected:
   void small_m(const at::Tensor& x2, at::Tensor& out) override {
     const int64_t M = x2.size(0);
-    const auto [gm, mk] = kernel_rows(M);
-    const int slot = m_slot(gm);
+    const auto [rows, mk] = pass_rows(M, kernels_->quant_blocks[kind_]);
     const bool digits = kernels_->prep_digits != nullptr;
     // x: fp32 [mk][kpad] | digits [mk][3][kpad] | corrections [mk][NG][3] | sx [mk]
     const int64_t xf = round_up(mk * kpad_ * 4, 64);
@@ -383,17 +409,17 @@ class QuantGemv : public GemvBase {
     int8_t* dig = reinterpret_cast<int8_t*>(pb.x + xf);
     int32_t* corr = reinterpret_cast<int32_t*>(pb.x + xf + dg);
     float* sx = reinterpret_cast<float*>(pb.x + xf + dg + cr);
-    x_to_fp32(x2, M, K_, kpad_, xfp);
+    x_to_fp32(x2, M, K_, kpad_, kpad_, xfp);
     if (digits) {
       const int zero_point = kind_ == kInt8 ? 128 : 8;
       for (int64_t m = 0; m < mk; ++m)
         kernels_->prep_digits(xfp + m * kpad_, kpad_, group_, zero_point, dig + m * kDigits * kpad_,
                               corr + m * ngroups_ * kDigits, sx + m);
     }
-    std::vector<QuantArgs> groups(mk / gm);
-    for (size_t g = 0; g < groups.size(); ++g) {
-      const int64_t m0 = static_cast<int64_t>(g) * gm;
-      QuantArgs& a = groups[g];
+    std::vector<Pass<QuantArgs>> passes;
+    int64_t m0 = 0;
+    for (const int gm : rows) {
+      QuantArgs a{};
       a.w = packed_.const_data_ptr<uint8_t>();
       a.chunks_per_group = group_ / quant_chunk_k(kind_);
       a.ngroups = ngroups_;
@@ -410,8 +436,10 @@ class QuantGemv : public GemvBase {
         a.x = xfp + m0 * kpad_;
         a.ldx = kpad_;
       }
+      passes.push_back({a, kernels_->quant_blocks[kind_][m_slot(gm)], kernels_->quant_streams[m_slot(gm)]});
+      m0 += gm;
     }
-    run_blocks(kernels_->quant_blocks[kind_][slot], kernels_->quant_streams[slot], groups, nblocks_, block_bytes());
+    run_blocks(passes, nblocks_, block_bytes());
     if (!pb.direct) store_output(pb.y, pb.ldy, M, out, N_);
   }
 

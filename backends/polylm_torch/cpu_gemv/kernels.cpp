@@ -64,6 +64,7 @@ static inline void prefetch(const uint8_t* p) { _mm_prefetch(reinterpret_cast<co
 template <int KIND, int M, int S, int PF>
 static void float_blocks(const FloatArgs& a, const int64_t* blk) {
   constexpr int kK = chunk_k(KIND);
+  constexpr bool kHoistX = M <= 4;
   const float* x = static_cast<const float*>(a.x);
   const int64_t nc = a.nchunks;
   const uint8_t* wp[S];
@@ -71,31 +72,40 @@ static void float_blocks(const FloatArgs& a, const int64_t* blk) {
 #pragma GCC unroll 8
   for (int s = 0; s < S; ++s) {
     wp[s] = a.w + blk[s] * nc * kChunkBytes;
-#pragma GCC unroll 4
+#pragma GCC unroll 16
     for (int m = 0; m < M; ++m) acc[s][m] = _mm512_setzero_ps();
   }
   for (int64_t c = 0; c < nc; ++c) {
-    __m512 xv[M][kK];
-#pragma GCC unroll 4
-    for (int m = 0; m < M; ++m)
+    // Up to 4 rows the x broadcasts stay in registers for all S blocks; beyond that the accumulators need the
+    // registers and every FMA broadcasts its x value from memory (an embedded-broadcast operand).
+    __m512 xv[kHoistX ? M : 1][kK];
+    if constexpr (kHoistX) {
+#pragma GCC unroll 16
+      for (int m = 0; m < M; ++m)
 #pragma GCC unroll 2
-      for (int j = 0; j < kK; ++j) xv[m][j] = _mm512_set1_ps(x[m * a.ldx + c * kK + j]);
+        for (int j = 0; j < kK; ++j) xv[m][j] = _mm512_set1_ps(x[m * a.ldx + c * kK + j]);
+    }
 #pragma GCC unroll 8
     for (int s = 0; s < S; ++s) {
       const uint8_t* p = wp[s] + c * kChunkBytes;
       if constexpr (PF > 0) prefetch(p + PF);
       __m512 w[kK];
       load_chunk<KIND>(p, w);
-#pragma GCC unroll 4
+#pragma GCC unroll 16
       for (int m = 0; m < M; ++m)
 #pragma GCC unroll 2
-        for (int j = 0; j < kK; ++j) acc[s][m] = _mm512_fmadd_ps(w[j], xv[m][j], acc[s][m]);
+        for (int j = 0; j < kK; ++j) {
+          __m512 xb;
+          if constexpr (kHoistX) xb = xv[m][j];
+          else xb = _mm512_set1_ps(x[m * a.ldx + c * kK + j]);
+          acc[s][m] = _mm512_fmadd_ps(w[j], xb, acc[s][m]);
+        }
     }
   }
 #pragma GCC unroll 8
   for (int s = 0; s < S; ++s) {
     const __m512 b = _mm512_loadu_ps(a.bias + blk[s] * kRows);
-#pragma GCC unroll 4
+#pragma GCC unroll 16
     for (int m = 0; m < M; ++m) _mm512_storeu_ps(a.y + m * a.ldy + blk[s] * kRows, _mm512_add_ps(acc[s][m], b));
   }
 }
@@ -113,7 +123,7 @@ static void quant_blocks(const QuantArgs& a, const int64_t* blk) {
 #pragma GCC unroll 8
   for (int s = 0; s < S; ++s) {
     wp[s] = a.w + blk[s] * ng * cpg * kChunkBytes;
-#pragma GCC unroll 4
+#pragma GCC unroll 16
     for (int m = 0; m < M; ++m) acc[s][m] = _mm512_setzero_ps();
   }
   const __m512i nibble = _mm512_set1_epi8(0x0F);
@@ -121,7 +131,7 @@ static void quant_blocks(const QuantArgs& a, const int64_t* blk) {
     __m512i P[S][M][kDigits];
 #pragma GCC unroll 8
     for (int s = 0; s < S; ++s)
-#pragma GCC unroll 4
+#pragma GCC unroll 16
       for (int m = 0; m < M; ++m)
 #pragma GCC unroll 3
         for (int d = 0; d < kDigits; ++d) P[s][m][d] = _mm512_setzero_si512();
@@ -132,7 +142,7 @@ static void quant_blocks(const QuantArgs& a, const int64_t* blk) {
         if constexpr (PF > 0) prefetch(p + PF);
         const __m512i raw = _mm512_loadu_si512(p);
         if constexpr (!kIsInt4) {
-#pragma GCC unroll 4
+#pragma GCC unroll 16
           for (int m = 0; m < M; ++m)
 #pragma GCC unroll 3
             for (int d = 0; d < kDigits; ++d)
@@ -140,7 +150,7 @@ static void quant_blocks(const QuantArgs& a, const int64_t* blk) {
         } else {
           const __m512i lo = _mm512_and_si512(raw, nibble);
           const __m512i hi = _mm512_and_si512(_mm512_srli_epi32(raw, 4), nibble);
-#pragma GCC unroll 4
+#pragma GCC unroll 16
           for (int m = 0; m < M; ++m)
 #pragma GCC unroll 3
             for (int d = 0; d < kDigits; ++d) {
@@ -157,7 +167,7 @@ static void quant_blocks(const QuantArgs& a, const int64_t* blk) {
       __m512 sc;
       if constexpr (kIsInt4) sc = load_scales(static_cast<const uint16_t*>(a.scales) + so);
       else sc = load_scales(static_cast<const float*>(a.scales) + so);
-#pragma GCC unroll 4
+#pragma GCC unroll 16
       for (int m = 0; m < M; ++m) {
         const int32_t* cr = a.corr + (m * ng + g) * kDigits;
         const __m512i p0 = _mm512_sub_epi32(P[s][m][0], _mm512_set1_epi32(cr[0]));
@@ -173,7 +183,7 @@ static void quant_blocks(const QuantArgs& a, const int64_t* blk) {
 #pragma GCC unroll 8
   for (int s = 0; s < S; ++s) {
     const __m512 b = _mm512_loadu_ps(a.bias + blk[s] * kRows);
-#pragma GCC unroll 4
+#pragma GCC unroll 16
     for (int m = 0; m < M; ++m)
       _mm512_storeu_ps(a.y + m * a.ldy + blk[s] * kRows, _mm512_fmadd_ps(acc[s][m], _mm512_set1_ps(a.sx[m]), b));
   }
@@ -415,13 +425,19 @@ static void fill_blocks(Kernels& k) {
   k.quant_blocks[kInt4][0] = &quant_blocks<kInt4, 1, 2, PF>;
   k.quant_blocks[kInt4][1] = &quant_blocks<kInt4, 2, 2, PF>;
   k.quant_blocks[kInt4][2] = &quant_blocks<kInt4, 4, 1, PF>;
+  k.float_blocks[kBF16][3] = &float_blocks<kBF16, 8, 1, PF>;
+  k.float_blocks[kF16][3] = &float_blocks<kF16, 8, 1, PF>;
+  k.float_blocks[kF32][3] = &float_blocks<kF32, 8, 1, PF>;
+  k.float_blocks[kBF16][4] = &float_blocks<kBF16, 16, 1, PF>;
+  k.float_blocks[kF16][4] = &float_blocks<kF16, 16, 1, PF>;
+  k.float_blocks[kF32][4] = &float_blocks<kF32, 16, 1, PF>;
 }
 
 static void fill_kernels(Kernels& k) {
   if (prefetch_helps()) fill_blocks<kPrefetchBytes>(k);
   else fill_blocks<0>(k);
-  const int fs[3] = {2, 2, 2}, qs[3] = {2, 2, 1};
-  for (int i = 0; i < 3; ++i) k.float_streams[i] = fs[i], k.quant_streams[i] = qs[i];
+  const int fs[kSlots] = {2, 2, 2, 1, 1}, qs[kSlots] = {2, 2, 1, 0, 0};
+  for (int i = 0; i < kSlots; ++i) k.float_streams[i] = fs[i], k.quant_streams[i] = qs[i];
   k.float_unpack[kBF16] = &float_unpack<kBF16>;
   k.float_unpack[kF16] = &float_unpack<kF16>;
   k.float_unpack[kF32] = &float_unpack<kF32>;

@@ -14,7 +14,8 @@ namespace polylm_gemv {
 
 constexpr int kRows = 16;            // output rows per block (one AVX-512 vector of fp32)
 constexpr int kChunkBytes = 64;      // bytes per block per k-chunk: 16 rows x 4 bytes
-constexpr int kMaxM = 4;             // x rows per kernel pass
+constexpr int kMaxM = 16;            // x rows per kernel pass (at most; 8 and 16 only on AVX-512)
+constexpr int kSlots = 5;            // kernels for M = 1, 2, 4, 8, 16 rows of x
 constexpr int kMaxStreams = 8;
 constexpr int kGemmBlocks = 4;      // weight blocks (64 output columns) per GEMM register tile
 constexpr int kGemmRows = 6;        // x rows per GEMM register tile (6 x 4 accumulators)
@@ -26,9 +27,10 @@ enum GatedAct : int { kSilu = 0, kGeluTanh = 1 };
 
 constexpr int chunk_k(int float_kind) { return float_kind == kF32 ? 1 : 2; }
 constexpr int quant_chunk_k(int quant_kind) { return quant_kind == kInt8 ? 4 : 8; }
-// Kernels exist for M = 1, 2 and 4 rows; 3 rows run the 4-row kernel with a zero row.
+// Kernels exist for M = 1, 2, 4 (every ISA), 8 and 16 rows (some ISAs, null slots elsewhere); 3 rows run the
+// 4-row kernel with a zero row. Slot i holds the kernel for 2^i rows.
 constexpr int kernel_m(int64_t rows) { return rows == 3 ? 4 : static_cast<int>(rows); }
-constexpr int m_slot(int m) { return m == 4 ? 2 : m - 1; }
+constexpr int m_slot(int m) { return m == 16 ? 4 : m == 8 ? 3 : m == 4 ? 2 : m - 1; }
 
 // Balanced base-256 digits of the fixed-point activation of the VNNI path: x_q = e0 + 256 e1 + 65536 e2 with
 // every e in [-128, 127]; the largest magnitude representable on both sides is 127 * 65793.
@@ -130,12 +132,13 @@ using PrepFn = void (*)(const float* x, int64_t kpad, int64_t group, int zero_po
                         float* sx);
 
 struct Kernels {
-  FloatFn float_blocks[3][3];   // [kind][m_slot]
-  FloatFn bf16_dot_blocks[3];   // bf16 activations x bf16 weights (AVX512-BF16); null where unsupported
-  QuantFn quant_blocks[2][3];   // [quant kind][m_slot]
-  int float_streams[3];
-  int dot_streams[3];
-  int quant_streams[3];
+  // Each kernel computes S blocks per call; streams[slot] is that S.
+  FloatFn float_blocks[3][kSlots];   // [kind][m_slot]
+  FloatFn bf16_dot_blocks[kSlots];   // bf16 activations x bf16 weights (AVX512-BF16); null where unsupported
+  QuantFn quant_blocks[2][kSlots];   // [quant kind][m_slot]
+  int float_streams[kSlots];
+  int dot_streams[kSlots];
+  int quant_streams[kSlots];
   UnpackFn float_unpack[3];
   UnpackFn quant_unpack[2];
   DequantBf16Fn quant_to_bf16[2];  // AVX-512 only
