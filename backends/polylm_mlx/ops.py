@@ -164,9 +164,9 @@ def gather_linear(x: mx.array, weight: Matrix, bias: mx.array | None, indices: m
     if isinstance(weight, QuantizedMatrix):
         y = weight.gather_matmul(x, indices, sorted_indices)
     elif isinstance(weight, Halves):
+        halves = zip((weight.left, weight.right), _CPU_STREAMS)
         y = mx.concatenate([mx.gather_mm(x.astype(w.dtype), w, rhs_indices=indices, sorted_indices=sorted_indices,
-                                         stream=stream) for w, stream in zip((weight.left, weight.right), _CPU_STREAMS)],
-                           axis=-1).astype(x.dtype)
+                                         stream=stream) for w, stream in halves], axis=-1).astype(x.dtype)
     else:
         y = mx.gather_mm(x.astype(weight.dtype), weight, rhs_indices=indices, sorted_indices=sorted_indices)
         y = y.astype(x.dtype)

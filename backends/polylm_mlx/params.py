@@ -21,9 +21,9 @@ through BLAS, about 2× faster in that layout than in the stored one, its half-p
 float32 accumulation) reads half-precision weights about 2× slower per byte than BLAS reads float32 ones, so a
 bfloat16 or float16 model decodes ≈1.8× faster held in float32, at twice its weights' memory; and the BLAS it
 bundles runs one core a call, so the halves multiply on two CPU streams at once (a decode step's matrix-vector
-products 1.2-2× faster, a prefill's matrix products as fast as splitting x's rows). `ops.linear` multiplies half-precision activations by it in
-float32 and rounds the product once, as `simd_gemm` does: the results are bit-identical (the products of half
-values are exact in float32 and both sum them in the same order).
+products 1.2-2× faster, a prefill's matrix products as fast as splitting x's rows). `ops.linear` multiplies
+half-precision activations by it in float32 and rounds the product once, as `simd_gemm` does: the results are
+bit-identical (the products of half values are exact in float32 and both sum them in the same order).
 
 A mixture-of-experts layer (`ExpertParams`) holds its experts stacked, [gate; up] and down each one matrix of
 [experts, out, in] as stored, and multiplies through `mx.gather_mm` with the same [experts, in, out] operand as a

@@ -24,7 +24,8 @@ class Sampling:
 
     temperature 0 is greedy; top_k None/0, top_p None/1.0, min_p None/0 and repetition_penalty 1.0 switch those
     off. Equal logits are ordered by lowest id, as greedy picks: top-k keeps exactly k tokens (as vLLM and
-    llama.cpp; transformers keeps every token equal to the k-th), and top-p's nucleus ends at one token. `seed` seeds this sequence's own random generator, so it samples the same in a batch as alone.
+    llama.cpp; transformers keeps every token equal to the k-th), and top-p's nucleus ends at one token. `seed`
+    seeds this sequence's own random generator, so it samples the same in a batch as alone.
     `logprobs` None reports no log-probabilities; n ≥ 0 reports each token's and its n most likely alternatives.
 
     Every legal value is numerically safe. Scores are float64; a temperature so small that dividing would
@@ -180,11 +181,6 @@ def _divide(scores: np.ndarray, temperature: float) -> np.ndarray:
         with np.errstate(over="ignore"):
             divided = _shifted(scores) / temperature
     return divided
-
-
-def _softmax(scores: np.ndarray) -> np.ndarray:
-    probs = np.exp(_shifted(scores))
-    return probs / probs.sum(axis=-1, keepdims=True)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
