@@ -3,9 +3,11 @@
 // includes it inside each ISA's `#pragma GCC target` region and namespace, so each gets its own compilation.
 
 // exp(x) to about 1 ulp: x = n ln2 + r (two-part ln2), a degree-7 Taylor polynomial on |r| <= ln2 / 2, times
-// 2^n. NaN stays NaN; x is clamped to [-87, 88], which the callers tolerate: a sigmoid's 1 / (1 + exp) still
-// saturates, and a softmax weight below e^-87 becomes 1.6e-38 instead of 0.
+// 2^n. NaN stays NaN; x is clamped to [-87, 88] for the polynomial and the result is 0 below -87 (the true value
+// is below 1.6e-38: a masked slot's softmax weight must be 0, not a number whose products are subnormal, which
+// cost the CPU ~100 cycles each).
 static inline V::F exp_v(V::F x) {
+  const V::F below = x;
   x = V::max(V::set1(-87.0f), V::min(V::set1(88.0f), x));
   const V::F n = V::round(V::mul(x, V::set1(1.44269504088896341f)));
   V::F r = V::fnmadd(n, V::set1(0.693359375f), x);
@@ -13,7 +15,7 @@ static inline V::F exp_v(V::F x) {
   V::F p = V::set1(1.0f / 5040.0f);
   for (const float c : {1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f})
     p = V::fmadd(p, r, V::set1(c));
-  return V::scale2(p, n);
+  return V::zero_below(V::scale2(p, n), below, -87.0f);
 }
 
 static inline int active(int64_t left) { return left >= V::kLanes ? V::kLanes : static_cast<int>(left); }

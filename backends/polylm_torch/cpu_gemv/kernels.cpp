@@ -369,6 +369,10 @@ struct V {
   static F max(F a, F b) { return _mm512_max_ps(a, b); }
   static F max_active(F acc, F v, int n) { return _mm512_mask_max_ps(acc, mask(n), acc, v); }
   static F keep_active(F v, int n) { return _mm512_maskz_mov_ps(mask(n), v); }
+  // v, with 0 in the lanes where x < limit (NaN x keeps v)
+  static F zero_below(F v, F x, float limit) {
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(limit), _CMP_NLT_UQ), v);
+  }
   static F round(F v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   static F scale2(F p, F n) { return _mm512_scalef_ps(p, n); }  // p * 2^n
   // 1 / d for d >= 1: the 2^-14 estimate and one Newton step.
@@ -832,6 +836,8 @@ struct V {
   static F max(F a, F b) { return _mm256_max_ps(a, b); }
   static F max_active(F acc, F v, int n) { return _mm256_blendv_ps(acc, _mm256_max_ps(acc, v), _mm256_castsi256_ps(mask(n))); }
   static F keep_active(F v, int n) { return _mm256_and_ps(v, _mm256_castsi256_ps(mask(n))); }
+  // v, with 0 in the lanes where x < limit (NaN x keeps v)
+  static F zero_below(F v, F x, float limit) { return _mm256_and_ps(v, _mm256_cmp_ps(x, _mm256_set1_ps(limit), _CMP_NLT_UQ)); }
   static F round(F v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   // p * 2^n for integral n in [-126, 127] (exp_v's clamp keeps it there): n added to the exponent field.
   static F scale2(F p, F n) {
