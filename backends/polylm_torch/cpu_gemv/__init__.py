@@ -8,8 +8,8 @@ hand-written AVX-512 or AVX2 kernel that keeps several such streams in flight pe
 accumulation, passes of 16, 8 or 4 rows of x (AVX-512; AVX2: 4) on each cache-resident set of weight blocks, so the
 weights are read once for all rows (measured on the AVX-512 machine: faster than ``F.linear`` and than the tiled path
 up to 32 rows; on an AVX-512 machine without BF16, 24 matrices of gemma-bench's shapes at 32 rows took 250 ms in bf16
-and 300 ms in fp32 through the kernel against 2600 ms and 460 ms through the tiled path). Larger ``x`` (prefill): with bf16 ``x`` on a CPU with
-AVX512-BF16 and a bf16 or quantized weight, a register-tiled GEMM (6 rows of x by 64 output columns per tile,
+and 300 ms in fp32 through the kernel against 2600 ms and 460 ms through the tiled path). Larger ``x`` (prefill):
+with bf16 ``x`` on a CPU with AVX512-BF16 and a bf16 or quantized weight, a register-tiled GEMM (6 rows of x by 64 output columns per tile,
 ``vdpbf16ps``) runs straight on the packed bf16 blocks — int8/int4 blocks are dequantized to bf16 one L2-sized panel
 at a time — at 430-460 GFLOP/s on 2 Zen 4 cores, 10-20% above ``F.linear`` (oneDNN) and at the measured
 ``vdpbf16ps`` peak of a core; otherwise (fp32/fp16 weights or x, AVX2 CPUs, where torch's bf16 matmul is emulated) a
