@@ -1,17 +1,17 @@
 """Compiled CPU kernels of the torch backend: matrix-vector products for decode (batch 1 / few rows), a bf16 GEMM for
 prefill, and fused elementwise and decode-attention kernels.
 
-Decode at batch 1 is bound by the bytes of weight read per token. These layers repack a linear layer's weight once,
-at load, into blocks of 16 output rows that each form one contiguous stream (layout in ``_layout.py``), and run a
+Decode at batch 1 is bound by the bytes of weight read per token. These layers repack a linear layer's weight once, at
+load, into blocks of 16 output rows that each form one contiguous stream (layout in ``_layout.py``), and run a
 hand-written AVX-512 or AVX2 kernel that keeps several such streams in flight per thread on torch's own OpenMP pool.
 ``x`` with at most ``max_kernel_rows`` rows (default 32: a batched decode step) goes through the kernel with fp32
 accumulation, passes of 16, 8 or 4 rows of x (AVX-512; AVX2: 4) on each cache-resident set of weight blocks, so the
-weights are read once for all rows (measured on the AVX-512 machine: faster than ``F.linear`` and than the tiled path
-up to 32 rows; on an AVX-512 machine without BF16, 24 matrices of gemma-bench's shapes at 32 rows took 250 ms in bf16
-and 300 ms in fp32 through the kernel against 2600 ms and 460 ms through the tiled path). Larger ``x`` (prefill):
-with bf16 ``x`` on a CPU with AVX512-BF16 and a bf16 or quantized weight, a register-tiled GEMM (6 rows of x by 64 output columns per tile,
-``vdpbf16ps``) runs straight on the packed bf16 blocks — int8/int4 blocks are dequantized to bf16 one L2-sized panel
-at a time — at 430-460 GFLOP/s on 2 Zen 4 cores, 10-20% above ``F.linear`` (oneDNN) and at the measured
+weights are read once for all rows (measured on the AVX-512 machine: faster than ``F.linear`` and than the tiled path up
+to 32 rows; on an AVX-512 machine without BF16, 24 matrices of gemma-bench's shapes at 32 rows took 250 ms in bf16 and
+300 ms in fp32 through the kernel against 2600 ms and 460 ms through the tiled path). Larger ``x`` (prefill): with bf16
+``x`` on a CPU with AVX512-BF16 and a bf16 or quantized weight, a register-tiled GEMM (6 rows of x by 64 output columns
+per tile, ``vdpbf16ps``) runs straight on the packed bf16 blocks — int8/int4 blocks are dequantized to bf16 one L2-sized
+panel at a time — at 430-460 GFLOP/s on 2 Zen 4 cores, 10-20% above ``F.linear`` (oneDNN) and at the measured
 ``vdpbf16ps`` peak of a core; otherwise (fp32/fp16 weights or x, AVX2 CPUs, where torch's bf16 matmul is emulated) a
 tiled path unpacks about 2 MB of the weight at a time into a transposed fp32 tile and multiplies it with ``at::mm``.
 
