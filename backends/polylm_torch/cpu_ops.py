@@ -1,6 +1,6 @@
 """`CpuOps`: the reference ops with the compiled CPU kernels of `cpu_gemv` (fused residual add + RMSNorm, gated
-activation, RoPE + cache write, decode attention) where they apply, and routed experts with less host work for one
-token (decode; the reference op's roundings). The kernels' ISA is picked once, when the ops are made
+activation, RoPE + cache write, decode attention, a token's mixture-of-experts layer in one call) where they apply,
+and routed experts with less host work for one token otherwise (decode; the reference op's roundings). The kernels' ISA is picked once, when the ops are made
 (`cpu_gemv.fused_kernels`); each kernel declines (returns None) where it does not apply — another device or dtype,
 no extension, `POLYLM_GEMV_ISA=none` — and the reference op runs instead."""
 
@@ -25,6 +25,7 @@ class CpuOps(ReferenceOps):
 
     def __init__(self) -> None:
         self._kernels = cpu_gemv.fused_kernels()
+        self._routed: dict[int, tuple[ExpertParams, object | None]] = {}  # by id(ExpertParams): its compiled layer
 
     def add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, p: NormParams) -> tuple[torch.Tensor, torch.Tensor]:
         if p.spec.kind == "rms":
@@ -56,25 +57,32 @@ class CpuOps(ReferenceOps):
         fused = self._kernels.gated_activation(h, mlp.activation) if mlp.gated else None  # None for swiglu_oai
         return fused if fused is not None else super().activation(h, mlp)
 
+    def routed(self, x: torch.Tensor, p: ExpertParams, moe: MoE) -> torch.Tensor:
+        """One token (decode) through the compiled layer of `p` (`FusedKernels.routed_experts`: router, routing,
+        the chosen experts, in one call), made on first use; the reference op elsewhere."""
+        if x.shape[0] == 1 and self._kernels._applies(x):
+            held = self._routed.get(id(p))
+            if held is None:  # `p` is held alongside its layer, so its id stays its own
+                held = self._routed[id(p)] = (p, self._kernels.routed_experts(
+                    p.router, p.router_bias, p.experts_up, p.experts_down, moe) if self._plain(p) else None)
+            if held[1] is not None:
+                return held[1](x)
+        return super().routed(x, p, moe)
+
+    @staticmethod
+    def _plain(p: ExpertParams) -> bool:
+        """Whether every expert's biases are held by its layers (the compiled call adds none itself)."""
+        return all(bias is None for bias in (*p.experts_up_bias, *p.experts_down_bias))
+
     def routed_experts(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor, p: ExpertParams,
                        moe: MoE) -> torch.Tensor:
-        """The reference op's result with less host work for one token (decode): the chosen experts in one
-        compiled call (`FusedKernels.expert_mlps`: kernel layers, SiLU/tanh-GELU gating), else without a zeroed
-        output or row indexing, the weighting in place; either way the first chosen expert's weighted output
-        starts the sum (0 + y is y) and the rest are added in place, in the experts' order, so every rounding is
-        the reference op's."""
+        """The reference op with less host work for one token: without a zeroed output or row indexing, the
+        weighting in place; the first chosen expert's weighted output starts the sum (0 + y is y) and the rest
+        are added in place, in the experts' order, so every rounding is the reference op's."""
         if x.shape[0] != 1:
             return super().routed_experts(x, weights, chosen, p, moe)
-        picked = sorted((expert, slot) for slot, expert in enumerate(chosen[0].tolist()))
-        if moe.expert.gated and all(p.experts_up_bias[e] is None and p.experts_down_bias[e] is None
-                                    for e, _ in picked):  # biases are held by the kernel layers
-            fused = self._kernels.expert_mlps(x, [p.experts_up[e] for e, _ in picked],
-                                              [p.experts_down[e] for e, _ in picked], weights[0],
-                                              [slot for _, slot in picked], moe.expert.activation)
-            if fused is not None:
-                return fused
         out = None
-        for expert, slot in picked:
+        for expert, slot in sorted((expert, slot) for slot, expert in enumerate(chosen[0].tolist())):
             y = self.mlp(x, p.experts_up[expert], p.experts_up_bias[expert], p.experts_down[expert],
                          p.experts_down_bias[expert], moe.expert)
             y = y.mul_(weights[:, slot, None])  # fresh; computed in float32, rounded to x's dtype once, as `.to`

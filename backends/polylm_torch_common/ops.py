@@ -219,14 +219,19 @@ class ReferenceOps:
         output is rounded to x's dtype and summed in it, in the experts' order, as transformers does."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        weights, chosen = route(self.linear(x, p.router, p.router_bias), moe)
-        out = self.routed_experts(x, weights, chosen, p, moe)
+        out = self.routed(x, p, moe)
         if moe.shared is not None:
             shared = self.mlp(x, p.shared_up, p.shared_up_bias, p.shared_down, p.shared_down_bias, moe.shared)
             if p.shared_gate is not None:
                 shared = torch.sigmoid(F.linear(x, p.shared_gate)) * shared
             out = out + shared
         return out.reshape(shape)
+
+    def routed(self, x: torch.Tensor, p: ExpertParams, moe: MoE) -> torch.Tensor:
+        """x [tokens, hidden] through the experts its router chooses (`route`), weighted and summed
+        (`routed_experts`); the shared expert is not included."""
+        weights, chosen = route(self.linear(x, p.router, p.router_bias), moe)
+        return self.routed_experts(x, weights, chosen, p, moe)
 
     def routed_experts(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor, p: ExpertParams,
                        moe: MoE) -> torch.Tensor:

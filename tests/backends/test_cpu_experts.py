@@ -1,8 +1,8 @@
 """`CpuOps.routed_experts` (the torch backend's decode path for routed experts) equals the reference op's
 grouping run with the same (compiled) expert kernels bit for bit, and `ReferenceOps.experts` within the compiled
 activation's rounding: float32/bfloat16 tensors, packed and int8/int4 expert layers (one token through the
-compiled `expert_mlps` call where the layers are kernel layers with SiLU/GELU gating), 1/3/32 tokens, top-k 1/2/4, shared experts,
-biases."""
+compiled `RoutedExperts` layer — router, routing and experts in one call — where the layers are kernel layers with
+SiLU/GELU gating), 1/3/32 tokens, top-k 1/2/4, shared experts, biases; the compiled routing's ties."""
 
 from __future__ import annotations
 
@@ -73,17 +73,51 @@ def test_cpu_experts_equal_the_reference_op(case, rows, dtype, layer):
     assert (full - want).abs().max().item() <= tolerance * want.abs().max().item()
 
 
+COMPILED = {"top2-normalized": MOES["top2-normalized"], "top4-shared": MOES["top4-shared"],
+            "top2-topk-softmax": MoE(EXPERTS, 2, MLP(32, "gelu_tanh", gated=True), "topk_softmax")}
+
+
+def spy(ops: CpuOps) -> list:
+    """Make `ops` record the compiled mixture-of-experts layers it calls."""
+    calls, make = [], ops._kernels.routed_experts
+
+    def recording(*args):
+        layer = make(*args)
+        return None if layer is None else lambda x: calls.append(layer(x)) or calls[-1]
+    ops._kernels.routed_experts = recording
+    return calls
+
+
 @pytest.mark.parametrize("layer", ["packed", "int8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_one_token_takes_the_compiled_call(dtype, layer):
-    moe = MOES["top2-normalized"]
+@pytest.mark.parametrize("case", COMPILED)
+def test_one_token_takes_the_compiled_layer(case, dtype, layer):
+    """One token with kernel expert layers: router, routing and experts in one compiled call, equal to the torch
+    routing + grouping with the same kernels within the compiled router's and softmax's last-bit roundings."""
+    moe = COMPILED[case]
     p = params(moe, dtype, layer)
-    x = torch.randn(1, HIDDEN, generator=torch.Generator().manual_seed(2)).to(dtype)
     ops = CpuOps()
-    calls = []
-    compiled = ops._kernels.expert_mlps
-    ops._kernels.expert_mlps = lambda *args: calls.append(compiled(*args)) or calls[-1]
-    weights, chosen = route(ops.linear(x, p.router, p.router_bias), moe)
-    got = ops.routed_experts(x, weights, chosen, p, moe)
-    assert len(calls) == 1 and calls[0] is got
-    assert torch.equal(got, ReferenceOps.routed_experts(ops, x, weights, chosen, p, moe))
+    calls = spy(ops)
+    for seed in range(8):
+        x = torch.randn(1, HIDDEN, generator=torch.Generator().manual_seed(seed)).to(dtype)
+        got = ops.routed(x, p, moe)
+        assert len(calls) == seed + 1 and calls[-1] is got and got.dtype == dtype and got.shape == (1, HIDDEN)
+        weights, chosen = route(ops.linear(x, p.router, p.router_bias), moe)
+        want = ReferenceOps.routed_experts(ops, x, weights, chosen, p, moe).float()
+        tolerance = 4e-6 if dtype == torch.float32 else 2 ** -8
+        assert (got.float() - want).abs().max().item() <= tolerance * want.abs().max().item()
+
+
+@pytest.mark.parametrize("routing", ["softmax_topk", "topk_softmax"])
+def test_compiled_routing_breaks_ties_by_lowest_id(routing):
+    """Experts 2..5 with one router row tie for the top: the compiled layer takes the lowest ids, 2 and 3, with
+    equal weights (the torch reference is given that choice explicitly)."""
+    moe = MoE(EXPERTS, 2, GATED, routing, normalize=True)
+    p = params(moe, torch.float32, "packed")
+    x = torch.randn(1, HIDDEN, generator=torch.Generator().manual_seed(3))
+    top = x[0] / x[0].norm()
+    p.router[:] = -top
+    p.router[2:] = top
+    got = CpuOps().routed(x, p, moe)
+    want = ReferenceOps.routed_experts(CpuOps(), x, torch.tensor([[0.5, 0.5]]), torch.tensor([[2, 3]]), p, moe)
+    assert torch.equal(got, want)

@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <optional>
 #include <string>
@@ -513,24 +514,89 @@ static at::Tensor gated_activation(const at::Tensor& h, int64_t act, int64_t isa
   return out;
 }
 
-// A mixture-of-experts layer's routed experts for the rows of x (decode: one token): x through each chosen
-// expert's up layer (gate and up rows), gated activation and down layer, times its routing weight, summed in the
-// order given (the experts' order; `slots`: each one's index into `weights`) — the roundings of the torch ops this replaces: each expert's output in x's
-// dtype, its product with the fp32 weight computed in fp32 and rounded to x's dtype, the sum in x's dtype.
-static at::Tensor expert_mlps(const at::Tensor& x, const std::vector<GemvBase*>& ups,
-                              const std::vector<GemvBase*>& downs, const at::Tensor& weights,
-                              const std::vector<int64_t>& slots, int64_t act, int64_t isa) {
-  TORCH_CHECK(!ups.empty() && ups.size() == downs.size() && ups.size() == slots.size() && weights.dim() == 1 &&
-                  weights.scalar_type() == at::kFloat,
-              "expert_mlps: need one up layer, down layer and slot of the fp32 weights per chosen expert");
-  at::Tensor out;
-  for (size_t i = 0; i < ups.size(); ++i) {
-    at::Tensor y = downs[i]->forward(gated_activation(ups[i]->forward(x), act, isa));
-    y.mul_(weights.narrow(0, slots[i], 1));  // a [1] fp32 tensor: the product in fp32
-    out = i == 0 ? y : out.add_(y);
+// The experts one token's router logits choose (polylm.ir.MoE.routing), as (expert, fp32 weight) pairs in the
+// experts' order: the softmax over all experts, its k largest (renormalized to sum 1 when `normalize`), or the k
+// largest logits, softmaxed among themselves. Ties go to the lowest id; a NaN ranks above every number (as
+// torch.topk ranks it). The softmax is ATen's: exp(l - max), each times 1 / sum.
+static std::vector<std::pair<int64_t, float>> route_token(const std::vector<float>& logits, int64_t k,
+                                                          bool softmax_first, bool normalize) {
+  const int64_t E = static_cast<int64_t>(logits.size());
+  auto softmax = [](std::vector<float>& v) {
+    float top = -INFINITY, sum = 0.0f;
+    for (float l : v) top = std::isnan(l) || l > top ? l : top;
+    for (float& l : v) sum += (l = std::exp(l - top));
+    const float inv = 1.0f / sum;
+    for (float& l : v) l *= inv;
+  };
+  std::vector<float> scores = logits;
+  if (softmax_first) softmax(scores);
+  std::vector<int64_t> order(E);
+  for (int64_t e = 0; e < E; ++e) order[e] = e;
+  const auto rank = [&](int64_t e) { return std::isnan(scores[e]) ? INFINITY : scores[e]; };
+  std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int64_t a, int64_t b) {
+    return rank(a) > rank(b) || (rank(a) == rank(b) && a < b);
+  });
+  std::vector<float> weights(k);
+  for (int64_t i = 0; i < k; ++i) weights[i] = scores[order[i]];
+  if (!softmax_first) {
+    softmax(weights);
+  } else if (normalize) {
+    float sum = 0.0f;
+    for (float w : weights) sum += w;
+    for (float& w : weights) w /= sum;
   }
-  return out;
+  std::vector<std::pair<int64_t, float>> picked(k);
+  for (int64_t i = 0; i < k; ++i) picked[i] = {order[i], weights[i]};
+  std::sort(picked.begin(), picked.end());
+  return picked;
 }
+
+// A mixture-of-experts layer's routed experts for one token (decode), in one call: the router's logits (a kernel
+// layer, rounded to x's dtype as F.linear's are), the routing (`route_token`), and each chosen expert's up layer
+// (gate and up rows), gated activation and down layer, times its weight, summed in the experts' order — the
+// roundings of the torch ops this replaces: each expert's output in x's dtype, its product with the fp32 weight
+// computed in fp32 and rounded to x's dtype, the sum in x's dtype. The layers are the caller's (kept alive by
+// the binding).
+class RoutedExperts {
+ public:
+  RoutedExperts(GemvBase* router, std::vector<GemvBase*> ups, std::vector<GemvBase*> downs, int64_t top_k,
+                bool softmax_first, bool normalize, int64_t act, int64_t isa)
+      : router_(router), ups_(std::move(ups)), downs_(std::move(downs)), top_k_(top_k),
+        softmax_first_(softmax_first), normalize_(normalize), act_(act), isa_(isa) {
+    const int64_t E = router_->out_features();
+    TORCH_CHECK(E > 0 && static_cast<int64_t>(ups_.size()) == E && static_cast<int64_t>(downs_.size()) == E,
+                "RoutedExperts: need one up and one down layer per router output (", E, ")");
+    TORCH_CHECK(top_k >= 1 && top_k <= E, "RoutedExperts: top_k ", top_k, " outside 1..", E);
+    TORCH_CHECK(act == kSilu || act == kGeluTanh, "RoutedExperts: unknown activation ", act);
+    fused_kernels(isa);  // checks the ISA
+  }
+
+  at::Tensor forward(const at::Tensor& x) const {
+    if (x.dim() == 0 || x.numel() != router_->in_features())
+      throw pybind11::value_error("RoutedExperts: input must be one token of " +
+                                  std::to_string(router_->in_features()) + " values");
+    const at::Tensor logits = router_->forward(x).to(at::kFloat).contiguous();
+    const float* l = logits.const_data_ptr<float>();
+    const auto picked = route_token(std::vector<float>(l, l + logits.numel()), top_k_, softmax_first_, normalize_);
+    at::Tensor weights = at::empty({top_k_}, at::TensorOptions().dtype(at::kFloat));
+    at::Tensor out;
+    for (int64_t i = 0; i < top_k_; ++i) {
+      const int64_t e = picked[i].first;
+      weights.data_ptr<float>()[i] = picked[i].second;
+      at::Tensor y = downs_[e]->forward(gated_activation(ups_[e]->forward(x), act_, isa_));
+      y.mul_(weights.narrow(0, i, 1));  // a [1] fp32 tensor: the product in fp32
+      out = i == 0 ? y : out.add_(y);
+    }
+    return out;
+  }
+
+ private:
+  GemvBase* router_;
+  std::vector<GemvBase*> ups_, downs_;
+  int64_t top_k_;
+  bool softmax_first_, normalize_;
+  int64_t act_, isa_;
+};
 
 // (x + delta, RMSNorm of it) for contiguous fp32/bf16 x and delta of one shape (delta None: (x, norm of x));
 // weight and bias fp32 [hidden].
@@ -697,16 +763,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("kv_heads"), pybind11::arg("head_dim"), pybind11::arg("rotary_dim"),
         pybind11::arg("interleaved"), pybind11::call_guard<pybind11::gil_scoped_release>(),
         "Split qkv into heads, RoPE-rotate q and k, write k and v into the caches; returns q [B, H, T, d].");
-  m.def("expert_mlps", &g::expert_mlps, pybind11::arg("x"), pybind11::arg("ups"), pybind11::arg("downs"),
-        pybind11::arg("weights"), pybind11::arg("slots"), pybind11::arg("act"), pybind11::arg("isa"),
-        pybind11::call_guard<pybind11::gil_scoped_release>(),
-        "Routed experts for x: sum of weights[slot] * down(act(gate) * up) over the chosen experts' layers, in order.");
   m.def("cpu_has", &g::cpu_has, "Whether the CPU supports 'avx2', 'avx512' (F/BW/VL/DQ/VNNI) or 'avx512bf16'.");
   pybind11::class_<g::GemvBase>(m, "GemvBase")
       .def("__call__", &g::GemvBase::forward, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("unpacked", &g::GemvBase::unpacked)
       .def_property_readonly("in_features", &g::GemvBase::in_features)
       .def_property_readonly("out_features", &g::GemvBase::out_features);
+  pybind11::class_<g::RoutedExperts>(m, "RoutedExperts")
+      .def(pybind11::init<g::GemvBase*, std::vector<g::GemvBase*>, std::vector<g::GemvBase*>, int64_t, bool, bool,
+                          int64_t, int64_t>(),
+           pybind11::arg("router"), pybind11::arg("ups"), pybind11::arg("downs"), pybind11::arg("top_k"),
+           pybind11::arg("softmax_first"), pybind11::arg("normalize"), pybind11::arg("act"), pybind11::arg("isa"),
+           pybind11::keep_alive<1, 2>(), pybind11::keep_alive<1, 3>(), pybind11::keep_alive<1, 4>())
+      .def("__call__", &g::RoutedExperts::forward, pybind11::call_guard<pybind11::gil_scoped_release>(),
+           "One token's routed experts: router, routing, the chosen experts' MLPs, their weighted sum.");
   pybind11::class_<g::FloatGemv, g::GemvBase>(m, "FloatGemv")
       .def(pybind11::init<at::Tensor, int64_t, int64_t, std::optional<at::Tensor>, int, int64_t>());
   pybind11::class_<g::QuantGemv, g::GemvBase>(m, "QuantGemv")
