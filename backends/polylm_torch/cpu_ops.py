@@ -1,15 +1,18 @@
 """`CpuOps`: the reference ops with the compiled CPU kernels of `cpu_gemv` (fused residual add + RMSNorm, gated
-activation, RoPE + cache write, decode attention, a token's mixture-of-experts layer in one call) where they apply,
-and routed experts with less host work for one token otherwise (decode; the reference op's roundings). The kernels' ISA is picked once, when the ops are made
-(`cpu_gemv.fused_kernels`); each kernel declines (returns None) where it does not apply — another device or dtype,
-no extension, `POLYLM_GEMV_ISA=none` — and the reference op runs instead."""
+activation, RoPE + cache write, decode attention, a token's mixture-of-experts layer in one call, and a decode step's
+whole block chained in C++) where they apply, and routed experts with less host work for one token otherwise (decode;
+the reference op's roundings). The kernels' ISA is picked once, when the ops are made (`cpu_gemv.fused_kernels`);
+each kernel declines (returns None) where it does not apply — another device or dtype, no extension,
+`POLYLM_GEMV_ISA=none` — and the reference op runs instead."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from polylm.backend import ExpertParams
-from polylm.ir import MLP, Attention, MoE
+from polylm.backend import ExpertParams, LayerParams
+from polylm.ir import MLP, Attention, Block, MoE
 from polylm_torch_common.ops import ReferenceOps, StepTensors
 from polylm_torch_common.params import NormParams
 
@@ -25,7 +28,9 @@ class CpuOps(ReferenceOps):
 
     def __init__(self) -> None:
         self._kernels = cpu_gemv.fused_kernels()
-        self._routed: dict[int, tuple[ExpertParams, object | None]] = {}  # by id(ExpertParams): its compiled layer
+        # the compiled layers made on first use, by id() of the params they were made from (held alongside, so
+        # that the id stays theirs): ExpertParams -> `routed_experts`, LayerParams -> `decode_block`; None: none
+        self._compiled: dict[int, tuple[object, object | None]] = {}
 
     def add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, p: NormParams) -> tuple[torch.Tensor, torch.Tensor]:
         if p.spec.kind == "rms":
@@ -57,17 +62,61 @@ class CpuOps(ReferenceOps):
         fused = self._kernels.gated_activation(h, mlp.activation) if mlp.gated else None  # None for swiglu_oai
         return fused if fused is not None else super().activation(h, mlp)
 
+    def block(self, x: torch.Tensor, delta: torch.Tensor | None, block: Block, layer: LayerParams,
+              keys: torch.Tensor, values: torch.Tensor, step: StepTensors,
+              rotary: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A decode step's block in one compiled call (`FusedKernels.decode_block`: the ops below, chained in C++)
+        where every op of the block would take its kernel: RMSNorms, no qk-norm, post-norms, sinks, residual
+        scale or parallel branches, kernel layers, a gated MLP or a token's routed experts without a shared expert,
+        unsharded; and a step of at most 16 new tokens per row, no ring (sliding window) and no gathered rows."""
+        if step.ring_slots is not None or step.computed is not None or x.shape[-2] > _COMPILED_ATTENTION_MAX_NEW:
+            return None
+        fused = self._held(layer, lambda: self._decode_block(block, layer))
+        if fused is None or (layer.moe is not None and x.shape[0] * x.shape[1] != 1) or not self._kernels._applies(
+                x, keys, values):
+            return None
+        cos, sin = rotary if rotary is not None else (None, None)
+        return fused(x, delta, keys, values, cos, sin, step.attention_bias, step.past, step.key_slots)
+
+    def _decode_block(self, block: Block, layer: LayerParams) -> object | None:
+        """The compiled block for `block` where it qualifies (see `block`), else None."""
+        attn, mlp = block.attention, block.mlp
+        if (self.collectives is not None or block.parallel or block.residual_from_normed or block.residual_scale != 1.0
+                or layer.attn_post_norm is not None or layer.mlp_post_norm is not None
+                or any(norm is None or norm.spec.kind != "rms" for norm in (layer.attn_norm, layer.mlp_norm))
+                or attn.qk_norm is not None or attn.sinks or layer.qkv_bias is not None or layer.out_bias is not None):
+            return None
+        if layer.moe is not None:
+            experts = self._routed_layer(layer.moe, mlp) if mlp.shared is None else None
+            if experts is None:
+                return None
+            return self._kernels.decode_block(layer.attn_norm, layer.qkv, layer.out, layer.mlp_norm, experts, None,
+                                              None, mlp.expert.activation, attn)
+        if not mlp.gated or layer.up_bias is not None or layer.down_bias is not None:
+            return None
+        return self._kernels.decode_block(layer.attn_norm, layer.qkv, layer.out, layer.mlp_norm, None, layer.up,
+                                          layer.down, mlp.activation, attn)
+
     def routed(self, x: torch.Tensor, p: ExpertParams, moe: MoE) -> torch.Tensor:
         """One token (decode) through the compiled layer of `p` (`FusedKernels.routed_experts`: router, routing,
         the chosen experts, in one call), made on first use; the reference op elsewhere."""
         if x.shape[0] == 1 and self._kernels._applies(x):
-            held = self._routed.get(id(p))
-            if held is None:  # `p` is held alongside its layer, so its id stays its own
-                held = self._routed[id(p)] = (p, self._kernels.routed_experts(
-                    p.router, p.router_bias, p.experts_up, p.experts_down, moe) if self._plain(p) else None)
-            if held[1] is not None:
-                return held[1](x)
+            layer = self._routed_layer(p, moe)
+            if layer is not None:
+                return layer(x)
         return super().routed(x, p, moe)
+
+    def _routed_layer(self, p: ExpertParams, moe: MoE) -> object | None:
+        """The compiled mixture-of-experts layer of `p`, or None where it does not apply."""
+        return self._held(p, lambda: self._kernels.routed_experts(p.router, p.router_bias, p.experts_up,
+                                                                  p.experts_down, moe) if self._plain(p) else None)
+
+    def _held(self, params: object, make: Callable[[], object | None]) -> object | None:
+        """The compiled layer made from `params` (by `make`, on first use)."""
+        held = self._compiled.get(id(params))
+        if held is None:
+            held = self._compiled[id(params)] = (params, make())
+        return held[1]
 
     @staticmethod
     def _plain(p: ExpertParams) -> bool:

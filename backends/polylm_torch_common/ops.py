@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from polylm.backend import ExpertParams
-from polylm.ir import MLP, Attention, MoE, RoPE
+from polylm.backend import ExpertParams, LayerParams
+from polylm.ir import MLP, Attention, Block, MoE, RoPE
 from polylm.parallel.plan import ShardPlan
 
 from .params import NormParams, RowTable
@@ -87,6 +87,13 @@ class ReferenceOps:
         """A vocab-parallel head's outputs from every rank (`sizes` of each, in rank order), concatenated on
         the last axis; `x` when unsharded."""
         return x if self.collectives is None else self.collectives.all_gather(x, sizes)
+
+    def block(self, x: torch.Tensor, delta: torch.Tensor | None, block: Block, layer: LayerParams,
+              keys: torch.Tensor, values: torch.Tensor, step: StepTensors,
+              rotary: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A whole block in one call where the ops have one for it (the runtime's next residual and delta, as
+        `Runtime._block` computes them with these ops); None: the runtime composes the block from the ops."""
+        return None
 
     def embed_rows(self, ids: torch.Tensor, table: torch.Tensor | RowTable, plan: ShardPlan, scale: float,
                    norm: NormParams | None) -> torch.Tensor:

@@ -154,6 +154,9 @@ class TorchRuntime(Runtime):
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """One layer (see `polylm.ir.Block`) on the residual stream `x + delta`; returns the next (residual, delta)
         pair, so that each residual add happens inside the norm that follows it."""
+        fused = self.ops.block(x, delta, block, layer, cache.keys[index], cache.values[index], step, rotary)
+        if fused is not None:
+            return fused
         x, normed = self._add_norm(x, delta, layer.attn_norm)
         attended = self._attention(normed, block.attention, layer, cache, index, step, rotary)
         attended = self._branch(attended, block, layer.attn_post_norm)

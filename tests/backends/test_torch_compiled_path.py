@@ -52,7 +52,8 @@ def refuse_compiled_kernels(monkeypatch) -> None:
 
     for module, name in ((_build, "load"), (_build, "select_isa"), (cpu_gemv, "fused_kernels"),
                          (cpu_gemv.FusedKernels, "add_rms_norm"), (cpu_gemv.FusedKernels, "gated_activation"),
-                         (cpu_gemv.FusedKernels, "attention"), (cpu_gemv.FusedKernels, "rope_and_cache")):
+                         (cpu_gemv.FusedKernels, "attention"), (cpu_gemv.FusedKernels, "rope_and_cache"),
+                         (cpu_gemv.FusedKernels, "routed_experts"), (cpu_gemv.FusedKernels, "decode_block")):
         monkeypatch.setattr(module, name, refuse)
 
 

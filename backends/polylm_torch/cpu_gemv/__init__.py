@@ -56,7 +56,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from polylm.ir import MoE, Quantization
+from polylm.backend import NormParams
+from polylm.ir import Attention, MoE, Quantization
 from polylm.numerics import quantization
 
 from . import _build, _layout
@@ -117,6 +118,29 @@ class FusedKernels:
         return self._module.RoutedExperts(gate._impl, [layer._impl for layer in ups], [layer._impl for layer in downs],
                                           moe.top_k, moe.routing == "softmax_topk", moe.normalize,
                                           _GATED[expert.activation], self._isa)
+
+    def decode_block(self, attn_norm: NormParams, qkv, out, mlp_norm: NormParams, experts: object | None, up, down,
+                     activation: str, attn: Attention) -> Callable | None:
+        """A block of a decode step as one compiled call (``DecodeBlock``): RMSNorm (`attn_norm`), the q/k/v layer,
+        RoPE and the cache write, attention, the output layer, residual add and RMSNorm (`mlp_norm`), then the
+        compiled `experts` (`routed_experts`) or the gated dense MLP of kernel layers `up`, `down` (SiLU, tanh-GELU)
+        — the calls `CpuOps` makes for such a block, in its order. Called with (x, delta, keys, values, cos, sin,
+        attention bias, past, key slots), it returns the residual and the MLP output. None where it does not
+        apply."""
+        layers = [qkv, out] if experts is not None else [qkv, out, up, down]
+        if (self._module is None or attn.head_dim > 256 or (experts is None and activation not in _GATED)
+                or not all(isinstance(layer, _KernelLinear) and layer._impl is not None for layer in layers)):
+            return None
+
+        def fp32(vector: torch.Tensor | None) -> torch.Tensor | None:
+            return None if vector is None else vector.float().contiguous()
+        rotary = attn.rotary_dim
+        return self._module.DecodeBlock(
+            fp32(attn_norm.weight), fp32(attn_norm.bias), attn_norm.spec.eps, qkv._impl, out._impl,
+            fp32(mlp_norm.weight), fp32(mlp_norm.bias), mlp_norm.spec.eps, experts,
+            None if experts is not None else up._impl, None if experts is not None else down._impl,
+            _GATED.get(activation, 0), attn.num_heads, attn.num_kv_heads, attn.head_dim, rotary,
+            bool(rotary) and attn.position.interleaved, attn.softmax_scale, attn.softcap or 0.0, self._isa)
 
     def attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, length: int,
                   scale: float, softcap: float | None = None) -> torch.Tensor | None:

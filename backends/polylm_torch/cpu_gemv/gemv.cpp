@@ -575,22 +575,39 @@ class RoutedExperts {
     if (x.dim() == 0 || x.numel() != router_->in_features())
       throw pybind11::value_error("RoutedExperts: input must be one token of " +
                                   std::to_string(router_->in_features()) + " values");
-    const at::Tensor logits = router_->forward(x).to(at::kFloat).contiguous();
-    const float* l = logits.const_data_ptr<float>();
-    const auto picked = route_token(std::vector<float>(l, l + logits.numel()), top_k_, softmax_first_, normalize_);
-    at::Tensor weights = at::empty({top_k_}, at::TensorOptions().dtype(at::kFloat));
+    if (x.scalar_type() != at::kFloat && x.scalar_type() != at::kBFloat16)
+      throw pybind11::type_error("RoutedExperts: input must be float32 or bfloat16");
+    const at::Tensor logits = router_->forward(x);  // x's dtype
+    std::vector<float> scores(logits.numel());
+    for (size_t e = 0; e < scores.size(); ++e)
+      scores[e] = logits.scalar_type() == at::kBFloat16 ? static_cast<float>(logits.const_data_ptr<c10::BFloat16>()[e])
+                                                        : logits.const_data_ptr<float>()[e];
+    const auto picked = route_token(scores, top_k_, softmax_first_, normalize_);
     at::Tensor out;
     for (int64_t i = 0; i < top_k_; ++i) {
-      const int64_t e = picked[i].first;
-      weights.data_ptr<float>()[i] = picked[i].second;
-      at::Tensor y = downs_[e]->forward(gated_activation(ups_[e]->forward(x), act_, isa_));
-      y.mul_(weights.narrow(0, i, 1));  // a [1] fp32 tensor: the product in fp32
-      out = i == 0 ? y : out.add_(y);
+      const auto [e, weight] = picked[i];
+      const at::Tensor y = downs_[e]->forward(gated_activation(ups_[e]->forward(x), act_, isa_));
+      if (i == 0) out = at::empty_like(y);
+      if (y.scalar_type() == at::kBFloat16)
+        accumulate(y.const_data_ptr<c10::BFloat16>(), weight, out.data_ptr<c10::BFloat16>(), y.numel(), i == 0);
+      else
+        accumulate(y.const_data_ptr<float>(), weight, out.data_ptr<float>(), y.numel(), i == 0);
     }
     return out;
   }
 
  private:
+  // out = y * weight (first expert) or out + y * weight, each product computed in fp32 and rounded to T, the sum
+  // computed in fp32 and rounded to T: the roundings of torch's `y.mul_(weight)` and `out.add_(y)` (whose
+  // mixed-dtype TensorIterator costs ~15 µs a call on a [1, hidden] row).
+  template <class T>
+  static void accumulate(const T* y, float weight, T* out, int64_t n, bool first) {
+    for (int64_t j = 0; j < n; ++j) {
+      const T product = static_cast<T>(static_cast<float>(y[j]) * weight);
+      out[j] = first ? product : static_cast<T>(static_cast<float>(out[j]) + static_cast<float>(product));
+    }
+  }
+
   GemvBase* router_;
   std::vector<GemvBase*> ups_, downs_;
   int64_t top_k_;
@@ -727,8 +744,13 @@ static at::Tensor rope_and_cache(const at::Tensor& qkv, const std::optional<at::
   at::Tensor c32, s32;
   if (rot > 0) {
     TORCH_CHECK(cos.has_value() && sin.has_value(), "rope_and_cache: rotation needs cos and sin");
-    c32 = cos->to(at::kFloat).expand({B, T_, rot / 2}).contiguous();
-    s32 = sin->to(at::kFloat).expand({B, T_, rot / 2}).contiguous();
+    const auto float_rows = [&](const at::Tensor& t) {  // as it comes (the runtime's form) or made so
+      return t.scalar_type() == at::kFloat && t.is_contiguous() && t.sizes() == at::IntArrayRef{B, T_, rot / 2}
+                 ? t
+                 : t.to(at::kFloat).expand({B, T_, rot / 2}).contiguous();
+    };
+    c32 = float_rows(*cos);
+    s32 = float_rows(*sin);
   }
   at::Tensor q = at::empty({B, H, T_, d}, qkv.options());
   const float* cp = rot > 0 ? c32.const_data_ptr<float>() : nullptr;
@@ -737,6 +759,65 @@ static at::Tensor rope_and_cache(const at::Tensor& qkv, const std::optional<at::
   else rope_rows<c10::BFloat16>(qkv, cp, sp, keys, values, q, past, H, KVH, d, rot, interleaved);
   return q;
 }
+
+// One decoder block for a decode step, its compiled ops chained here instead of from Python (~10 calls a layer
+// whose host work outweighs a small model's weight reads): x + delta and its RMSNorm, the fused q/k/v layer, RoPE and
+// the cache write (`rope_and_cache`), attention over the cache (`attention`), the output layer, the residual add and
+// the MLP's RMSNorm, then the MLP — a token's routed experts (`RoutedExperts`) or a gated dense MLP. The very calls,
+// in the same order, that the runtime makes through `CpuOps` for such a block, so the results are bit-identical; the
+// Python side (`FusedKernels.decode_block`) decides which blocks qualify. Returns (residual, MLP output): the
+// runtime's next (x, delta).
+class DecodeBlock {
+ public:
+  struct Norm {
+    at::Tensor weight;
+    std::optional<at::Tensor> bias;
+    double eps;
+  };
+
+  DecodeBlock(at::Tensor attn_weight, std::optional<at::Tensor> attn_bias, double attn_eps, GemvBase* qkv,
+              GemvBase* out, at::Tensor mlp_weight, std::optional<at::Tensor> mlp_bias, double mlp_eps,
+              RoutedExperts* experts, GemvBase* up, GemvBase* down, int64_t act, int64_t heads, int64_t kv_heads,
+              int64_t head_dim, int64_t rotary_dim, bool interleaved, double scale, double softcap, int64_t isa)
+      : attn_norm_{std::move(attn_weight), std::move(attn_bias), attn_eps}, qkv_(qkv), out_(out),
+        mlp_norm_{std::move(mlp_weight), std::move(mlp_bias), mlp_eps}, experts_(experts), up_(up), down_(down),
+        act_(act), heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim), rotary_dim_(rotary_dim),
+        interleaved_(interleaved), scale_(scale), softcap_(softcap), isa_(isa) {
+    TORCH_CHECK((experts != nullptr) != (up != nullptr && down != nullptr),
+                "DecodeBlock: need routed experts or a dense MLP's up and down layers");
+    fused_kernels(isa);  // checks the ISA
+  }
+
+  std::pair<at::Tensor, at::Tensor> forward(const at::Tensor& x, const std::optional<at::Tensor>& delta,
+                                            const at::Tensor& keys, const at::Tensor& values,
+                                            const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
+                                            const at::Tensor& bias, int64_t past, int64_t length) const {
+    auto [residual, normed] = norm(attn_norm_, x, delta);
+    const at::Tensor q = rope_and_cache(qkv_->forward(normed), cos, sin, keys, values, past, heads_, kv_heads_,
+                                        head_dim_, rotary_dim_, interleaved_);
+    const at::Tensor attended = out_->forward(attention(q, keys, values, bias, length, scale_, softcap_, isa_));
+    auto [residual2, normed2] = norm(mlp_norm_, residual, attended);
+    at::Tensor mlp = experts_ != nullptr ? experts_->forward(normed2)
+                                         : down_->forward(gated_activation(up_->forward(normed2), act_, isa_));
+    return {residual2, mlp};
+  }
+
+ private:
+  std::pair<at::Tensor, at::Tensor> norm(const Norm& n, const at::Tensor& x,
+                                         const std::optional<at::Tensor>& delta) const {
+    return add_rms_norm(x, delta, n.weight, n.bias, n.eps, isa_);
+  }
+
+  Norm attn_norm_;
+  GemvBase *qkv_, *out_;
+  Norm mlp_norm_;
+  RoutedExperts* experts_;
+  GemvBase *up_, *down_;
+  int64_t act_, heads_, kv_heads_, head_dim_, rotary_dim_;
+  bool interleaved_;
+  double scale_, softcap_;
+  int64_t isa_;
+};
 
 }  // namespace polylm_gemv
 
@@ -777,6 +858,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            pybind11::keep_alive<1, 2>(), pybind11::keep_alive<1, 3>(), pybind11::keep_alive<1, 4>())
       .def("__call__", &g::RoutedExperts::forward, pybind11::call_guard<pybind11::gil_scoped_release>(),
            "One token's routed experts: router, routing, the chosen experts' MLPs, their weighted sum.");
+  pybind11::class_<g::DecodeBlock>(m, "DecodeBlock")
+      .def(pybind11::init<at::Tensor, std::optional<at::Tensor>, double, g::GemvBase*, g::GemvBase*, at::Tensor,
+                          std::optional<at::Tensor>, double, g::RoutedExperts*, g::GemvBase*, g::GemvBase*, int64_t,
+                          int64_t, int64_t, int64_t, int64_t, bool, double, double, int64_t>(),
+           pybind11::arg("attn_weight"), pybind11::arg("attn_bias"), pybind11::arg("attn_eps"), pybind11::arg("qkv"),
+           pybind11::arg("out"), pybind11::arg("mlp_weight"), pybind11::arg("mlp_bias"), pybind11::arg("mlp_eps"),
+           pybind11::arg("experts"), pybind11::arg("up"), pybind11::arg("down"), pybind11::arg("act"),
+           pybind11::arg("heads"), pybind11::arg("kv_heads"), pybind11::arg("head_dim"), pybind11::arg("rotary_dim"),
+           pybind11::arg("interleaved"), pybind11::arg("scale"), pybind11::arg("softcap"), pybind11::arg("isa"),
+           pybind11::keep_alive<1, 5>(), pybind11::keep_alive<1, 6>(), pybind11::keep_alive<1, 10>(),
+           pybind11::keep_alive<1, 11>(), pybind11::keep_alive<1, 12>())
+      .def("__call__", &g::DecodeBlock::forward, pybind11::call_guard<pybind11::gil_scoped_release>(),
+           "One block of a decode step: (residual, MLP output), the runtime's next (x, delta).");
   pybind11::class_<g::FloatGemv, g::GemvBase>(m, "FloatGemv")
       .def(pybind11::init<at::Tensor, int64_t, int64_t, std::optional<at::Tensor>, int, int64_t>());
   pybind11::class_<g::QuantGemv, g::GemvBase>(m, "QuantGemv")
