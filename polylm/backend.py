@@ -256,8 +256,10 @@ class Reduced:
         full rows. The head's scale and softcap keep the order, so finishing the top outputs here with
         `finish_head` gives exactly the reference's values; they are ordered largest first, ties by lowest id."""
         values = finish_head(head, raw.astype(np.float32))
-        order = np.lexsort((ids, -values), axis=-1)
-        return cls(np.take_along_axis(ids, order, -1).astype(np.int64), np.take_along_axis(values, order, -1),
+        if ids.shape[-1] > 1:
+            order = np.lexsort((ids, -values), axis=-1)
+            ids, values = np.take_along_axis(ids, order, -1), np.take_along_axis(values, order, -1)
+        return cls(ids.astype(np.int64), values,
                    np.zeros(len(ids)) if norm is None else norm.astype(np.float64), nan.astype(bool),
                    finish_head(head, rows.astype(np.float32)))
 
