@@ -90,12 +90,13 @@ class CpuOps(ReferenceOps):
             experts = self._routed_layer(layer.moe, mlp) if mlp.shared is None else None
             if experts is None:
                 return None
-            return self._kernels.decode_block(layer.attn_norm, layer.qkv, layer.out, layer.mlp_norm, experts, None,
-                                              None, mlp.expert.activation, attn)
-        if not mlp.gated or layer.up_bias is not None or layer.down_bias is not None:
+        elif not mlp.gated or layer.up_bias is not None or layer.down_bias is not None:
             return None
-        return self._kernels.decode_block(layer.attn_norm, layer.qkv, layer.out, layer.mlp_norm, None, layer.up,
-                                          layer.down, mlp.activation, attn)
+        else:
+            experts = None
+        activation = mlp.activation if experts is None else mlp.expert.activation
+        return self._kernels.decode_block(layer.attn_norm, layer.qkv, layer.out, layer.mlp_norm, experts, layer.up,
+                                          layer.down, activation, attn)
 
     def routed(self, x: torch.Tensor, p: ExpertParams, moe: MoE) -> torch.Tensor:
         """One token (decode) through the compiled layer of `p` (`FusedKernels.routed_experts`: router, routing,

@@ -110,8 +110,7 @@ class FusedKernels:
         (`ReferenceOps.routed_experts`' roundings). None where it does not apply."""
         expert = moe.expert
         if (self._module is None or not expert.gated or expert.activation not in _GATED
-                or router.dtype not in (torch.float32, torch.bfloat16) or not all(
-                    isinstance(layer, _KernelLinear) and layer._impl is not None for layer in [*ups, *downs])):
+                or router.dtype not in (torch.float32, torch.bfloat16) or not _compiled(*ups, *downs)):
             return None
         gate = PackedLinear(router, router_bias)
         if gate._impl is None:
@@ -128,9 +127,9 @@ class FusedKernels:
         — the calls `CpuOps` makes for such a block, in its order. Called with (x, delta, keys, values, cos, sin,
         attention bias, past, key slots), it returns the residual and the MLP output. None where it does not
         apply."""
-        layers = [qkv, out] if experts is not None else [qkv, out, up, down]
-        if (self._module is None or attn.head_dim > 256 or (experts is None and activation not in _GATED)
-                or not all(isinstance(layer, _KernelLinear) and layer._impl is not None for layer in layers)):
+        dense = experts is None
+        if (self._module is None or attn.head_dim > 256 or (dense and activation not in _GATED)
+                or not _compiled(qkv, out, *((up, down) if dense else ()))):
             return None
 
         def fp32(vector: torch.Tensor | None) -> torch.Tensor | None:
@@ -138,10 +137,10 @@ class FusedKernels:
         rotary = attn.rotary_dim
         return self._module.DecodeBlock(
             fp32(attn_norm.weight), fp32(attn_norm.bias), attn_norm.spec.eps, qkv._impl, out._impl,
-            fp32(mlp_norm.weight), fp32(mlp_norm.bias), mlp_norm.spec.eps, experts,
-            None if experts is not None else up._impl, None if experts is not None else down._impl,
-            _GATED.get(activation, 0), attn.num_heads, attn.num_kv_heads, attn.head_dim, rotary,
-            bool(rotary) and attn.position.interleaved, attn.softmax_scale, attn.softcap or 0.0, self._isa)
+            fp32(mlp_norm.weight), fp32(mlp_norm.bias), mlp_norm.spec.eps, experts, up._impl if dense else None,
+            down._impl if dense else None, _GATED.get(activation, 0), attn.num_heads, attn.num_kv_heads,
+            attn.head_dim, rotary, bool(rotary) and attn.position.interleaved, attn.softmax_scale,
+            attn.softcap or 0.0, self._isa)
 
     def attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, length: int,
                   scale: float, softcap: float | None = None) -> torch.Tensor | None:
@@ -173,6 +172,11 @@ class FusedKernels:
             return None
         return self._module.add_rms_norm(x.contiguous(), None if delta is None else delta.contiguous(),
                                          weight.float(), None if bias is None else bias.float(), eps, self._isa)
+
+
+def _compiled(*layers: object) -> bool:
+    """Whether every one of `layers` is a kernel layer with its compiled implementation."""
+    return all(isinstance(layer, _KernelLinear) and layer._impl is not None for layer in layers)
 
 
 def fused_kernels() -> FusedKernels:
